@@ -1,0 +1,301 @@
+"""HeadInfer settings: parsing, validation against the model, resolution.
+
+Settings come from ``additional_config["headinfer"]`` (``--additional-config``)
+with ``VLLM_HEADINFER_*`` environment variables as fallbacks. They are resolved
+once in the process that builds the engine config; the resolved values are
+written back into ``additional_config`` so that every engine-core, worker and
+Ray process reads the same numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import TYPE_CHECKING, Any
+
+from vllm_headinfer import BACKEND_NAME
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+CONFIG_KEY = "headinfer"
+# Default host budget: this share of the RAM that is free at startup, split
+# over the ranks of the node. The rest stays for weights, the OS and page cache.
+DEFAULT_FREE_RAM_SHARE = 0.5
+# Refuse budgets that leave less than this share of free RAM to everything else.
+MAX_FREE_RAM_SHARE = 0.9
+OFFLOAD_PATHS = ("auto", "uva", "staged")
+
+# key -> (environment fallback, description shown in errors and the README)
+SETTINGS = {
+    "resident_kv_heads": (
+        "VLLM_HEADINFER_RESIDENT_KV_HEADS",
+        "KV heads per layer and tensor-parallel rank kept in device KV pages "
+        "(integer 0..H, H = KV heads per rank); the other H - R heads live in "
+        "host memory. Default 0.",
+    ),
+    "cpu_kv_gib": (
+        "VLLM_HEADINFER_CPU_KV_GIB",
+        "Host memory for the offloaded heads' KV, GiB per rank (float > 0). "
+        f"Default: {DEFAULT_FREE_RAM_SHARE:.0%} of the RAM free at startup, "
+        "split over the ranks of the node.",
+    ),
+    "decode_path": (
+        "VLLM_HEADINFER_DECODE_PATH",
+        "CUDA only: how decode steps read offloaded heads: 'uva' (attention "
+        "reads pinned host pages in place), 'staged' (blocks copied to device "
+        "staging first) or 'auto' (measured best: uva). Default 'auto'.",
+    ),
+    "prefill_path": (
+        "VLLM_HEADINFER_PREFILL_PATH",
+        "CUDA only: same choice for steps with prefill tokens; 'auto' means "
+        "'staged'. Default 'auto'.",
+    ),
+    "staging_mib": (
+        "VLLM_HEADINFER_STAGING_MIB",
+        "CUDA only: device memory for staged offloaded KV (MiB, integer >= 16, "
+        "two buffers of half this size). Default 1024.",
+    ),
+}
+
+
+class HeadInferConfigError(ValueError):
+    """A HeadInfer setting, or the model, cannot be served as configured."""
+
+
+def _setting_error(key: str, value: Any, accepted: str) -> HeadInferConfigError:
+    env = SETTINGS[key][0]
+    return HeadInferConfigError(
+        f"additional_config.{CONFIG_KEY}.{key} (or {env}) = {value!r} is not "
+        f"accepted: expected {accepted}."
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadInferConfig:
+    resident_kv_heads: int = 0
+    cpu_kv_gib: float | None = None
+    decode_path: str = "auto"
+    prefill_path: str = "auto"
+    staging_mib: int = 1024
+
+    @classmethod
+    def parse(cls, raw: dict | None) -> HeadInferConfig:
+        """Checks types and ranges that need no model; env fills gaps."""
+        raw = dict(raw or {})
+        unknown = sorted(set(raw) - set(SETTINGS))
+        if unknown:
+            raise HeadInferConfigError(
+                f"additional_config.{CONFIG_KEY}: unknown setting(s) "
+                f"{', '.join(map(repr, unknown))}; accepted settings: "
+                f"{', '.join(SETTINGS)}."
+            )
+        for key, (env, _) in SETTINGS.items():
+            if key not in raw and os.environ.get(env, "") != "":
+                raw[key] = os.environ[env]
+        kwargs: dict[str, Any] = {}
+        if "resident_kv_heads" in raw:
+            kwargs["resident_kv_heads"] = _as_int(
+                "resident_kv_heads", raw["resident_kv_heads"], "an integer 0..H"
+            )
+            if kwargs["resident_kv_heads"] < 0:
+                raise _setting_error(
+                    "resident_kv_heads", raw["resident_kv_heads"], "an integer 0..H"
+                )
+        if raw.get("cpu_kv_gib") is not None:
+            gib = _as_float("cpu_kv_gib", raw["cpu_kv_gib"], "a number of GiB > 0")
+            if not (gib > 0 and math.isfinite(gib)):
+                raise _setting_error("cpu_kv_gib", raw["cpu_kv_gib"], "a number of GiB > 0")
+            kwargs["cpu_kv_gib"] = gib
+        for key in ("decode_path", "prefill_path"):
+            if key in raw:
+                if raw[key] not in OFFLOAD_PATHS:
+                    raise _setting_error(key, raw[key], f"one of {OFFLOAD_PATHS}")
+                kwargs[key] = raw[key]
+        if "staging_mib" in raw:
+            mib = _as_int("staging_mib", raw["staging_mib"], "an integer >= 16")
+            if mib < 16:
+                raise _setting_error("staging_mib", raw["staging_mib"], "an integer >= 16")
+            kwargs["staging_mib"] = mib
+        return cls(**kwargs)
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config: VllmConfig) -> HeadInferConfig:
+        return cls.parse((vllm_config.additional_config or {}).get(CONFIG_KEY))
+
+    @property
+    def cpu_kv_bytes(self) -> int:
+        assert self.cpu_kv_gib is not None, "cpu_kv_gib is resolved at startup"
+        return int(self.cpu_kv_gib * (1 << 30))
+
+    def num_resident(self, num_kv_heads: int) -> int:
+        """Resident heads of a layer with ``num_kv_heads`` heads on this rank."""
+        return min(self.resident_kv_heads, num_kv_heads)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _as_int(key: str, value: Any, accepted: str) -> int:
+    if isinstance(value, bool):
+        raise _setting_error(key, value, accepted)
+    try:
+        as_float = float(value)
+    except (TypeError, ValueError):
+        raise _setting_error(key, value, accepted) from None
+    if not as_float.is_integer():
+        raise _setting_error(key, value, accepted)
+    return int(as_float)
+
+
+def _as_float(key: str, value: Any, accepted: str) -> float:
+    if isinstance(value, bool):
+        raise _setting_error(key, value, accepted)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise _setting_error(key, value, accepted) from None
+
+
+def is_selected(vllm_config: VllmConfig) -> bool:
+    """True when any attention layer kind is served by HEADINFER."""
+    attn = vllm_config.attention_config
+    chosen = [attn.backend, *attn.backend_per_kind.values()]
+    return any(b is not None and b.name == BACKEND_NAME for b in chosen)
+
+
+def ranks_per_node(vllm_config: VllmConfig) -> int:
+    parallel = vllm_config.parallel_config
+    return max(1, parallel.world_size // max(1, parallel.nnodes))
+
+
+def available_host_bytes() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def _check_model(vllm_config: VllmConfig) -> None:
+    """Refuses models and features whose KV HEADINFER cannot split exactly."""
+    model = vllm_config.model_config
+    attn = vllm_config.attention_config
+    global_backend = attn.backend is not None and attn.backend.name == BACKEND_NAME
+    if model.use_mla:
+        raise HeadInferConfigError(
+            "--attention-backend HEADINFER: MLA models (one latent KV per token, "
+            "no KV heads to split) are not supported; use the default backend."
+        )
+    if model.is_hybrid or model.is_attention_free:
+        raise HeadInferConfigError(
+            "--attention-backend HEADINFER: hybrid and attention-free models "
+            "(state-space or linear-attention layers) are not supported; "
+            "supported are decoder models with full attention layers."
+        )
+    layer_types = getattr(model.hf_text_config, "layer_types", None) or []
+    has_window = model.get_sliding_window() is not None or any(
+        "sliding" in str(t) for t in layer_types
+    )
+    if has_window and global_backend:
+        raise HeadInferConfigError(
+            "--attention-backend HEADINFER: this model has sliding-window layers, "
+            "which HEADINFER does not serve. Select it for full-attention layers "
+            "only: --attention-config "
+            '\'{"backend_per_kind": {"full_attention": "HEADINFER"}}\'.'
+        )
+    if vllm_config.kv_transfer_config is not None:
+        raise HeadInferConfigError(
+            "--attention-backend HEADINFER cannot be combined with a KV connector "
+            "(--kv-transfer-config / --kv-offloading-size): a connector would "
+            "move only the resident heads. Remove the connector setting."
+        )
+    cache_dtype = vllm_config.cache_config.cache_dtype
+    if cache_dtype not in ("auto", "float16", "bfloat16", "float32"):
+        raise HeadInferConfigError(
+            f"--kv-cache-dtype {cache_dtype} is not supported with HEADINFER; "
+            "accepted values: auto, float16, bfloat16."
+        )
+    if vllm_config.speculative_config is not None:
+        raise HeadInferConfigError(
+            "--speculative-config is not supported with HEADINFER: draft layers "
+            "would be offloaded too. Remove the speculative config."
+        )
+    parallel = vllm_config.parallel_config
+    if parallel.decode_context_parallel_size > 1 or getattr(
+        parallel, "prefill_context_parallel_size", 1
+    ) > 1:
+        raise HeadInferConfigError(
+            "--decode-context-parallel-size / --prefill-context-parallel-size > 1 "
+            "is not supported with HEADINFER; use tensor parallelism."
+        )
+
+
+def resolve(vllm_config: VllmConfig) -> HeadInferConfig | None:
+    """Validates everything at startup and pins the resolved settings.
+
+    Returns None when HEADINFER is not selected. Raises HeadInferConfigError
+    naming the setting and its accepted values otherwise.
+    """
+    raw = (vllm_config.additional_config or {}).get(CONFIG_KEY)
+    if not is_selected(vllm_config):
+        if raw:
+            raise HeadInferConfigError(
+                f"additional_config.{CONFIG_KEY} is set but the attention backend "
+                "is not HEADINFER: add --attention-backend HEADINFER."
+            )
+        return None
+    if raw is not None and not isinstance(raw, dict):
+        raise HeadInferConfigError(
+            f"additional_config.{CONFIG_KEY} must be a JSON object of settings "
+            f"({', '.join(SETTINGS)}), got {raw!r}."
+        )
+    cfg = HeadInferConfig.parse(raw)
+    _check_model(vllm_config)
+
+    heads = vllm_config.model_config.get_num_kv_heads(vllm_config.parallel_config)
+    if cfg.resident_kv_heads > heads:
+        raise _setting_error(
+            "resident_kv_heads",
+            cfg.resident_kv_heads,
+            f"an integer 0..{heads} (this model has {heads} KV heads per "
+            f"tensor-parallel rank)",
+        )
+
+    ranks = ranks_per_node(vllm_config)
+    free = available_host_bytes()
+    if cfg.cpu_kv_gib is None:
+        cfg = dataclasses.replace(
+            cfg, cpu_kv_gib=round(free * DEFAULT_FREE_RAM_SHARE / ranks / (1 << 30), 3)
+        )
+    if cfg.cpu_kv_bytes * ranks > free * MAX_FREE_RAM_SHARE:
+        raise _setting_error(
+            "cpu_kv_gib",
+            cfg.cpu_kv_gib,
+            f"at most {free * MAX_FREE_RAM_SHARE / ranks / (1 << 30):.2f} GiB per "
+            f"rank: {ranks} rank(s) on this node would pin "
+            f"{cfg.cpu_kv_gib * ranks:.2f} GiB of the {free / (1 << 30):.2f} GiB "
+            "of RAM free now",
+        )
+    vllm_config.additional_config[CONFIG_KEY] = cfg.as_dict()
+    return cfg
+
+
+_active: HeadInferConfig | None = None
+
+
+def set_active(cfg: HeadInferConfig) -> None:
+    """Remembers this process's config for hooks that vLLM calls without one
+    (``AttentionBackend.customize_spec`` is a classmethod with no config)."""
+    global _active
+    _active = cfg
+
+
+def active() -> HeadInferConfig:
+    if _active is not None:
+        return _active
+    from vllm.config import get_current_vllm_config_or_none
+
+    vllm_config = get_current_vllm_config_or_none()
+    if vllm_config is not None:
+        return HeadInferConfig.from_vllm_config(vllm_config)
+    return HeadInferConfig.parse(None)

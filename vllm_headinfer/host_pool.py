@@ -1,0 +1,155 @@
+"""Host memory for the offloaded heads' KV.
+
+One allocation per KV cache group of layers (``[layers, blocks, H_off, N, C]``),
+head-major inside a block like vLLM's LBHNC device layout, so that one head's
+tokens of a block are contiguous and a head group of a block is one run of
+bytes. Block ids are vLLM's own: block ``b`` of the host pool holds the
+offloaded heads of the same tokens as device block ``b``.
+
+On CUDA the allocation is registered with ``cudaHostRegister`` (exact size,
+deterministic unpin; PyTorch's pinned allocator rounds sizes up) and each
+layer also gets a device view of it through unified virtual addressing, which
+kernels read and write directly.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from vllm.logger import init_logger
+
+from vllm_headinfer.spec import HeadInferAttentionSpec
+
+logger = init_logger("vllm.headinfer")
+
+
+class HostPinningError(RuntimeError):
+    pass
+
+
+class HostKVPool:
+    """The host KV of a group of layers that share one spec and block count."""
+
+    def __init__(
+        self,
+        layer_names: list[str],
+        spec: HeadInferAttentionSpec,
+        num_blocks: int,
+        pin: bool,
+    ) -> None:
+        self.layer_names = list(layer_names)
+        self.spec = spec
+        self.num_blocks = num_blocks
+        shape = (
+            len(layer_names),
+            num_blocks,
+            spec.num_offloaded_kv_heads,
+            spec.block_size,
+            spec.head_size + spec.head_size_v,
+        )
+        # zeros, not empty: every page is touched now, so memory that is not
+        # there fails here at startup rather than during a request, and never
+        # read padding holds finite values.
+        self.tensor = torch.zeros(shape, dtype=spec.dtype, device="cpu")
+        self.nbytes = self.tensor.numel() * self.tensor.element_size()
+        self._registered = False
+        self.device_view: torch.Tensor | None = None
+        if pin:
+            self._register()
+
+    def _register(self) -> None:
+        cudart = torch.cuda.cudart()
+        err = cudart.cudaHostRegister(self.tensor.data_ptr(), self.nbytes, 0)
+        if int(err) != 0:
+            raise HostPinningError(
+                f"HEADINFER could not pin {self.nbytes / (1 << 30):.2f} GiB of host "
+                f"memory for offloaded KV (cudaHostRegister error {int(err)}). "
+                "Lower additional_config.headinfer.cpu_kv_gib, or raise the "
+                "locked-memory limit (ulimit -l / the container's memlock)."
+            )
+        self._registered = True
+        from vllm.utils.torch_utils import get_accelerator_view_from_cpu_tensor
+
+        self.device_view = get_accelerator_view_from_cpu_tensor(self.tensor)
+
+    def layer(self, layer_name: str) -> torch.Tensor:
+        """``[blocks, H_off, N, D + Dv]`` host tensor of one layer."""
+        return self.tensor[self.layer_names.index(layer_name)]
+
+    def device_layer(self, layer_name: str) -> torch.Tensor:
+        """The same pages as a CUDA tensor (UVA); CUDA only."""
+        assert self.device_view is not None
+        return self.device_view[self.layer_names.index(layer_name)]
+
+    def release(self) -> None:
+        if self._registered:
+            self.device_view = None
+            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
+            self._registered = False
+        self.tensor = torch.empty(0)
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception:  # interpreter shutdown: the OS reclaims it anyway
+            pass
+
+
+class HostPoolRegistry:
+    """Per-process map from layer name to its pool.
+
+    Builders are created once per KV cache group (and per micro-batch), and
+    again for the profiling pass with a minimal cache; a pool is replaced
+    only when the block count changes, and the old one is released first so
+    host memory never holds two generations.
+    """
+
+    def __init__(self) -> None:
+        self._pools: dict[str, HostKVPool] = {}
+        self._lock = threading.Lock()
+
+    def ensure(
+        self,
+        layer_names: list[str],
+        spec: HeadInferAttentionSpec,
+        num_blocks: int,
+        pin: bool,
+    ) -> HostKVPool:
+        with self._lock:
+            current = {id(self._pools.get(n)) for n in layer_names}
+            pool = self._pools.get(layer_names[0])
+            if (
+                pool is not None
+                and len(current) == 1
+                and pool.num_blocks == num_blocks
+                and pool.spec == spec
+            ):
+                return pool
+            for name in layer_names:
+                old = self._pools.pop(name, None)
+                if old is not None and old not in self._pools.values():
+                    old.release()
+            pool = HostKVPool(layer_names, spec, num_blocks, pin)
+            for name in layer_names:
+                self._pools[name] = pool
+            logger.debug(
+                "HEADINFER host pool: %d layers x %d blocks, %.3f GiB%s",
+                len(layer_names),
+                num_blocks,
+                pool.nbytes / (1 << 30),
+                " pinned" if pin else "",
+            )
+            return pool
+
+    def get(self, layer_name: str) -> HostKVPool | None:
+        return self._pools.get(layer_name)
+
+    def release_all(self) -> None:
+        with self._lock:
+            for pool in set(self._pools.values()):
+                pool.release()
+            self._pools.clear()
+
+
+host_pools = HostPoolRegistry()

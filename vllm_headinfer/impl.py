@@ -1,0 +1,172 @@
+"""HeadInferImpl: split each layer's heads into resident and offloaded parts.
+
+KV heads ``[0, R)`` of this rank are resident: their K/V live in the layer's
+device pages (``kv_cache``, ``[blocks, R, N, D + Dv]``). Heads ``[R, H)`` are
+offloaded to the host pool under the same block ids. Query heads follow their
+KV head (``G = num_heads // num_kv_heads`` per KV head), so the query and
+output slices of the two parts are contiguous ranges and each part writes its
+own slice of ``output``: heads are independent and no merge is needed.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.config import get_current_vllm_config
+from vllm.platforms import current_platform
+from vllm.v1.attention.backend import AttentionImpl, AttentionType
+
+from vllm_headinfer import config as hi_config
+from vllm_headinfer.host_pool import HostKVPool, host_pools
+from vllm_headinfer.metadata import HeadInferMetadata
+from vllm_headinfer.spec import split_spec
+
+
+def _unsupported(feature: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"HEADINFER does not support {feature}; serve this model with the "
+        "default attention backend."
+    )
+
+
+class HeadInferImpl(AttentionImpl[HeadInferMetadata]):
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int | None = None,
+        alibi_slopes: list[float] | None = None,
+        sliding_window: int | None = None,
+        kv_cache_dtype: str = "auto",
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        sinks: torch.Tensor | None = None,
+        **kwargs,
+    ) -> None:
+        if attn_type != AttentionType.DECODER:
+            raise _unsupported(f"attention type {attn_type!r}")
+        if alibi_slopes is not None:
+            raise _unsupported("ALiBi")
+        if sliding_window is not None:
+            raise _unsupported("sliding-window layers")
+        if logits_soft_cap:
+            raise _unsupported("attention logit soft-capping")
+        if sinks is not None:
+            raise _unsupported("attention sinks")
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+        self.group = num_heads // self.num_kv_heads
+
+        cfg = hi_config.HeadInferConfig.from_vllm_config(get_current_vllm_config())
+        # customize_spec runs later in this process without a config at hand.
+        hi_config.set_active(cfg)
+        self.num_resident = cfg.num_resident(self.num_kv_heads)
+        self.num_offloaded = self.num_kv_heads - self.num_resident
+        self.resident_q = self.num_resident * self.group
+        self.host_pool: HostKVPool | None = None
+        if current_platform.is_cuda():
+            from vllm_headinfer.cuda_attention import CudaHeadAttention
+
+            self.ops = CudaHeadAttention(self, cfg)
+        else:
+            self.ops = None
+
+    def attach_host_pool(self, pool: HostKVPool) -> None:
+        self.host_pool = pool
+
+    def _host_layer_name(self, layer) -> str:
+        return self.kv_sharing_target_layer_name or layer.layer_name
+
+    def _pool_for(self, layer, kv_cache: torch.Tensor) -> HostKVPool:
+        """The host pool of ``layer``; a layer that shares another layer's KV
+        reads that layer's pool. Falls back to a pool of this layer alone for
+        caches that no builder planned (the profiling pass)."""
+        pool = self.host_pool
+        num_blocks = kv_cache.shape[0]
+        if pool is not None and pool.num_blocks == num_blocks:
+            return pool
+        name = self._host_layer_name(layer)
+        pool = host_pools.get(name)
+        if pool is None or pool.num_blocks != num_blocks:
+            from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+            spec = split_spec(
+                FullAttentionSpec(
+                    block_size=kv_cache.shape[2],
+                    num_kv_heads=self.num_kv_heads,
+                    head_size=self.head_size,
+                    dtype=kv_cache.dtype,
+                ),
+                self.num_resident,
+            )
+            pool = host_pools.ensure([name], spec, num_blocks, pin=current_platform.is_cuda())
+        self.host_pool = pool
+        return pool
+
+    def do_kv_cache_update(
+        self,
+        layer,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        r = self.num_resident
+        pool = self._pool_for(layer, kv_cache) if self.num_offloaded else None
+        if self.ops is not None:
+            self.ops.write(layer, key, value, kv_cache, pool, slot_mapping)
+            return
+        from vllm_headinfer.torch_attention import write_paged
+
+        if r:
+            write_paged(kv_cache, key[:, :r], value[:, :r], slot_mapping)
+        if pool is not None:
+            write_paged(
+                pool.layer(self._host_layer_name(layer)), key[:, r:], value[:, r:], slot_mapping
+            )
+
+    def forward(
+        self,
+        layer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: HeadInferMetadata,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise _unsupported("fused output quantization")
+        if attn_metadata is None:
+            # Profiling run: no KV to attend to.
+            return output.fill_(0)
+        n = attn_metadata.num_actual_tokens
+        pool = self._pool_for(layer, kv_cache) if self.num_offloaded else None
+        if self.ops is not None:
+            self.ops.forward(layer, query[:n], kv_cache, pool, attn_metadata, output[:n])
+            return output
+        from vllm_headinfer.torch_attention import paged_attention
+
+        m = attn_metadata
+        rq = self.resident_q
+        parts = [(kv_cache, slice(0, rq))] if self.num_resident else []
+        if pool is not None:
+            parts.append((pool.layer(self._host_layer_name(layer)), slice(rq, self.num_heads)))
+        for cache, heads in parts:
+            paged_attention(
+                query[:n, heads],
+                cache,
+                m.block_table,
+                m.query_start_loc_cpu,
+                m.seq_lens_cpu if m.seq_lens_cpu is not None else m.seq_lens.cpu(),
+                self.scale,
+                output[:n, heads],
+            )
+        return output

@@ -1,0 +1,86 @@
+"""Per-step attention metadata, and the builder that also owns host pools."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from vllm.config import VllmConfig, get_layers_from_vllm_config
+from vllm.model_executor.layers.attention import Attention
+from vllm.platforms import current_platform
+from vllm.v1.attention.backend import (
+    AttentionCGSupport,
+    AttentionMetadataBuilder,
+    CommonAttentionMetadata,
+)
+
+from vllm_headinfer.host_pool import host_pools
+from vllm_headinfer.spec import HeadInferAttentionSpec
+
+
+@dataclass
+class HeadInferMetadata:
+    num_actual_tokens: int
+    num_reqs: int
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc: torch.Tensor  # [num_reqs + 1], device
+    query_start_loc_cpu: torch.Tensor  # [num_reqs + 1], host
+    seq_lens: torch.Tensor  # [num_reqs], device; includes this step's tokens
+    seq_lens_cpu: torch.Tensor  # [num_reqs], host upper bound (exact for prefills)
+    block_table: torch.Tensor  # [num_reqs, max_blocks], device
+    slot_mapping: torch.Tensor  # [num_actual_tokens], device
+    causal: bool = True
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+
+class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
+    # Attention runs eagerly between captured pieces (PIECEWISE graphs): the
+    # offload path plans copies per step.
+    _cudagraph_support = AttentionCGSupport.NEVER
+
+    def __init__(
+        self,
+        kv_cache_spec: HeadInferAttentionSpec,
+        layer_names: list[str],
+        vllm_config: VllmConfig,
+        device: torch.device,
+    ) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        num_blocks = vllm_config.cache_config.num_gpu_blocks
+        # The real cache is planned by now (the worker sets num_gpu_blocks
+        # before building backends); the profiling pass with a minimal cache
+        # sees None and the impl sizes a small pool from its cache instead.
+        if num_blocks and kv_cache_spec.num_offloaded_kv_heads > 0:
+            pool = host_pools.ensure(
+                layer_names, kv_cache_spec, num_blocks, pin=current_platform.is_cuda()
+            )
+            for name, layer in get_layers_from_vllm_config(
+                vllm_config, Attention, layer_names
+            ).items():
+                layer.impl.attach_host_pool(pool)
+
+    def build(
+        self,
+        common_prefix_len: int,
+        common_attn_metadata: CommonAttentionMetadata,
+        fast_build: bool = False,
+    ) -> HeadInferMetadata:
+        m = common_attn_metadata
+        n = m.num_actual_tokens
+        return HeadInferMetadata(
+            num_actual_tokens=n,
+            num_reqs=m.num_reqs,
+            max_query_len=m.max_query_len,
+            max_seq_len=m.max_seq_len,
+            query_start_loc=m.query_start_loc,
+            query_start_loc_cpu=m.query_start_loc_cpu,
+            seq_lens=m.seq_lens,
+            seq_lens_cpu=m.seq_lens_cpu_upper_bound,
+            block_table=m.block_table_tensor,
+            slot_mapping=m.slot_mapping[:n],
+            causal=m.causal if isinstance(m.causal, bool) else True,
+        )
