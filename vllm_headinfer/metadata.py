@@ -31,6 +31,8 @@ class HeadInferMetadata:
     block_table: torch.Tensor  # [num_reqs, max_blocks], device
     slot_mapping: torch.Tensor  # [num_actual_tokens], device
     causal: bool = True
+    # Upper bound of flash attention's KV splits; 0 lets it choose.
+    max_num_splits: int = 0
 
     @property
     def is_decode_only(self) -> bool:

@@ -1,0 +1,157 @@
+"""The CUDA data path: vLLM's flash attention on three kinds of K/V pages.
+
+* resident heads: the layer's device pages, as vLLM's FLASH_ATTN reads them;
+* offloaded heads, decode steps ("uva"): the pinned host pool read in place
+  through its unified-virtual-address device view. A decode step reads each
+  KV byte once, so the link is the bound and no staging is needed; addresses
+  are static, so this also runs inside captured CUDA graphs;
+* offloaded heads, steps with prefill chunks ("staged"): query tiles re-read
+  K/V, so the needed blocks are first gathered into device staging, one head
+  group at a time on a side stream, double-buffered against the attention of
+  the previous group, with the block table remapped to the compact copy.
+
+New K/V are written by ``reshape_and_cache_flash`` to the device pages and,
+through the UVA view, straight into the host pool: no host sync, and the
+writes are ordered before this step's attention on the same stream.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.logger import init_logger
+from vllm.utils.math_utils import cdiv
+from vllm.utils.torch_utils import canonicalize_singleton_dim_strides
+from vllm.v1.attention.backends.fa_utils import (
+    flash_attn_varlen_func,
+    get_flash_attn_version,
+)
+
+from vllm_headinfer.staging import gather_pages, plan_head_groups, shared_staging
+
+logger = init_logger("vllm.headinfer")
+
+
+def split_kv(cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[blocks, heads, N, D + Dv]`` pages as flash attention's K and V views
+    ``[blocks, N, heads, D]``."""
+    k, v = cache.transpose(1, 2).split(head_size, dim=-1)
+    # A single head gives a size-1 dim with a degenerate stride, which the
+    # TMA loads of FA3 reject.
+    return canonicalize_singleton_dim_strides(k), canonicalize_singleton_dim_strides(v)
+
+
+class CudaHeadAttention:
+    def __init__(self, impl, cfg) -> None:
+        self.impl = impl
+        self.fa_version = get_flash_attn_version(head_size=impl.head_size)
+        self.decode_path = "uva" if cfg.decode_path == "auto" else cfg.decode_path
+        self.prefill_path = "staged" if cfg.prefill_path == "auto" else cfg.prefill_path
+        self.staging = None
+        if impl.num_offloaded and "staged" in (self.decode_path, self.prefill_path):
+            device = torch.device("cuda", torch.cuda.current_device())
+            self.staging = shared_staging(cfg.staging_mib << 20, device)
+
+    def write(self, layer, key, value, kv_cache, pool, slot_mapping) -> None:
+        from vllm._custom_ops import reshape_and_cache_flash
+
+        impl = self.impl
+        r = impl.num_resident
+        parts = []
+        if r:
+            parts.append((kv_cache, slice(0, r)))
+        if pool is not None:
+            parts.append((pool.device_layer(impl._host_layer_name(layer)), slice(r, None)))
+        for cache, heads in parts:
+            k_cache, v_cache = cache.transpose(1, 2).split(impl.head_size, dim=-1)
+            reshape_and_cache_flash(
+                key[:, heads],
+                value[:, heads],
+                k_cache,
+                v_cache,
+                slot_mapping,
+                impl.kv_cache_dtype,
+                layer._k_scale,
+                layer._v_scale,
+            )
+
+    def forward(self, layer, query, kv_cache, pool, m, output) -> None:
+        impl = self.impl
+        rq = impl.resident_q
+        if impl.num_resident:
+            k, v = split_kv(kv_cache, impl.head_size)
+            self._attend(query[:, :rq], k, v, m.block_table, m, output[:, :rq])
+        if pool is None:
+            return
+        host = pool.device_layer(impl._host_layer_name(layer))
+        path = self.decode_path if m.is_decode_only else self.prefill_path
+        if path == "staged" and self._staged(query[:, rq:], host, m, output[:, rq:]):
+            return
+        k, v = split_kv(host, impl.head_size)
+        self._attend(query[:, rq:], k, v, m.block_table, m, output[:, rq:])
+
+    def _attend(self, q, k, v, block_table, m, out) -> None:
+        flash_attn_varlen_func(
+            q=q,
+            k=k,
+            v=v,
+            out=out,
+            cu_seqlens_q=m.query_start_loc,
+            max_seqlen_q=m.max_query_len,
+            seqused_k=m.seq_lens,
+            max_seqlen_k=m.max_seq_len,
+            softmax_scale=self.impl.scale,
+            causal=True,
+            block_table=block_table,
+            fa_version=self.fa_version,
+            num_splits=m.max_num_splits,
+        )
+
+    def _staged(self, q, host, m, out) -> bool:
+        """Attention of the offloaded heads over staged copies; False when a
+        single head's blocks exceed a staging buffer (then UVA serves it)."""
+        impl, staging = self.impl, self.staging
+        block_size = host.shape[2]
+        max_blocks = cdiv(m.max_seq_len, block_size)
+        ids = m.block_table[: m.num_reqs, :max_blocks].reshape(-1)
+        num_ids = ids.numel()
+        per_head = num_ids * block_size * host.shape[3] * host.element_size()
+        groups = plan_head_groups(impl.num_offloaded, per_head, staging.bytes_per_buffer)
+        if groups is None:
+            logger.warning_once(
+                "HEADINFER: one head of this batch's blocks (%.0f MiB) exceeds a "
+                "staging buffer (%.0f MiB); prefill reads host memory in place, "
+                "which is much slower. Raise additional_config.headinfer."
+                "staging_mib or lower max_num_batched_tokens.",
+                per_head / (1 << 20),
+                staging.bytes_per_buffer / (1 << 20),
+            )
+            return False
+        remapped = torch.arange(num_ids, dtype=torch.int32, device=q.device).view(
+            m.num_reqs, max_blocks
+        )
+        main, side = torch.cuda.current_stream(), staging.stream
+        # The gathers must see this step's K/V, written on the main stream.
+        side.wait_stream(main)
+        ids.record_stream(side)
+        shape = lambda g: (num_ids, g[1] - g[0], block_size, host.shape[3])  # noqa: E731
+
+        def copy_group(index: int) -> None:
+            group, buf = groups[index], index % 2
+            with torch.cuda.stream(side):
+                side.wait_event(staging.free[buf])
+                dst = staging.view(buf, shape(group), host.dtype)
+                gather_pages(host[:, group[0] : group[1]], ids, dst)
+                staging.ready[buf].record(side)
+
+        copy_group(0)
+        g = impl.group
+        for index, group in enumerate(groups):
+            if index + 1 < len(groups):
+                copy_group(index + 1)
+            buf = index % 2
+            main.wait_event(staging.ready[buf])
+            k, v = split_kv(staging.view(buf, shape(group), host.dtype), impl.head_size)
+            heads = slice(group[0] * g, group[1] * g)
+            self._attend(q[:, heads], k, v, remapped, m, out[:, heads])
+            staging.free[buf].record(main)
+        return True
