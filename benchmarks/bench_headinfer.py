@@ -1,0 +1,261 @@
+"""HEADINFER vs FLASH_ATTN on a Llama-3-8B-shaped model with dummy weights.
+
+One command on a CUDA host with vLLM 0.32.0 and this plugin installed:
+
+    python benchmarks/bench_headinfer.py --out results.json
+
+For each configuration (FLASH_ATTN; HEADINFER with R resident KV heads of 8)
+one engine is started in its own process (GPU memory is fully released in
+between) and, for every context length it can hold, one prompt of that many
+random tokens is prefilled and then decoded. Timings come from vLLM's own
+per-request timestamps (scheduled -> first token -> last token), so they
+exclude engine start-up and the frontend. Link bandwidth is the offloaded KV
+bytes one decode step reads divided by the step time. A separate start-up at
+``--capacity-util`` (0.3 of an 80 GB card = a 24 GiB budget) with
+``max_model_len=auto`` reports the largest context each configuration admits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+LLAMA3_8B = dict(
+    architectures=["LlamaForCausalLM"],
+    model_type="llama",
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    vocab_size=128256,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    max_position_embeddings=4 * 1024 * 1024,
+    torch_dtype="bfloat16",
+    tie_word_embeddings=False,
+    bos_token_id=128000,
+    eos_token_id=128001,
+)
+KV_BYTES_PER_TOKEN_LAYER_HEAD = 2 * 128 * 2  # K and V, head_dim 128, bf16
+GIB = 1 << 30
+
+
+def write_model(root: Path, layers: int) -> Path:
+    path = root / f"llama3-8b-shape-{layers}l"
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps({**LLAMA3_8B, "num_hidden_layers": layers}))
+    return path
+
+
+def config_kwargs(name: str, cpu_kv_gib: float | None) -> dict:
+    if name == "FLASH_ATTN":
+        return {"attention_backend": "FLASH_ATTN"}
+    resident = int(name[1:])  # "R4" -> 4 resident KV heads
+    extra = {"resident_kv_heads": resident}
+    if cpu_kv_gib:
+        extra["cpu_kv_gib"] = cpu_kv_gib
+    return {"attention_backend": "HEADINFER", "additional_config": {"headinfer": extra}}
+
+
+def gpu_memory_used_mib() -> int:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True,
+        )
+    except FileNotFoundError:
+        return -1
+    return int(out.stdout.split()[0]) if out.returncode == 0 else -1
+
+
+def worker(spec: dict) -> dict:
+    """Runs inside a fresh process: one engine, all contexts of a config."""
+    from vllm import LLM, SamplingParams
+
+    kwargs = config_kwargs(spec["config"], spec.get("cpu_kv_gib"))
+    t0 = time.time()
+    llm = LLM(
+        spec["model"],
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        dtype="bfloat16",
+        max_model_len=spec["max_model_len"],
+        max_num_batched_tokens=spec["chunk"],
+        gpu_memory_utilization=spec["gpu_util"],
+        enable_prefix_caching=False,
+        disable_log_stats=False,
+        enforce_eager=spec.get("eager", False),
+        seed=0,
+        **kwargs,
+    )
+    result = {"startup_s": round(time.time() - t0, 1), "rows": []}
+    if spec.get("capacity_only"):
+        cfg = llm.llm_engine.vllm_config
+        result["max_model_len"] = cfg.model_config.max_model_len
+        return result
+    result["gpu_mem_used_mib"] = gpu_memory_used_mib()
+    params = SamplingParams(max_tokens=spec["decode_tokens"] + 1, temperature=0.0, ignore_eos=True)
+    import random
+
+    rng = random.Random(0)
+    for ctx in spec["contexts"]:
+        prompt = [rng.randrange(1000, 100000) for _ in range(ctx)]
+        out = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
+        m = out.metrics
+        n_out = len(out.outputs[0].token_ids)
+        prefill = m.first_token_ts - m.scheduled_ts
+        decode = (m.last_token_ts - m.first_token_ts) / max(1, n_out - 1)
+        result["rows"].append(
+            {"context": ctx, "prefill_s": prefill, "prefill_tok_s": ctx / prefill,
+             "decode_s_per_token": decode, "generated": n_out}
+        )
+        print(json.dumps(result["rows"][-1]), flush=True)
+    return result
+
+
+def run_config(spec: dict, log: Path, timeout: int) -> dict:
+    name = f"{spec['config']}-{spec['layers']}l" + ("-capacity" if spec.get("capacity_only") else "")
+    t0 = time.time()
+    try:
+        proc = subprocess.run(
+            [sys.executable, __file__, "--worker", json.dumps(spec)],
+            capture_output=True, text=True, timeout=timeout,
+        )
+        text = proc.stdout + proc.stderr
+        ok = proc.returncode == 0
+    except subprocess.TimeoutExpired as e:
+        text = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        text += "\nTIMEOUT"
+        ok = False
+    with log.open("a") as f:
+        f.write(f"\n===== {name} =====\n{text}")
+    parsed = {"ok": ok, "wall_s": round(time.time() - t0, 1)}
+    m = re.search(r"^RESULT (.*)$", text, re.M)
+    if m:
+        parsed.update(json.loads(m.group(1)))
+    cap = re.findall(r"GPU KV cache size: ([\d,]+) tokens", text)
+    if cap:
+        parsed["kv_capacity_tokens"] = int(cap[-1].replace(",", ""))
+    conc = re.findall(r"Maximum concurrency for ([\d,]+) tokens per request", text)
+    if conc:
+        parsed["engine_max_model_len"] = int(conc[-1].replace(",", ""))
+    place = re.findall(r"HEADINFER placement: .*device KV ([\d.]+) GiB, host KV ([\d.]+) GiB", text)
+    if place:
+        parsed["device_kv_gib"], parsed["host_kv_gib"] = map(float, place[-1])
+    if not ok:
+        parsed["error_tail"] = text[-3000:]
+    return parsed
+
+
+def summarise(spec: dict, res: dict, h2d_gbs: float) -> list[dict]:
+    rows = []
+    layers, cfg = spec["layers"], spec["config"]
+    offloaded = 0 if cfg == "FLASH_ATTN" else 8 - int(cfg[1:])
+    for row in res.get("rows", []):
+        step_bytes = row["context"] * layers * offloaded * KV_BYTES_PER_TOKEN_LAYER_HEAD
+        device_kv = res.get("device_kv_gib")
+        if cfg == "FLASH_ATTN" and res.get("kv_capacity_tokens"):
+            device_kv = res["kv_capacity_tokens"] * layers * 8 * KV_BYTES_PER_TOKEN_LAYER_HEAD / GIB
+        gbs = step_bytes / row["decode_s_per_token"] / 1e9 if offloaded else None
+        rows.append({
+            "config": cfg, "layers": layers, **row,
+            "offloaded_bytes_per_step": step_bytes,
+            "link_gbs": gbs, "link_share_of_h2d": gbs / h2d_gbs if gbs else None,
+            "device_kv_gib": device_kv, "host_kv_gib": res.get("host_kv_gib"),
+            "gpu_mem_used_mib": res.get("gpu_mem_used_mib"),
+            "kv_capacity_tokens": res.get("kv_capacity_tokens"),
+        })
+    return rows
+
+
+def measure_h2d_gbs() -> float:
+    import torch
+
+    src = torch.empty(2 * GIB, dtype=torch.uint8).pin_memory()
+    dst = torch.empty(2 * GIB, dtype=torch.uint8, device="cuda")
+    dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(5):
+        dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    return 5 * 2 * GIB / (time.perf_counter() - t) / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--out", default="bench_results.json")
+    ap.add_argument("--model-dir", default="/tmp/headinfer-bench-models")
+    ap.add_argument("--configs", default="FLASH_ATTN,R0,R4,R8")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--contexts", default="32768,131072", help="comma-separated; empty: capacity only")
+    ap.add_argument("--chunk", type=int, default=16384, help="max_num_batched_tokens (prefill chunk)")
+    ap.add_argument("--decode-tokens", type=int, default=16)
+    ap.add_argument("--gpu-util", type=float, default=0.9)
+    ap.add_argument("--cpu-kv-gib", type=float, default=None)
+    ap.add_argument("--capacity-util", type=float, default=None,
+                    help="also start each config at this gpu_memory_utilization with max_model_len=auto")
+    ap.add_argument("--capacity-cpu-kv-gib", type=float, default=None)
+    ap.add_argument("--eager", action="store_true")
+    ap.add_argument("--timeout", type=int, default=600)
+    args = ap.parse_args()
+    if args.worker:
+        res = worker(json.loads(args.worker))
+        print("RESULT " + json.dumps(res), flush=True)
+        return
+
+    out_path = Path(args.out)
+    log = out_path.with_suffix(".log")
+    log.write_text("")
+    model = write_model(Path(args.model_dir), args.layers)
+    contexts = [int(c) for c in args.contexts.split(",") if c]
+    h2d = measure_h2d_gbs()
+    report = {"h2d_gbs": h2d, "layers": args.layers, "chunk": args.chunk, "rows": [], "capacity": [], "runs": {}}
+    print(f"pinned H2D: {h2d:.1f} GB/s", flush=True)
+    for cfg in args.configs.split(",") if contexts else []:
+        spec = {"config": cfg, "model": str(model), "layers": args.layers, "contexts": contexts,
+                "max_model_len": max(contexts) + args.decode_tokens + 64, "chunk": args.chunk,
+                "decode_tokens": args.decode_tokens, "gpu_util": args.gpu_util,
+                "cpu_kv_gib": args.cpu_kv_gib, "eager": args.eager}
+        res = run_config(spec, log, args.timeout)
+        report["runs"][cfg] = {k: v for k, v in res.items() if k != "rows"}
+        report["rows"] += summarise(spec, res, h2d)
+        out_path.write_text(json.dumps(report, indent=1))
+        print(cfg, json.dumps(report["runs"][cfg])[:400], flush=True)
+    if args.capacity_util:
+        for cfg in args.configs.split(","):
+            spec = {"config": cfg, "model": str(model), "layers": args.layers, "contexts": [],
+                    "max_model_len": -1, "chunk": args.chunk, "decode_tokens": 0,
+                    "gpu_util": args.capacity_util, "cpu_kv_gib": args.capacity_cpu_kv_gib,
+                    "eager": True, "capacity_only": True}
+            res = run_config(spec, log, args.timeout)
+            report["capacity"].append({"config": cfg, **{k: v for k, v in res.items() if k != "rows"}})
+            out_path.write_text(json.dumps(report, indent=1))
+            print("capacity", cfg, json.dumps(report["capacity"][-1])[:400], flush=True)
+    print_table(report)
+
+
+def print_table(report: dict) -> None:
+    print(f"\nlayers={report['layers']} chunk={report['chunk']} pinned H2D {report['h2d_gbs']:.1f} GB/s")
+    print(f"{'config':<11}{'context':>9}{'prefill tok/s':>15}{'decode s/tok':>14}{'link GB/s':>11}{'of H2D':>8}{'dev KV GiB':>11}{'host KV GiB':>12}")
+    for r in report["rows"]:
+        gbs = f"{r['link_gbs']:.1f}" if r["link_gbs"] else "-"
+        share = f"{r['link_share_of_h2d']:.0%}" if r["link_share_of_h2d"] else "-"
+        print(f"{r['config']:<11}{r['context']:>9}{r['prefill_tok_s']:>15.0f}{r['decode_s_per_token']:>14.4f}"
+              f"{gbs:>11}{share:>8}{r['device_kv_gib'] or 0:>11.2f}{r['host_kv_gib'] or 0:>12.2f}")
+    for c in report["capacity"]:
+        print(f"capacity {c['config']}: max_model_len={c.get('engine_max_model_len')} kv_capacity_tokens={c.get('kv_capacity_tokens')} ok={c['ok']}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
+    main()

@@ -1,0 +1,121 @@
+"""The CUDA pieces of the offload path, checked one by one against torch.
+
+* K/V written through the UVA view of a pinned host pool land exactly where
+  the torch reference writes them;
+* the staging gather copies the requested blocks of a head group exactly;
+* flash attention over staged copies (remapped block table) and over the
+  host pool read in place both match the fp32 torch reference.
+
+Also the small case for ``compute-sanitizer --tool racecheck``:
+``python tests/gpu/test_kernels.py`` runs every check once without pytest.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+BLOCK, HEADS, D, Q_PER_KV = 16, 4, 128, 4
+
+
+def _pool(num_blocks: int):
+    from vllm_headinfer.host_pool import HostKVPool
+    from vllm_headinfer.spec import split_spec
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    spec = split_spec(
+        FullAttentionSpec(block_size=BLOCK, num_kv_heads=HEADS, head_size=D, dtype=torch.bfloat16), 0
+    )
+    return HostKVPool(["layer.0"], spec, num_blocks, pin=True)
+
+
+def _batch(seq_lens, q_lens, num_blocks, gen):
+    """Block tables with shuffled block ids, and slots of the new tokens."""
+    perm = torch.randperm(num_blocks - 1, generator=gen) + 1
+    max_blocks = max(-(-s // BLOCK) for s in seq_lens)
+    table = torch.zeros(len(seq_lens), max_blocks, dtype=torch.int32)
+    start = 0
+    slots = []
+    for r, (s, q) in enumerate(zip(seq_lens, q_lens)):
+        n = -(-s // BLOCK)
+        table[r, :n] = perm[start : start + n]
+        start += n
+        for pos in range(s - q, s):
+            slots.append(int(table[r, pos // BLOCK]) * BLOCK + pos % BLOCK)
+    return table, torch.tensor(slots, dtype=torch.int64)
+
+
+def check_all(seed: int = 0) -> None:
+    from vllm._custom_ops import reshape_and_cache_flash
+    from vllm_headinfer.cuda_attention import split_kv
+    from vllm_headinfer.staging import gather_pages
+    from vllm_headinfer.torch_attention import paged_attention, write_paged
+    from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func, get_flash_attn_version
+
+    gen = torch.Generator().manual_seed(seed)
+    num_blocks = 96
+    seq_lens, q_lens = [300, 17, 611, 1], [300, 1, 77, 1]
+    table, slots = _batch(seq_lens, q_lens, num_blocks, gen)
+    pool = _pool(num_blocks)
+    host = pool.layer("layer.0")
+    ref = torch.randn(host.shape, generator=gen).to(torch.bfloat16)
+    host.copy_(ref)  # context written by earlier steps
+    t = int(sum(q_lens))
+    key = torch.randn(t, HEADS, D, generator=gen).to(torch.bfloat16)
+    value = torch.randn(t, HEADS, D, generator=gen).to(torch.bfloat16)
+    write_paged(ref, key, value, slots)
+
+    dev = pool.device_layer("layer.0")
+    k_cache, v_cache = dev.transpose(1, 2).split(D, dim=-1)
+    one = torch.ones((), device="cuda")
+    reshape_and_cache_flash(key.cuda(), value.cuda(), k_cache, v_cache, slots.cuda(), "auto", one, one)
+    torch.cuda.synchronize()
+    assert torch.equal(host, ref), "UVA write differs from the reference write"
+
+    ids = table.reshape(-1).cuda()
+    staged = torch.empty(ids.numel(), 2, BLOCK, 2 * D, dtype=torch.bfloat16, device="cuda")
+    gather_pages(dev[:, 1:3], ids, staged)
+    torch.cuda.synchronize()
+    assert torch.equal(staged.cpu(), ref[table.reshape(-1).long(), 1:3]), "gather differs"
+
+    qsl = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32)
+    sl = torch.tensor(seq_lens, dtype=torch.int32)
+    query = torch.randn(t, HEADS * Q_PER_KV, D, generator=gen).to(torch.bfloat16)
+    expect = torch.zeros(t, HEADS * Q_PER_KV, D)
+    paged_attention(query.float(), ref.float(), table, qsl, sl, D**-0.5, expect)
+
+    fa = get_flash_attn_version(head_size=D)
+    common = dict(cu_seqlens_q=qsl.cuda(), max_seqlen_q=max(q_lens), seqused_k=sl.cuda(),
+                  max_seqlen_k=max(seq_lens), softmax_scale=D**-0.5, causal=True, fa_version=fa)
+    q = query.cuda()
+    out_uva = torch.empty_like(q)
+    k, v = split_kv(dev, D)
+    flash_attn_varlen_func(q=q, k=k, v=v, out=out_uva, block_table=table.cuda(), **common)
+    # Staged: heads 1..2 only, compact copy, remapped table, strided q/out slices.
+    out_staged = torch.zeros_like(q)
+    remapped = torch.arange(ids.numel(), dtype=torch.int32, device="cuda").view(table.shape)
+    k, v = split_kv(staged, D)
+    hq = slice(1 * Q_PER_KV, 3 * Q_PER_KV)
+    flash_attn_varlen_func(q=q[:, hq], k=k, v=v, out=out_staged[:, hq], block_table=remapped, **common)
+    torch.cuda.synchronize()
+    tol = dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out_uva.float().cpu(), expect, **tol)
+    torch.testing.assert_close(out_staged[:, hq].float().cpu(), expect[:, hq], **tol)
+    assert torch.equal(out_staged[:, :Q_PER_KV], torch.zeros_like(out_staged[:, :Q_PER_KV])), (
+        "a head-slice write leaked outside its slice"
+    )
+    pool.release()
+
+
+def test_uva_write_gather_and_attention():
+    check_all()
+
+
+if __name__ == "__main__":
+    check_all()
+    print("kernel checks passed")
