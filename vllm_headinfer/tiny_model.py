@@ -56,8 +56,12 @@ def build_tiny_model(
     max_position_embeddings: int = 8192,
     dtype: str = "float32",
     seed: int = 0,
+    extra_config: dict | None = None,
 ) -> Path:
     """Write a random ``arch`` checkpoint with a trained tokenizer to ``path``.
+
+    ``extra_config`` adds or overrides transformers config fields (for example
+    ``{"use_sliding_window": True, "sliding_window": 64}`` for Qwen2).
 
     Re-uses an existing checkpoint at ``path`` when its config matches, so
     tests that share a model build it once.
@@ -82,6 +86,7 @@ def build_tiny_model(
         torch_dtype=dtype,
         **extra,
     )
+    fields.update(extra_config or {})
     stamp = path / "headinfer_tiny.json"
     wanted = json.dumps({"arch": arch, "seed": seed, **fields}, sort_keys=True)
     if stamp.exists() and stamp.read_text() == wanted:

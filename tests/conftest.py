@@ -1,0 +1,205 @@
+"""Shared helpers: tiny models, the engine-runner subprocess, result comparison.
+
+vLLM engines never run in the pytest process: ``run_engines`` starts
+``tests/engine_runner.py`` with a JSON spec (several engines and scenarios per
+start) and returns its parsed JSON result. The plugin is loaded by vLLM's entry
+points in those processes, never imported by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+RUNNER = TESTS / "engine_runner.py"
+RESULT_MARK = "HEADINFER_RESULT "
+LOGPROB_TOL = 1e-3
+
+# Engine settings every comparison uses: float32, CPU_ATTN-compatible blocks
+# of 32 tokens, no compilation.
+BASE_LLM = dict(
+    dtype="float32",
+    block_size=32,
+    enforce_eager=True,
+    disable_log_stats=False,
+    seed=0,
+)
+
+# Model shapes: (arch, query heads, KV heads). KV heads per rank are H.
+MODEL_SHAPES = {
+    "llama-mha": dict(arch="llama", num_heads=4, num_kv_heads=4),
+    "llama-gqa": dict(arch="llama", num_heads=4, num_kv_heads=2),
+    "qwen2-mha": dict(arch="qwen2", num_heads=4, num_kv_heads=4),
+    "qwen2-gqa": dict(arch="qwen2", num_heads=4, num_kv_heads=2),
+}
+
+
+def resident_counts(num_kv_heads: int) -> list[int]:
+    """0, 1, H-1 and H."""
+    return sorted({0, 1, num_kv_heads - 1, num_kv_heads})
+
+
+def headinfer_llm(resident: int | None = None, **headinfer) -> dict:
+    """LLM(...) kwargs selecting HEADINFER with the given settings."""
+    if resident is not None:
+        headinfer["resident_kv_heads"] = resident
+    return {"attention_backend": "HEADINFER", "additional_config": {"headinfer": headinfer}}
+
+
+def random_tokens(rng: random.Random, n: int) -> list[int]:
+    # Ids the tiny tokenizer knows (it has ~428 tokens; 0-2 are specials).
+    return [rng.randrange(3, 420) for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(model_dir):
+    """Builds (once per session) and returns key -> path for MODEL_SHAPES."""
+    from vllm_headinfer.tiny_model import build_tiny_model
+
+    built = {}
+
+    def get(key: str) -> str:
+        if key not in built:
+            built[key] = str(build_tiny_model(model_dir / key, **MODEL_SHAPES[key]))
+        return built[key]
+
+    return get
+
+
+class RunnerError(AssertionError):
+    pass
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def run_engines(spec: dict, workdir: Path, name: str, timeout: float = 600) -> tuple[dict, str]:
+    """Runs the engine runner on ``spec``; returns (results, combined output).
+
+    The runner and every process it starts share a new process group, which is
+    killed if the run exceeds ``timeout``.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec_path = workdir / f"{name}.json"
+    log_path = workdir / f"{name}.log"
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ)
+    env.setdefault("VLLM_LOGGING_LEVEL", "INFO")
+    t0 = time.monotonic()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, str(RUNNER), str(spec_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=str(REPO),
+            env=env,
+            start_new_session=True,
+        )
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            raise RunnerError(
+                f"engine runner {name} exceeded {timeout} s; log {log_path}:\n"
+                + _tail(log_path)
+            ) from None
+        finally:
+            # Engine-core/worker processes outlive a crashed runner otherwise.
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    output = log_path.read_text(errors="replace")
+    lines = [ln for ln in output.splitlines() if ln.startswith(RESULT_MARK)]
+    if rc != 0 or not lines:
+        raise RunnerError(f"engine runner {name} failed (rc={rc}); log {log_path}:\n" + _tail(log_path))
+    print(f"engine runner {name}: {time.monotonic() - t0:.1f} s")
+    return json.loads(lines[-1][len(RESULT_MARK) :]), output
+
+
+def _tail(path: Path, n: int = 80) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+
+
+def engine_ok(results: dict, name: str) -> dict:
+    res = results["engines"][name]
+    if res["error"] is not None:
+        raise AssertionError(
+            f"engine {name} failed to start: {res['error']['type']}: {res['error']['message']}\n"
+            + "\n".join(res["error"].get("chain", []))
+        )
+    return res
+
+
+def assert_same_outputs(expected: list[dict], actual: list[dict], what: str) -> None:
+    """Identical token ids; sampled-token (and prompt) logprobs within 1e-3."""
+    assert len(expected) == len(actual), what
+    for i, (e, a) in enumerate(zip(expected, actual)):
+        where = f"{what}, request {i}"
+        assert a["token_ids"] == e["token_ids"], (
+            f"{where}: token ids differ\n default:   {e['token_ids']}\n HEADINFER: {a['token_ids']}"
+        )
+        assert len(a["logprobs"]) == len(e["logprobs"]) == len(e["token_ids"]), where
+        worst = max((abs(x - y) for x, y in zip(e["logprobs"], a["logprobs"])), default=0.0)
+        assert worst <= LOGPROB_TOL, f"{where}: sampled-token logprob differs by {worst:.2e}"
+        if "prompt_logprobs" in e or "prompt_logprobs" in a:
+            pe, pa = e["prompt_logprobs"], a["prompt_logprobs"]
+            assert len(pe) == len(pa), where
+            diffs = [abs(x - y) for x, y in zip(pe, pa) if x is not None]
+            assert diffs, where
+            assert max(diffs) <= LOGPROB_TOL, (
+                f"{where}: prompt logprob differs by {max(diffs):.2e}"
+            )
+
+
+def placement_of(lines: list[str]) -> dict:
+    """Parses the HEADINFER placement log line."""
+    import re
+
+    pat = re.compile(
+        r"HEADINFER placement: (\d+)/(\d+) KV heads resident per layer and rank, "
+        r"(\d+) offloaded, (\d+) layers; device KV ([\d.]+) GiB, host KV ([\d.]+) GiB; "
+        r"capacity (\d+) blocks = (\d+) tokens \(limited by ([^)]*\)?)\)"
+    )
+    found = [m for m in map(pat.search, lines) if m]
+    assert found, "no 'HEADINFER placement' log line:\n" + "\n".join(lines[-20:])
+    m = found[-1]
+    return {
+        "resident": int(m[1]),
+        "heads": int(m[2]),
+        "offloaded": int(m[3]),
+        "layers": int(m[4]),
+        "device_gib": float(m[5]),
+        "host_gib": float(m[6]),
+        "blocks": int(m[7]),
+        "tokens": int(m[8]),
+        "limited_by": m[9],
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

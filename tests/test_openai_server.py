@@ -1,0 +1,152 @@
+"""The OpenAI-compatible server with --attention-backend HEADINFER answers like
+the server with the default backend.
+
+Both servers start with ``python -m vllm.entrypoints.openai.api_server`` on
+127.0.0.1 (the CLI entry point the CPU build supports), side by side, and are
+killed with their process groups in teardown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+from conftest import LOGPROB_TOL, REPO, free_port, placement_of
+
+STARTUP_TIMEOUT = 300
+HEADINFER_CONFIG = {"headinfer": {"resident_kv_heads": 1, "cpu_kv_gib": 0.05}}
+
+WORDS = (
+    "the quick brown fox jumps over the lazy dog attention heads are independent "
+    "so each can live in its own memory long contexts need more key value cache "
+    "than a single device holds host memory is large and the link streams"
+).split()
+PROMPTS = [
+    "the quick brown fox",
+    "host memory is large and",
+    " ".join(WORDS * 4),  # a few hundred tokens: several prefill chunks
+    "numbers 0 1 2 3 and symbols ( ) [ ]",
+]
+
+
+def _start(model: str, log_path, extra: list[str]):
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", model, "--served-model-name", "tiny",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--dtype", "float32", "--max-model-len", "1024", "--block-size", "32",
+        "--max-num-batched-tokens", "64", "--enforce-eager", "--seed", "0",
+        "--kv-cache-memory-bytes", str(64 << 20),
+        *extra,
+    ]  # fmt: skip
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        cwd=str(REPO), start_new_session=True,
+    )
+    return {"proc": proc, "port": port, "log": log, "log_path": log_path}
+
+
+def _wait_ready(server, deadline):
+    url = f"http://127.0.0.1:{server['port']}/v1/models"
+    while time.monotonic() < deadline:
+        if server["proc"].poll() is not None:
+            raise AssertionError(
+                f"server exited with {server['proc'].returncode}:\n" + _tail(server["log_path"])
+            )
+        try:
+            if requests.get(url, timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"server not ready in {STARTUP_TIMEOUT} s:\n" + _tail(server["log_path"]))
+
+
+def _tail(path, n=60):
+    return "\n".join(open(path, errors="replace").read().splitlines()[-n:])
+
+
+def _stop(server):
+    proc = server["proc"]
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        # Engine-core and worker processes are in the same group.
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    server["log"].close()
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_models, tmp_path_factory):
+    model = tiny_models("llama-gqa")
+    logs = tmp_path_factory.mktemp("servers")
+    started = {}
+    try:
+        started["default"] = _start(model, logs / "default.log", [])
+        started["headinfer"] = _start(
+            model,
+            logs / "headinfer.log",
+            ["--attention-backend", "HEADINFER", "--additional-config", json.dumps(HEADINFER_CONFIG)],
+        )
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        for server in started.values():
+            _wait_ready(server, deadline)
+        yield started
+    finally:
+        for server in started.values():
+            _stop(server)
+
+
+def _complete(server, prompt):
+    r = requests.post(
+        f"http://127.0.0.1:{server['port']}/v1/completions",
+        json={
+            "model": "tiny",
+            "prompt": prompt,
+            "max_tokens": 16,
+            "temperature": 0,
+            "logprobs": 1,
+            "ignore_eos": True,
+            "return_tokens_as_token_ids": True,
+        },
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]
+
+
+def test_server_runs_headinfer(servers):
+    lines = open(servers["headinfer"]["log_path"], errors="replace").read().splitlines()
+    p = placement_of([ln for ln in lines if "HEADINFER placement" in ln])
+    assert (p["resident"], p["heads"], p["offloaded"]) == (1, 2, 1)
+    default_log = open(servers["default"]["log_path"], errors="replace").read()
+    assert "HEADINFER placement" not in default_log
+
+
+@pytest.mark.parametrize("i", range(len(PROMPTS)))
+def test_completions_match_default_backend(servers, i):
+    base = _complete(servers["default"], PROMPTS[i])
+    hi = _complete(servers["headinfer"], PROMPTS[i])
+    assert len(base["logprobs"]["tokens"]) == 16
+    assert hi["logprobs"]["tokens"] == base["logprobs"]["tokens"]
+    assert hi["text"] == base["text"]
+    worst = max(
+        abs(a - b)
+        for a, b in zip(base["logprobs"]["token_logprobs"], hi["logprobs"]["token_logprobs"])
+    )
+    assert worst <= LOGPROB_TOL
