@@ -13,6 +13,7 @@ import zlib
 import pytest
 import torch
 
+from vllm_headinfer.layout import device_kv, host_kv
 from vllm_headinfer.torch_attention import paged_attention, write_paged
 
 
@@ -84,7 +85,7 @@ def test_paged_attention_matches_naive(name, dtype, tol):
     )
     scale = d**-0.5
     out = torch.full((q.shape[0], hq, dv), float("nan"), dtype=dtype)
-    paged_attention(q, cache, table, qsl, sl, scale, out)
+    paged_attention(q, *device_kv(cache, d), table, qsl, sl, scale, out)
     ref = naive_attention(q, ks, vs, q_lens, seq_lens, scale)
     assert not out.isnan().any(), "rows left unwritten"
     torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
@@ -97,12 +98,14 @@ def test_head_split_into_two_caches_writes_its_slices():
     resident = 1
     group = hq // hk
     q, cache, table, qsl, sl, ks, vs = make_batch(5, q_lens, seq_lens, hq, hk, d, d, bs, torch.float32)
-    dev, host = cache[:, :resident].clone(), cache[:, resident:].clone()
+    dev = cache[:, :resident].clone()
+    # The host half in the pool's layout: [blocks, heads, 2, N, D].
+    host = torch.stack(device_kv(cache[:, resident:], d), dim=2).clone()
     out = torch.full((q.shape[0] + 3, hq, d), float("nan"))  # padded like vLLM's output
     n = q.shape[0]
     rq = resident * group
-    paged_attention(q[:n, :rq], dev, table, qsl, sl, d**-0.5, out[:n, :rq])
-    paged_attention(q[:n, rq:], host, table, qsl, sl, d**-0.5, out[:n, rq:])
+    paged_attention(q[:n, :rq], *device_kv(dev, d), table, qsl, sl, d**-0.5, out[:n, :rq])
+    paged_attention(q[:n, rq:], *host_kv(host), table, qsl, sl, d**-0.5, out[:n, rq:])
     ref = naive_attention(q, ks, vs, q_lens, seq_lens, d**-0.5)
     torch.testing.assert_close(out[:n].double(), ref, atol=2e-5, rtol=2e-5)
     assert out[n:].isnan().all(), "wrote past num_actual_tokens"
@@ -116,7 +119,7 @@ def test_write_paged_stores_each_token_and_skips_padding():
     slots = torch.tensor([17, -1, 3, 95, 40, -1, 0])
     key = torch.randn(len(slots) + 2, heads, d, generator=g)  # padded rows
     value = torch.randn(len(slots) + 2, heads, d, generator=g)
-    write_paged(cache, key, value, slots)
+    write_paged(*device_kv(cache, d), key, value, slots)
     expect = before.clone()
     for t, s in enumerate(slots.tolist()):
         if s < 0:
@@ -130,7 +133,7 @@ def test_write_paged_converts_dtype():
     cache = torch.zeros(2, 1, 16, 8, dtype=torch.bfloat16)
     key = torch.full((1, 1, 4), 1.5, dtype=torch.float32)
     value = torch.full((1, 1, 4), -2.25, dtype=torch.float32)
-    write_paged(cache, key, value, torch.tensor([21]))
+    write_paged(*device_kv(cache, 4), key, value, torch.tensor([21]))
     assert cache[1, 0, 5, :4].eq(1.5).all() and cache[1, 0, 5, 4:].eq(-2.25).all()
     assert cache.count_nonzero() == 8
 
@@ -142,10 +145,10 @@ def test_written_cache_reads_back_through_attention():
     table = torch.tensor([[3, 1, 5, 0]], dtype=torch.int32)
     slots = torch.tensor([table[0, t // bs].item() * bs + t % bs for t in range(seq)])
     k, v = torch.randn(seq, hk, d, generator=g), torch.randn(seq, hk, d, generator=g)
-    cache = torch.randn(6, hk, bs, 2 * d, generator=g)
-    write_paged(cache, k, v, slots)
+    pages = torch.randn(6, hk, 2, bs, d, generator=g)  # host layout
+    write_paged(*host_kv(pages), k, v, slots)
     q = torch.randn(seq, hq, d, generator=g)
     out = torch.empty(seq, hq, d)
-    paged_attention(q, cache, table, torch.tensor([0, seq]), torch.tensor([seq]), 0.3, out)
+    paged_attention(q, *host_kv(pages), table, torch.tensor([0, seq]), torch.tensor([seq]), 0.3, out)
     ref = naive_attention(q, [k], [v], [seq], [seq], 0.3)
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)

@@ -23,8 +23,11 @@ CONFIG_KEY = "headinfer"
 # Default host budget: this share of the RAM that is free at startup, split
 # over the ranks of the node. The rest stays for weights, the OS and page cache.
 DEFAULT_FREE_RAM_SHARE = 0.5
-# Refuse budgets that leave less than this share of free RAM to everything else.
-MAX_FREE_RAM_SHARE = 0.9
+# At startup, refuse budgets that would leave less than this to the engine's
+# own processes (CUDA context, libraries, buffers) and the OS: each rank's pool
+# is allocated only after its process has loaded the model.
+HOST_RESERVE_BYTES = 8 << 30
+HOST_RESERVE_PER_RANK_BYTES = 3 << 30
 OFFLOAD_PATHS = ("auto", "uva", "staged")
 
 # key -> (environment fallback, description shown in errors and the README)
@@ -170,10 +173,42 @@ def ranks_per_node(vllm_config: VllmConfig) -> int:
     return max(1, parallel.world_size // max(1, parallel.nnodes))
 
 
+def _cgroup_free_bytes() -> int | None:
+    """Memory left under this container's cgroup limit, which free RAM as the
+    kernel reports it does not show (cgroup v2, then v1)."""
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        (
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+        ),
+    ):
+        try:
+            with open(limit_file) as f:
+                limit = f.read().strip()
+            with open(usage_file) as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < (1 << 60):
+            return int(limit) - usage
+        return None
+    return None
+
+
 def available_host_bytes() -> int:
+    """RAM this process can still get: the kernel's available memory, capped
+    by the container's cgroup limit."""
     import psutil
 
-    return int(psutil.virtual_memory().available)
+    free = int(psutil.virtual_memory().available)
+    cgroup = _cgroup_free_bytes()
+    return free if cgroup is None else min(free, cgroup)
+
+
+def host_limit_per_rank(free: int, ranks: int) -> int:
+    """The largest cpu_kv_gib (in bytes) accepted at startup."""
+    return max(0, (free - HOST_RESERVE_BYTES - HOST_RESERVE_PER_RANK_BYTES * ranks) // ranks)
 
 
 def _check_model(vllm_config: VllmConfig) -> None:
@@ -263,18 +298,25 @@ def resolve(vllm_config: VllmConfig) -> HeadInferConfig | None:
 
     ranks = ranks_per_node(vllm_config)
     free = available_host_bytes()
+    limit = host_limit_per_rank(free, ranks)
     if cfg.cpu_kv_gib is None:
-        cfg = dataclasses.replace(
-            cfg, cpu_kv_gib=round(free * DEFAULT_FREE_RAM_SHARE / ranks / (1 << 30), 3)
-        )
-    if cfg.cpu_kv_bytes * ranks > free * MAX_FREE_RAM_SHARE:
+        default = round(min(free * DEFAULT_FREE_RAM_SHARE / ranks, limit) / (1 << 30), 3)
+        if default <= 0:
+            raise _setting_error(
+                "cpu_kv_gib",
+                None,
+                f"a budget, but only {free / (1 << 30):.2f} GiB of RAM is free, "
+                "too little to offload KV after the engine's own needs",
+            )
+        cfg = dataclasses.replace(cfg, cpu_kv_gib=default)
+    if cfg.cpu_kv_bytes > limit:
         raise _setting_error(
             "cpu_kv_gib",
             cfg.cpu_kv_gib,
-            f"at most {free * MAX_FREE_RAM_SHARE / ranks / (1 << 30):.2f} GiB per "
-            f"rank: {ranks} rank(s) on this node would pin "
-            f"{cfg.cpu_kv_gib * ranks:.2f} GiB of the {free / (1 << 30):.2f} GiB "
-            "of RAM free now",
+            f"at most {limit / (1 << 30):.2f} GiB per rank: {ranks} rank(s) on "
+            f"this node would take {cfg.cpu_kv_gib * ranks:.2f} GiB of the "
+            f"{free / (1 << 30):.2f} GiB of RAM free now, which must also hold "
+            "the engine processes",
         )
     vllm_config.additional_config[CONFIG_KEY] = cfg.as_dict()
     return cfg

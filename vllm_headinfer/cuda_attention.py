@@ -26,18 +26,18 @@ from vllm.v1.attention.backends.fa_utils import (
     get_flash_attn_version,
 )
 
+from vllm_headinfer.layout import device_kv, host_kv
 from vllm_headinfer.staging import gather_pages, plan_head_groups, shared_staging
 
 logger = init_logger("vllm.headinfer")
 
 
-def split_kv(cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[blocks, heads, N, D + Dv]`` pages as flash attention's K and V views
+def fa_view(cache: torch.Tensor) -> torch.Tensor:
+    """A ``[blocks, heads, N, D]`` K or V view as flash attention's
     ``[blocks, N, heads, D]``."""
-    k, v = cache.transpose(1, 2).split(head_size, dim=-1)
     # A single head gives a size-1 dim with a degenerate stride, which the
     # TMA loads of FA3 reject.
-    return canonicalize_singleton_dim_strides(k), canonicalize_singleton_dim_strides(v)
+    return canonicalize_singleton_dim_strides(cache.transpose(1, 2))
 
 
 class CudaHeadAttention:
@@ -58,16 +58,15 @@ class CudaHeadAttention:
         r = impl.num_resident
         parts = []
         if r:
-            parts.append((kv_cache, slice(0, r)))
+            parts.append((device_kv(kv_cache, impl.head_size), slice(0, r)))
         if pool is not None:
-            parts.append((pool.device_layer(impl._host_layer_name(layer)), slice(r, None)))
-        for cache, heads in parts:
-            k_cache, v_cache = cache.transpose(1, 2).split(impl.head_size, dim=-1)
+            parts.append((host_kv(pool.device_layer(impl._host_layer_name(layer))), slice(r, None)))
+        for (k_cache, v_cache), heads in parts:
             reshape_and_cache_flash(
                 key[:, heads],
                 value[:, heads],
-                k_cache,
-                v_cache,
+                k_cache.transpose(1, 2),
+                v_cache.transpose(1, 2),
                 slot_mapping,
                 impl.kv_cache_dtype,
                 layer._k_scale,
@@ -78,7 +77,7 @@ class CudaHeadAttention:
         impl = self.impl
         rq = impl.resident_q
         if impl.num_resident:
-            k, v = split_kv(kv_cache, impl.head_size)
+            k, v = device_kv(kv_cache, impl.head_size)
             self._attend(query[:, :rq], k, v, m.block_table, m, output[:, :rq])
         if pool is None:
             return
@@ -86,14 +85,15 @@ class CudaHeadAttention:
         path = self.decode_path if m.is_decode_only else self.prefill_path
         if path == "staged" and self._staged(query[:, rq:], host, m, output[:, rq:]):
             return
-        k, v = split_kv(host, impl.head_size)
+        k, v = host_kv(host)
         self._attend(query[:, rq:], k, v, m.block_table, m, output[:, rq:])
 
     def _attend(self, q, k, v, block_table, m, out) -> None:
+        """Flash attention of ``q`` over paged K/V ``[blocks, heads, N, D]``."""
         flash_attn_varlen_func(
             q=q,
-            k=k,
-            v=v,
+            k=fa_view(k),
+            v=fa_view(v),
             out=out,
             cu_seqlens_q=m.query_start_loc,
             max_seqlen_q=m.max_query_len,
@@ -110,11 +110,11 @@ class CudaHeadAttention:
         """Attention of the offloaded heads over staged copies; False when a
         single head's blocks exceed a staging buffer (then UVA serves it)."""
         impl, staging = self.impl, self.staging
-        block_size = host.shape[2]
-        max_blocks = cdiv(m.max_seq_len, block_size)
+        page = host.shape[2:]  # one head's K and V planes of a block
+        max_blocks = cdiv(m.max_seq_len, page[1])
         ids = m.block_table[: m.num_reqs, :max_blocks].reshape(-1)
         num_ids = ids.numel()
-        per_head = num_ids * block_size * host.shape[3] * host.element_size()
+        per_head = num_ids * host[0, 0].numel() * host.element_size()
         groups = plan_head_groups(impl.num_offloaded, per_head, staging.bytes_per_buffer)
         if groups is None:
             logger.warning_once(
@@ -133,7 +133,7 @@ class CudaHeadAttention:
         # The gathers must see this step's K/V, written on the main stream.
         side.wait_stream(main)
         ids.record_stream(side)
-        shape = lambda g: (num_ids, g[1] - g[0], block_size, host.shape[3])  # noqa: E731
+        shape = lambda g: (num_ids, g[1] - g[0], *page)  # noqa: E731
 
         def copy_group(index: int) -> None:
             group, buf = groups[index], index % 2
@@ -150,7 +150,7 @@ class CudaHeadAttention:
                 copy_group(index + 1)
             buf = index % 2
             main.wait_event(staging.ready[buf])
-            k, v = split_kv(staging.view(buf, shape(group), host.dtype), impl.head_size)
+            k, v = host_kv(staging.view(buf, shape(group), host.dtype))
             heads = slice(group[0] * g, group[1] * g)
             self._attend(q[:, heads], k, v, remapped, m, out[:, heads])
             staging.free[buf].record(main)

@@ -1,10 +1,8 @@
 """Host memory for the offloaded heads' KV.
 
-One allocation per KV cache group of layers (``[layers, blocks, H_off, N, C]``),
-head-major inside a block like vLLM's LBHNC device layout, so that one head's
-tokens of a block are contiguous and a head group of a block is one run of
-bytes. Block ids are vLLM's own: block ``b`` of the host pool holds the
-offloaded heads of the same tokens as device block ``b``.
+One allocation per KV cache group of layers (``[layers, blocks, H_off, 2, N, D]``,
+see layout.py). Block ids are vLLM's own: block ``b`` of the host pool holds
+the offloaded heads of the same tokens as device block ``b``.
 
 On CUDA the allocation is registered with ``cudaHostRegister`` (exact size,
 deterministic unpin; PyTorch's pinned allocator rounds sizes up) and each
@@ -19,6 +17,7 @@ import threading
 import torch
 from vllm.logger import init_logger
 
+from vllm_headinfer.layout import host_page_shape
 from vllm_headinfer.spec import HeadInferAttentionSpec
 
 logger = init_logger("vllm.headinfer")
@@ -26,6 +25,30 @@ logger = init_logger("vllm.headinfer")
 
 class HostPinningError(RuntimeError):
     pass
+
+
+# What a pool must leave free on the node when it is allocated (this rank's
+# later buffers, the other processes, the OS); an allocation past the real
+# free memory would get the process killed instead of raising.
+POOL_MARGIN_BYTES = 4 << 30
+
+
+class HostMemoryError(RuntimeError):
+    pass
+
+
+def _check_host_memory(nbytes: int) -> None:
+    from vllm_headinfer.config import available_host_bytes
+
+    free = available_host_bytes()
+    if nbytes > free - POOL_MARGIN_BYTES:
+        raise HostMemoryError(
+            f"HEADINFER needs {nbytes / (1 << 30):.2f} GiB of host memory for this "
+            f"rank's offloaded KV, but only {free / (1 << 30):.2f} GiB is free now "
+            f"(a {POOL_MARGIN_BYTES >> 30} GiB margin stays free). Lower "
+            "additional_config.headinfer.cpu_kv_gib (per rank) to at most "
+            f"{max(0, free - POOL_MARGIN_BYTES) / (1 << 30):.2f}."
+        )
 
 
 class HostKVPool:
@@ -41,18 +64,25 @@ class HostKVPool:
         self.layer_names = list(layer_names)
         self.spec = spec
         self.num_blocks = num_blocks
+        if spec.head_size != spec.head_size_v:
+            raise NotImplementedError(
+                "HEADINFER offloads layers whose K and V heads have the same size; "
+                f"this model has {spec.head_size} and {spec.head_size_v}."
+            )
         shape = (
             len(layer_names),
-            num_blocks,
-            spec.num_offloaded_kv_heads,
-            spec.block_size,
-            spec.head_size + spec.head_size_v,
+            *host_page_shape(
+                num_blocks, spec.num_offloaded_kv_heads, spec.block_size, spec.head_size
+            ),
         )
+        self.nbytes = spec.dtype.itemsize
+        for s in shape:
+            self.nbytes *= s
+        _check_host_memory(self.nbytes)
         # zeros, not empty: every page is touched now, so memory that is not
         # there fails here at startup rather than during a request, and never
         # read padding holds finite values.
         self.tensor = torch.zeros(shape, dtype=spec.dtype, device="cpu")
-        self.nbytes = self.tensor.numel() * self.tensor.element_size()
         self._registered = False
         self.device_view: torch.Tensor | None = None
         if pin:
@@ -74,7 +104,7 @@ class HostKVPool:
         self.device_view = get_accelerator_view_from_cpu_tensor(self.tensor)
 
     def layer(self, layer_name: str) -> torch.Tensor:
-        """``[blocks, H_off, N, D + Dv]`` host tensor of one layer."""
+        """``[blocks, H_off, 2, N, D]`` host pages of one layer."""
         return self.tensor[self.layer_names.index(layer_name)]
 
     def device_layer(self, layer_name: str) -> torch.Tensor:

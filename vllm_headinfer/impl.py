@@ -1,8 +1,8 @@
 """HeadInferImpl: split each layer's heads into resident and offloaded parts.
 
 KV heads ``[0, R)`` of this rank are resident: their K/V live in the layer's
-device pages (``kv_cache``, ``[blocks, R, N, D + Dv]``). Heads ``[R, H)`` are
-offloaded to the host pool under the same block ids. Query heads follow their
+device pages (``kv_cache``). Heads ``[R, H)`` are offloaded to the host pool
+under the same block ids (layout.py shows both page layouts). Query heads follow their
 KV head (``G = num_heads // num_kv_heads`` per KV head), so the query and
 output slices of the two parts are contiguous ranges and each part writes its
 own slice of ``output``: heads are independent and no merge is needed.
@@ -17,6 +17,7 @@ from vllm.v1.attention.backend import AttentionImpl, AttentionType
 
 from vllm_headinfer import config as hi_config
 from vllm_headinfer.host_pool import HostKVPool, host_pools
+from vllm_headinfer.layout import device_kv, host_kv
 from vllm_headinfer.metadata import HeadInferMetadata
 from vllm_headinfer.spec import split_spec
 
@@ -124,11 +125,10 @@ class HeadInferImpl(AttentionImpl[HeadInferMetadata]):
         from vllm_headinfer.torch_attention import write_paged
 
         if r:
-            write_paged(kv_cache, key[:, :r], value[:, :r], slot_mapping)
+            write_paged(*device_kv(kv_cache, self.head_size), key[:, :r], value[:, :r], slot_mapping)
         if pool is not None:
-            write_paged(
-                pool.layer(self._host_layer_name(layer)), key[:, r:], value[:, r:], slot_mapping
-            )
+            pages = pool.layer(self._host_layer_name(layer))
+            write_paged(*host_kv(pages), key[:, r:], value[:, r:], slot_mapping)
 
     def forward(
         self,
@@ -156,13 +156,15 @@ class HeadInferImpl(AttentionImpl[HeadInferMetadata]):
 
         m = attn_metadata
         rq = self.resident_q
-        parts = [(kv_cache, slice(0, rq))] if self.num_resident else []
+        parts = [(device_kv(kv_cache, self.head_size), slice(0, rq))] if self.num_resident else []
         if pool is not None:
-            parts.append((pool.layer(self._host_layer_name(layer)), slice(rq, self.num_heads)))
-        for cache, heads in parts:
+            pages = pool.layer(self._host_layer_name(layer))
+            parts.append((host_kv(pages), slice(rq, self.num_heads)))
+        for (k_cache, v_cache), heads in parts:
             paged_attention(
                 query[:n, heads],
-                cache,
+                k_cache,
+                v_cache,
                 m.block_table,
                 m.query_start_loc_cpu,
                 m.seq_lens_cpu if m.seq_lens_cpu is not None else m.seq_lens.cpu(),

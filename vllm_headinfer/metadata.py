@@ -40,9 +40,18 @@ class HeadInferMetadata:
 
 
 class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
-    # Attention runs eagerly between captured pieces (PIECEWISE graphs): the
-    # offload path plans copies per step.
-    _cudagraph_support = AttentionCGSupport.NEVER
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+        """Decode steps read resident pages and the host pool in place: static
+        addresses, no host work, so they run inside full CUDA graphs. Steps
+        with prefill stage copies planned per step and run eagerly between
+        captured pieces (PIECEWISE)."""
+        from vllm_headinfer.config import HeadInferConfig
+
+        cfg = HeadInferConfig.from_vllm_config(vllm_config)
+        if current_platform.is_cuda() and cfg.decode_path in ("auto", "uva"):
+            return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+        return AttentionCGSupport.NEVER
 
     def __init__(
         self,
@@ -52,6 +61,15 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
         device: torch.device,
     ) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        # A captured graph keeps the split-KV scratch it was recorded with, so
+        # graph-sized batches use a fixed split bound (as vLLM's FLASH_ATTN).
+        compilation = vllm_config.compilation_config
+        self.max_graph_tokens = (
+            compilation.max_cudagraph_capture_size
+            if compilation.cudagraph_mode.has_full_cudagraphs()
+            else None
+        ) or 0
+        self.graph_num_splits = vllm_config.attention_config.flash_attn_max_num_splits_for_cuda_graph
         num_blocks = vllm_config.cache_config.num_gpu_blocks
         # The real cache is planned by now (the worker sets num_gpu_blocks
         # before building backends); the profiling pass with a minimal cache
@@ -73,6 +91,7 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
     ) -> HeadInferMetadata:
         m = common_attn_metadata
         n = m.num_actual_tokens
+        graph_sized = m.max_query_len == 1 and n <= self.max_graph_tokens
         return HeadInferMetadata(
             num_actual_tokens=n,
             num_reqs=m.num_reqs,
@@ -85,4 +104,5 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
             block_table=m.block_table_tensor,
             slot_mapping=m.slot_mapping[:n],
             causal=m.causal if isinstance(m.causal, bool) else True,
+            max_num_splits=self.graph_num_splits if graph_sized else 0,
         )

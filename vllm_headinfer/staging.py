@@ -37,10 +37,10 @@ def _gather_pages_kernel(
 
 
 def gather_pages(src: torch.Tensor, block_ids: torch.Tensor, dst: torch.Tensor) -> None:
-    """``dst[i] = src[block_ids[i]]`` for a ``src`` whose inner dimensions are
-    contiguous (``[blocks, heads, N, C]`` sliced on heads only)."""
+    """``dst[i] = src[block_ids[i]]`` for a ``src`` whose pages are contiguous
+    (host pages ``[blocks, heads, ...]`` sliced on heads only)."""
     chunk = src[0].numel()
-    assert src.stride(1) * src.shape[1] == chunk and src[0].is_contiguous()
+    assert src[0].is_contiguous()
     num = block_ids.numel()
     if num == 0:
         return
@@ -80,15 +80,24 @@ def shared_staging(total_bytes: int, device: torch.device) -> StagingBuffers:
     return _shared
 
 
+# Below this many staged bytes per layer one group is cheaper: the exposed
+# copy of a first group (~1 ms at link speed) costs less than extra launches.
+SINGLE_GROUP_BYTES = 64 << 20
+
+
 def plan_head_groups(num_heads: int, bytes_per_head: int, buffer_bytes: int) -> list[tuple[int, int]] | None:
     """Splits ``num_heads`` offloaded heads into groups that fit one buffer.
 
-    Up to four groups where heads allow, so that only the first group's copy
-    is exposed and the others overlap computing the previous group; None when
-    one head does not fit.
+    Small layers stage in one group. Larger ones use up to four groups where
+    heads allow, so only the first group's copy is exposed and each later copy
+    overlaps the attention of the previous group. None when one head does not
+    fit a buffer.
     """
     fit = buffer_bytes // bytes_per_head if bytes_per_head else num_heads
     if fit == 0:
         return None
-    size = min(fit, -(-num_heads // 4))
+    if num_heads * bytes_per_head <= min(SINGLE_GROUP_BYTES, buffer_bytes):
+        size = num_heads
+    else:
+        size = min(fit, -(-num_heads // 4))
     return [(h, min(h + size, num_heads)) for h in range(0, num_heads, size)]

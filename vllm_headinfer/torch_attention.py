@@ -1,9 +1,8 @@
 """Paged KV writes and exact paged attention in plain torch.
 
-This is the path on CPU and the oracle the CUDA path is checked against. A
-cache is ``[blocks, heads, block_size, D + Dv]`` with K and V concatenated in
-the last dimension (vLLM's generic page layout); the device half and the host
-half of a layer have the same shape apart from the head count.
+This is the path on CPU and the oracle the CUDA path is checked against.
+Caches are K and V views ``[blocks, heads, block_size, D]`` (see layout.py for
+how the device and host pages hold them).
 """
 
 from __future__ import annotations
@@ -13,7 +12,11 @@ import torch.nn.functional as F
 
 
 def write_paged(
-    cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    slot_mapping: torch.Tensor,
 ) -> None:
     """Stores token t's ``key[t]``/``value[t]`` at slot ``slot_mapping[t]``
     (block = slot // block_size, offset = slot % block_size); slot -1 is
@@ -21,37 +24,36 @@ def write_paged(
     n = slot_mapping.shape[0]
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
-    block_size, head_size = cache.shape[2], key.shape[-1]
+    block_size = k_cache.shape[2]
     blocks, offsets = slots // block_size, slots % block_size
-    cache[blocks, :, offsets, :head_size] = key[:n][valid].to(cache.dtype)
-    cache[blocks, :, offsets, head_size:] = value[:n][valid].to(cache.dtype)
+    k_cache[blocks, :, offsets] = key[:n][valid].to(k_cache.dtype)
+    v_cache[blocks, :, offsets] = value[:n][valid].to(v_cache.dtype)
 
 
-def _gather(cache: torch.Tensor, block_ids: torch.Tensor, num_tokens: int, head_size: int):
-    """K and V of the first ``num_tokens`` tokens stored in ``block_ids``,
-    each ``[batch, heads, num_tokens, D]``; ``block_ids`` is ``[batch, n]``."""
-    pages = cache[block_ids]  # [batch, n, heads, block_size, C]
+def _gather(cache: torch.Tensor, block_ids: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """The first ``num_tokens`` tokens stored in ``block_ids`` (``[batch, n]``)
+    as ``[batch, heads, num_tokens, D]``."""
+    pages = cache[block_ids]  # [batch, n, heads, block_size, D]
     batch, n, heads, block_size, width = pages.shape
     seq = pages.permute(0, 2, 1, 3, 4).reshape(batch, heads, n * block_size, width)
-    seq = seq[:, :, :num_tokens]
-    return seq[..., :head_size], seq[..., head_size:]
+    return seq[:, :, :num_tokens]
 
 
 def paged_attention(
     query: torch.Tensor,
-    cache: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
     block_table: torch.Tensor,
     query_start_loc: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
     output: torch.Tensor,
 ) -> None:
-    """Causal attention of ``query`` ``[T, Hq, D]`` over the paged ``cache``;
+    """Causal attention of ``query`` ``[T, Hq, D]`` over the paged caches;
     writes ``output`` ``[T, Hq, Dv]``. Request r owns query rows
     ``query_start_loc[r]:query_start_loc[r+1]``, the last rows of its
     ``seq_lens[r]`` tokens (bottom-right aligned causal mask)."""
-    block_size = cache.shape[2]
-    head_size = query.shape[-1]
+    block_size = k_cache.shape[2]
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
     q_lens = [b - a for a, b in zip(starts[:-1], starts[1:])]
@@ -63,7 +65,8 @@ def paged_attention(
         rows = torch.tensor([starts[r] for r in decodes])
         kv_len = max(lens[r] for r in decodes)
         n_blocks = -(-kv_len // block_size)
-        k, v = _gather(cache, block_table[idx, :n_blocks], kv_len, head_size)
+        ids = block_table[idx, :n_blocks]
+        k, v = _gather(k_cache, ids, kv_len), _gather(v_cache, ids, kv_len)
         mask = torch.arange(kv_len)[None, :] < torch.tensor([lens[r] for r in decodes])[:, None]
         q = query[rows].unsqueeze(2)  # [batch, Hq, 1, D]
         out = F.scaled_dot_product_attention(
@@ -79,7 +82,8 @@ def paged_attention(
             continue
         kv_len = lens[r]
         n_blocks = -(-kv_len // block_size)
-        k, v = _gather(cache, block_table[r : r + 1, :n_blocks], kv_len, head_size)
+        ids = block_table[r : r + 1, :n_blocks]
+        k, v = _gather(k_cache, ids, kv_len), _gather(v_cache, ids, kv_len)
         q = query[starts[r] : starts[r + 1]].transpose(0, 1).unsqueeze(0)
         # Row i of the chunk sees the context before the chunk and rows <= i.
         q_pos = torch.arange(kv_len - q_len, kv_len)[:, None]

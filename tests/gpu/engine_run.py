@@ -34,15 +34,23 @@ def main(spec: dict) -> dict:
     vocab = spec.get("vocab", 2000)
     prompts = [{"prompt_token_ids": [rng.randrange(3, vocab) for _ in range(n)]}
                for n in spec["prompt_lens"]]
-    params = SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0, logprobs=1,
-                            ignore_eos=True)
+    # Two logprobs per step give the margin between the best two tokens;
+    # prompt logprobs score every prompt position on identical inputs.
+    params = SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0, logprobs=2,
+                            prompt_logprobs=1, ignore_eos=True)
     outs = llm.generate(prompts, params, use_tqdm=False)
     result = []
-    for o in outs:
+    for prompt, o in zip(prompts, outs):
         c = o.outputs[0]
+        steps = [sorted((v.logprob for v in lp.values()), reverse=True) for lp in c.logprobs]
         result.append({
             "token_ids": list(c.token_ids),
             "logprobs": [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)],
+            "margins": [s[0] - s[1] if len(s) > 1 else None for s in steps],
+            "prompt_logprobs": [
+                None if lp is None else lp[t].logprob
+                for t, lp in zip(prompt["prompt_token_ids"], o.prompt_logprobs)
+            ],
         })
     return {"outputs": result}
 

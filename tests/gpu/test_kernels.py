@@ -52,7 +52,8 @@ def _batch(seq_lens, q_lens, num_blocks, gen):
 
 def check_all(seed: int = 0) -> None:
     from vllm._custom_ops import reshape_and_cache_flash
-    from vllm_headinfer.cuda_attention import split_kv
+    from vllm_headinfer.cuda_attention import fa_view
+    from vllm_headinfer.layout import host_kv
     from vllm_headinfer.staging import gather_pages
     from vllm_headinfer.torch_attention import paged_attention, write_paged
     from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func, get_flash_attn_version
@@ -68,17 +69,18 @@ def check_all(seed: int = 0) -> None:
     t = int(sum(q_lens))
     key = torch.randn(t, HEADS, D, generator=gen).to(torch.bfloat16)
     value = torch.randn(t, HEADS, D, generator=gen).to(torch.bfloat16)
-    write_paged(ref, key, value, slots)
+    write_paged(*host_kv(ref), key, value, slots)
 
     dev = pool.device_layer("layer.0")
-    k_cache, v_cache = dev.transpose(1, 2).split(D, dim=-1)
+    k_cache, v_cache = host_kv(dev)
     one = torch.ones((), device="cuda")
-    reshape_and_cache_flash(key.cuda(), value.cuda(), k_cache, v_cache, slots.cuda(), "auto", one, one)
+    reshape_and_cache_flash(key.cuda(), value.cuda(), k_cache.transpose(1, 2),
+                            v_cache.transpose(1, 2), slots.cuda(), "auto", one, one)
     torch.cuda.synchronize()
     assert torch.equal(host, ref), "UVA write differs from the reference write"
 
     ids = table.reshape(-1).cuda()
-    staged = torch.empty(ids.numel(), 2, BLOCK, 2 * D, dtype=torch.bfloat16, device="cuda")
+    staged = torch.empty(ids.numel(), 2, 2, BLOCK, D, dtype=torch.bfloat16, device="cuda")
     gather_pages(dev[:, 1:3], ids, staged)
     torch.cuda.synchronize()
     assert torch.equal(staged.cpu(), ref[table.reshape(-1).long(), 1:3]), "gather differs"
@@ -87,19 +89,19 @@ def check_all(seed: int = 0) -> None:
     sl = torch.tensor(seq_lens, dtype=torch.int32)
     query = torch.randn(t, HEADS * Q_PER_KV, D, generator=gen).to(torch.bfloat16)
     expect = torch.zeros(t, HEADS * Q_PER_KV, D)
-    paged_attention(query.float(), ref.float(), table, qsl, sl, D**-0.5, expect)
+    paged_attention(query.float(), *host_kv(ref.float()), table, qsl, sl, D**-0.5, expect)
 
     fa = get_flash_attn_version(head_size=D)
     common = dict(cu_seqlens_q=qsl.cuda(), max_seqlen_q=max(q_lens), seqused_k=sl.cuda(),
                   max_seqlen_k=max(seq_lens), softmax_scale=D**-0.5, causal=True, fa_version=fa)
     q = query.cuda()
     out_uva = torch.empty_like(q)
-    k, v = split_kv(dev, D)
+    k, v = map(fa_view, host_kv(dev))
     flash_attn_varlen_func(q=q, k=k, v=v, out=out_uva, block_table=table.cuda(), **common)
     # Staged: heads 1..2 only, compact copy, remapped table, strided q/out slices.
     out_staged = torch.zeros_like(q)
     remapped = torch.arange(ids.numel(), dtype=torch.int32, device="cuda").view(table.shape)
-    k, v = split_kv(staged, D)
+    k, v = map(fa_view, host_kv(staged))
     hq = slice(1 * Q_PER_KV, 3 * Q_PER_KV)
     flash_attn_varlen_func(q=q[:, hq], k=k, v=v, out=out_staged[:, hq], block_table=remapped, **common)
     torch.cuda.synchronize()

@@ -1,0 +1,28 @@
+"""Where K and V sit inside a page, for the device and the host halves.
+
+Device pages are vLLM's: ``[blocks, R, N, D + Dv]``, K and V side by side in
+each token's row. Host pages are ``[blocks, H_off, 2, N, D]``: per block and
+head a K plane then a V plane, each ``N * D`` contiguous elements. A decode
+step over UVA reads the host planes directly, and long contiguous runs make
+larger reads over the link than K and V rows interleaved token by token. Both
+halves are head-major inside a block, so the pages of a head group of a block
+are one contiguous run (what the staging gather copies).
+
+Both helpers return ``(k, v)`` views shaped ``[blocks, heads, N, D]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def device_kv(pages: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return pages[..., :head_size], pages[..., head_size:]
+
+
+def host_kv(pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return pages[:, :, 0], pages[:, :, 1]
+
+
+def host_page_shape(num_blocks: int, heads: int, block_size: int, head_size: int) -> tuple:
+    return (num_blocks, heads, 2, block_size, head_size)
