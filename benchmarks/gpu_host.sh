@@ -14,7 +14,11 @@ case "$1" in
     last=$(ls -d .gpu-stage/c* | tail -1)
     bash "$last/install.sh" 2>&1 | tee "$out/install.log"
     reinstall
-    nvidia-smi | tee "$out/nvidia-smi.txt"; free -g | tee -a "$out/nvidia-smi.txt"
+    { nvidia-smi; free -g; nvidia-smi topo -m; lscpu | grep -iE "numa|model name";
+      echo "cgroup v2 max: $(cat /sys/fs/cgroup/memory.max 2>&1) current: $(cat /sys/fs/cgroup/memory.current 2>&1)";
+      echo "cgroup v1 limit: $(cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>&1)";
+      echo "THP: $(cat /sys/kernel/mm/transparent_hugepage/enabled 2>&1)"; ulimit -l; } > "$out/host.txt" 2>&1
+    tail -12 "$out/host.txt"
     ;;
   check)
     reinstall
@@ -29,6 +33,10 @@ case "$1" in
     fi
     timeout 420 python3 -m pytest -x -q -s tests/gpu -p no:cacheprovider 2>&1 | tee "$out/pytest_gpu.log" | tail -30
     ;;
+  uva)
+    reinstall
+    timeout 300 python3 benchmarks/uva_decode_bandwidth.py "$out/uva_bandwidth.json" 2>&1 | tail -4
+    ;;
   bench)
     reinstall
     timeout 570 python3 benchmarks/bench_headinfer.py --out "$out/bench_32l.json" \
@@ -37,12 +45,20 @@ case "$1" in
   bench-long)
     reinstall
     timeout 570 python3 benchmarks/bench_headinfer.py --out "$out/bench_4l.json" \
-      --layers 4 --contexts 131072,524288 --configs FLASH_ATTN,R0,R4 --decode-tokens 8 --timeout 300 2>&1 | tail -30
+      --layers 4 --contexts 131072,524288 --configs FLASH_ATTN,R0 --decode-tokens 8 --timeout 300 2>&1 | tail -30
     ;;
   capacity)
+    # R0 at the largest budget HEADINFER accepts at startup on this host; if
+    # that start fails, again at 90 GiB.
     reinstall
-    free_gib=$(python3 -c "import psutil; print(round(psutil.virtual_memory().available/2**30*0.85, 1))")
-    timeout 570 python3 benchmarks/bench_headinfer.py --out "$out/capacity.json" --layers 32 --contexts "" \
-      --configs FLASH_ATTN,R4,R0 --capacity-util 0.3 --capacity-cpu-kv-gib "$free_gib" --decode-tokens 1 --eager --timeout 240 2>&1 | tail -20
+    gib=$(python3 -c "from vllm_headinfer.config import available_host_bytes as a, host_limit_per_rank as l; print(round(l(a(), 1) / 2**30 - 0.05, 2))")
+    echo "accepted budget: $gib GiB" | tee "$out/capacity_budget.txt"
+    timeout 280 python3 benchmarks/bench_headinfer.py --out "$out/capacity.json" --layers 32 --contexts "" \
+      --configs R0 --capacity-util 0.3 --capacity-cpu-kv-gib "$gib" --eager --timeout 250 2>&1 | tail -3
+    if ! grep -q '"ok": true' "$out/capacity.json"; then
+      timeout 250 python3 benchmarks/bench_headinfer.py --out "$out/capacity90.json" --layers 32 --contexts "" \
+        --configs R0 --capacity-util 0.3 --capacity-cpu-kv-gib 90 --eager --timeout 230 2>&1 | tail -3
+    fi
+    dmesg 2>/dev/null | grep -iE "oom|killed process" | tail -5 | tee -a "$out/capacity_budget.txt"
     ;;
 esac
