@@ -93,6 +93,8 @@ def worker(spec: dict) -> dict:
         disable_log_stats=False,
         enforce_eager=spec.get("eager", False),
         seed=0,
+        **({"compilation_config": {"cudagraph_mode": spec["cudagraph_mode"]}}
+           if spec.get("cudagraph_mode") else {}),
         **kwargs,
     )
     result = {"startup_s": round(time.time() - t0, 1), "rows": []}
@@ -205,6 +207,7 @@ def main() -> None:
                     help="also start each config at this gpu_memory_utilization with max_model_len=auto")
     ap.add_argument("--capacity-cpu-kv-gib", type=float, default=None)
     ap.add_argument("--eager", action="store_true")
+    ap.add_argument("--cudagraph-mode", default=None, help="vLLM cudagraph_mode, e.g. PIECEWISE")
     ap.add_argument("--timeout", type=int, default=600)
     args = ap.parse_args()
     if args.worker:
@@ -224,7 +227,8 @@ def main() -> None:
         spec = {"config": cfg, "model": str(model), "layers": args.layers, "contexts": contexts,
                 "max_model_len": max(contexts) + args.decode_tokens + 64, "chunk": args.chunk,
                 "decode_tokens": args.decode_tokens, "gpu_util": args.gpu_util,
-                "cpu_kv_gib": args.cpu_kv_gib, "eager": args.eager}
+                "cpu_kv_gib": args.cpu_kv_gib, "eager": args.eager,
+                "cudagraph_mode": args.cudagraph_mode}
         res = run_config(spec, log, args.timeout)
         report["runs"][cfg] = {k: v for k, v in res.items() if k != "rows"}
         report["rows"] += summarise(spec, res, h2d)

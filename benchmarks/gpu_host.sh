@@ -40,12 +40,12 @@ case "$1" in
   bench)
     reinstall
     timeout 570 python3 benchmarks/bench_headinfer.py --out "$out/bench_32l.json" \
-      --layers 32 --contexts 32768,131072 --configs FLASH_ATTN,R8,R4,R0 --decode-tokens 8 --timeout 240 2>&1 | tail -30
+      --layers 32 --contexts 32768,131072 --configs FLASH_ATTN,R8,R4,R0 --decode-tokens 8 --timeout 240 ${CG:+--cudagraph-mode $CG} 2>&1 | tail -30
     ;;
   bench-long)
     reinstall
     timeout 570 python3 benchmarks/bench_headinfer.py --out "$out/bench_4l.json" \
-      --layers 4 --contexts 131072,524288 --configs FLASH_ATTN,R0 --decode-tokens 8 --timeout 300 2>&1 | tail -30
+      --layers 4 --contexts 131072,524288 --configs FLASH_ATTN,R0 --decode-tokens 8 --timeout 300 ${CG:+--cudagraph-mode $CG} 2>&1 | tail -30
     ;;
   capacity)
     # R0 at the largest budget HEADINFER accepts at startup on this host; if
