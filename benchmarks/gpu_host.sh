@@ -31,7 +31,7 @@ case "$1" in
     else
       echo "compute-sanitizer not found" | tee "$out/racecheck.log"
     fi
-    timeout 420 python3 -m pytest -x -q -s tests/gpu -p no:cacheprovider 2>&1 | tee "$out/pytest_gpu.log" | tail -30
+    timeout 540 python3 -m pytest -x -q -s tests/gpu -p no:cacheprovider ${K:+-k "$K"} 2>&1 | tee "$out/pytest_gpu.log" | tail -30
     ;;
   uva)
     reinstall
