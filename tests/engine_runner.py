@@ -32,7 +32,7 @@ prefix cache filled by an earlier one. For each engine the result holds either
 ``error`` (an exception raised while building it: type and message) or the
 per-round outputs (token ids, the sampled tokens' logprobs, text) with the
 change of vLLM's prefix-cache and preemption counters per round, the
-``HEADINFER placement`` lines logged while it started (in-process only) and a
+log messages mentioning HEADINFER (``headinfer_log``, in-process only) and a
 few resolved config values.
 
 The last stdout line is ``HEADINFER_RESULT <json>``.
@@ -180,7 +180,7 @@ def run_engine(spec: dict, engine: dict, model_path: str, capture: _Capture) -> 
                     }
                 )
             result["scenarios"][name] = rounds
-        result["placement"] = list(capture.lines)
+        result["headinfer_log"] = list(capture.lines)
         return result
     finally:
         if llm is not None:

@@ -119,3 +119,73 @@ def test_max_model_len_beyond_cpu_kv_gib_is_refused(capacity):
     refusal = [ln for ln in output.splitlines() if f"max_model_len={MAX_MODEL_LEN}" in ln]
     assert refusal, "no HEADINFER max_model_len refusal in the startup log"
     assert any("cpu_kv_gib" in ln and str(TOO_SMALL_CPU_KV_GIB) in ln for ln in refusal), refusal
+
+
+AUTO_CPU_KV_GIB = 0.002  # 65 blocks of 32 tokens
+
+
+@pytest.fixture(scope="module")
+def capacity_inprocess(tiny_models, tmp_path_factory):
+    """Startup-time capacity decisions, with the engine core in-process so the
+    engine core's errors reach LLM(...) as they are."""
+    prompt = random_tokens(random.Random(8), 1900)
+    small_host = {**LLM, "kv_cache_memory_bytes": LARGE_KV}
+    engines = [
+        {
+            "name": "auto-max-model-len",
+            "model": "m",
+            "llm": {**small_host, "max_model_len": -1, **headinfer_llm(0, cpu_kv_gib=AUTO_CPU_KV_GIB)},
+            "scenarios": ["long"],
+        },
+        {
+            "name": "default-auto-max-model-len",
+            "model": "m",
+            "llm": {**small_host, "max_model_len": -1},
+            "scenarios": ["long"],
+        },
+        {
+            "name": "override-beyond-host",
+            "model": "m",
+            "llm": {
+                **small_host,
+                "max_model_len": 1024,
+                "num_gpu_blocks_override": 500,
+                **headinfer_llm(0, cpu_kv_gib=AUTO_CPU_KV_GIB),
+            },
+        },
+        {
+            "name": "max-model-len-beyond-host",
+            "model": "m",
+            # R=1 of 2: 16 KiB of host KV per block, 65 blocks < 4096 tokens.
+            "llm": {**small_host, **headinfer_llm(1, cpu_kv_gib=TOO_SMALL_CPU_KV_GIB)},
+        },
+    ]
+    spec = {
+        "inprocess": True,
+        "paths": {"m": tiny_models("llama-gqa")},
+        "scenarios": {"long": {"rounds": [[{"prompt_token_ids": prompt, "max_tokens": 8}]]}},
+        "engines": engines,
+    }
+    results, _ = run_engines(spec, tmp_path_factory.mktemp("capacity-inprocess"), "capacity-inprocess")
+    return results
+
+
+def test_auto_max_model_len_fits_the_host_budget(capacity_inprocess):
+    hi = engine_ok(capacity_inprocess, "auto-max-model-len")
+    base = engine_ok(capacity_inprocess, "default-auto-max-model-len")
+    p = placement_of(hi["headinfer_log"])
+    assert p["limited_by"] == "host (cpu_kv_gib)"
+    # Auto-fit used the host-limited capacity, not the 64 MiB device budget...
+    assert 1900 + 8 <= hi["config"]["max_model_len"] <= p["tokens"]
+    # ...which alone fits the model's whole context.
+    assert base["config"]["max_model_len"] == 8192
+    assert_same_outputs(
+        base["scenarios"]["long"][0]["outputs"], hi["scenarios"]["long"][0]["outputs"], "auto-fit"
+    )
+
+
+@pytest.mark.parametrize("name", ["override-beyond-host", "max-model-len-beyond-host"])
+def test_host_budget_refusals_name_cpu_kv_gib(capacity_inprocess, name):
+    err = capacity_inprocess["engines"][name]["error"]
+    assert err is not None, f"{name} started"
+    assert "cpu_kv_gib" in err["message"], err["message"]

@@ -1,4 +1,5 @@
-"""VLLM_HEADINFER_* environment variables fill settings additional_config omits.
+"""VLLM_HEADINFER_* environment variables fill settings additional_config omits,
+and the backend can be selected through attention_config as well.
 
 The placement log line and the resolved settings (written back into
 additional_config for every engine process) show which values took effect.
@@ -31,6 +32,13 @@ ENGINES = {
     "env-no-additional-config": ({"attention_backend": "HEADINFER"}, {R_ENV: "1", GIB_ENV: "0.03"}),
     "explicit-beats-env": (headinfer_llm(0, cpu_kv_gib=0.04), {R_ENV: "1", GIB_ENV: "0.02"}),
     "env-resident-only": (headinfer_llm(cpu_kv_gib=0.02), {R_ENV: "2"}),
+    "attention-config-dict": (
+        {
+            "attention_config": {"backend": "HEADINFER"},
+            "additional_config": {"headinfer": {"resident_kv_heads": 1, "cpu_kv_gib": 0.02}},
+        },
+        {},
+    ),
 }
 
 
@@ -66,6 +74,7 @@ def env_results(tiny_models, tmp_path_factory):
         ("env-no-additional-config", 1, 0.03),
         ("explicit-beats-env", 0, 0.04),
         ("env-resident-only", 2, 0.02),
+        ("attention-config-dict", 1, 0.02),
     ],
 )
 def test_env_fallback_takes_effect(env_results, name, resident, gib):
@@ -73,7 +82,7 @@ def test_env_fallback_takes_effect(env_results, name, resident, gib):
     settings = res["config"]["additional_config"]["headinfer"]
     assert settings["resident_kv_heads"] == resident
     assert settings["cpu_kv_gib"] == pytest.approx(gib)
-    p = placement_of(res["placement"])
+    p = placement_of(res["headinfer_log"])
     assert p["resident"] == resident
     if resident < p["heads"]:
         # 64 MiB of device KV holds more blocks than the host budget: the

@@ -158,10 +158,10 @@ def test_same_tokens_and_logprobs(shape_results, key, resident, setting):
 
     # The comparison means something only if each side ran the backend it names.
     assert base["config"]["backend"] is None
-    assert base["placement"] == [], "the default backend logged a HEADINFER placement"
+    assert base["headinfer_log"] == [], "the default backend logged HEADINFER lines"
     assert hi["config"]["backend"] == "HEADINFER"
     heads = MODEL_SHAPES[key]["num_kv_heads"]
-    placement = placement_of(hi["placement"])
+    placement = placement_of(hi["headinfer_log"])
     assert (placement["resident"], placement["heads"]) == (resident, heads)
     assert placement["offloaded"] == heads - resident
 
