@@ -23,10 +23,12 @@ CONFIG_KEY = "headinfer"
 # Default host budget: this share of the RAM that is free at startup, split
 # over the ranks of the node. The rest stays for weights, the OS and page cache.
 DEFAULT_FREE_RAM_SHARE = 0.5
-# At startup, refuse budgets that would leave less than this to the engine's
-# own processes (CUDA context, libraries, buffers) and the OS: each rank's pool
-# is allocated only after its process has loaded the model.
-HOST_RESERVE_BYTES = 8 << 30
+# At startup, refuse budgets above this share of free RAM, less a reserve per
+# rank for the engine's own processes (CUDA context, libraries, buffers): each
+# rank's pool is allocated only after its process has loaded the model. On the
+# 125 GiB H100 host a 105.9 GiB pool with 124 GiB free got the engine killed
+# while pinning; 90 GiB served (benchmarks/RESULTS.md).
+HOST_SHARE_LIMIT = 0.8
 HOST_RESERVE_PER_RANK_BYTES = 3 << 30
 OFFLOAD_PATHS = ("auto", "uva", "staged")
 
@@ -208,7 +210,7 @@ def available_host_bytes() -> int:
 
 def host_limit_per_rank(free: int, ranks: int) -> int:
     """The largest cpu_kv_gib (in bytes) accepted at startup."""
-    return max(0, (free - HOST_RESERVE_BYTES - HOST_RESERVE_PER_RANK_BYTES * ranks) // ranks)
+    return max(0, int(free * HOST_SHARE_LIMIT - HOST_RESERVE_PER_RANK_BYTES * ranks) // ranks)
 
 
 def _check_model(vllm_config: VllmConfig) -> None:
