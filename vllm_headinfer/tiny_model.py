@@ -13,6 +13,16 @@ ARCHITECTURES = {
     # name: (transformers config class, extra config fields)
     "llama": ("LlamaConfig", {}),
     "qwen2": ("Qwen2Config", {}),  # Qwen2 carries a bias on q/k/v
+    # Alternating sliding-window and full-attention layers (set sliding_window
+    # through extra_config); soft-capping off; vLLM's Gemma2 ties embeddings.
+    "gemma2": (
+        "Gemma2Config",
+        {
+            "attn_logit_softcapping": None,
+            "final_logit_softcapping": None,
+            "tie_word_embeddings": True,
+        },
+    ),
 }
 
 _CORPUS = [
@@ -84,8 +94,8 @@ def build_tiny_model(
         bos_token_id=1,
         eos_token_id=2,
         torch_dtype=dtype,
-        **extra,
     )
+    fields.update(extra)
     fields.update(extra_config or {})
     stamp = path / "headinfer_tiny.json"
     wanted = json.dumps({"arch": arch, "seed": seed, **fields}, sort_keys=True)
