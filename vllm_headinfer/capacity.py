@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from vllm.logger import init_logger
 from vllm.utils.math_utils import cdiv
 
-from vllm_headinfer.config import HeadInferConfig
+from vllm_headinfer.config import HeadInferConfig, HeadInferConfigError
 from vllm_headinfer.spec import HeadInferAttentionSpec
 
 logger = init_logger("vllm.headinfer")
@@ -39,16 +39,9 @@ class HostBudget:
     """One rank's host-side limit on the KV block count."""
 
     cfg: HeadInferConfig
-    specs: list[HeadInferAttentionSpec]
-    device_bytes_per_block: int
-
-    @property
-    def host_bytes_per_block(self) -> int:
-        return sum(s.host_page_size_bytes for s in self.specs)
-
-    @property
-    def block_size(self) -> int:
-        return self.specs[0].block_size
+    host_bytes_per_block: int  # over all offloading layers of the rank
+    block_size: int
+    device_bytes_per_block: int = 0
 
     @property
     def num_blocks(self) -> int:
@@ -69,7 +62,7 @@ class HostBudget:
             return  # auto-fit picks a length the host budget holds
         need = cdiv(model.max_model_len, self.block_size) + 1
         if need > self.num_blocks:
-            raise ValueError(
+            raise HeadInferConfigError(
                 f"HEADINFER: max_model_len={model.max_model_len} needs "
                 f"{need * self.host_bytes_per_block / GIB:.3f} GiB of host memory "
                 "per rank for the offloaded heads' KV, but "
@@ -79,7 +72,7 @@ class HostBudget:
             )
         override = vllm_config.cache_config.num_gpu_blocks_override
         if override is not None and override > self.num_blocks:
-            raise ValueError(
+            raise HeadInferConfigError(
                 f"HEADINFER: num_gpu_blocks_override={override} exceeds the "
                 f"{self.num_blocks} blocks that additional_config.headinfer."
                 f"cpu_kv_gib={self.cfg.cpu_kv_gib} holds for offloaded heads."
@@ -87,12 +80,30 @@ class HostBudget:
 
 
 def host_budget(vllm_config, worker_specs: dict) -> HostBudget | None:
-    """The host limit of one rank, or None when no layer offloads heads."""
+    """The host limit of one rank from its KV cache specs, or None when no
+    layer offloads heads."""
     specs = [s for s in headinfer_specs(worker_specs) if s.num_offloaded_kv_heads]
     if not specs:
         return None
-    cfg = HeadInferConfig.from_vllm_config(vllm_config)
-    return HostBudget(cfg, specs, device_bytes_per_block(vllm_config, worker_specs))
+    return HostBudget(
+        HeadInferConfig.from_vllm_config(vllm_config),
+        sum(s.host_page_size_bytes for s in specs),
+        specs[0].block_size,
+        device_bytes_per_block(vllm_config, worker_specs),
+    )
+
+
+def model_host_budget(vllm_config, cfg: HeadInferConfig) -> HostBudget | None:
+    """The same limit estimated from the model config alone, before any
+    engine process starts, for a model whose every layer is HEADINFER's."""
+    model, parallel = vllm_config.model_config, vllm_config.parallel_config
+    heads = model.get_num_kv_heads(parallel)
+    offloaded = heads - cfg.num_resident(heads)
+    block_size = vllm_config.cache_config.block_size
+    if not offloaded or not block_size:
+        return None
+    page = offloaded * block_size * 2 * model.get_head_size() * model.dtype.itemsize
+    return HostBudget(cfg, model.get_num_layers(parallel) * page, block_size)
 
 
 def log_placement(vllm_config, worker_specs: dict, num_blocks: int, budget: HostBudget | None):

@@ -247,7 +247,7 @@ def _check_model(vllm_config: VllmConfig) -> None:
             "move only the resident heads. Remove the connector setting."
         )
     cache_dtype = vllm_config.cache_config.cache_dtype
-    if cache_dtype not in ("auto", "float16", "bfloat16", "float32"):
+    if cache_dtype not in ("auto", "float16", "bfloat16"):
         raise HeadInferConfigError(
             f"--kv-cache-dtype {cache_dtype} is not supported with HEADINFER; "
             "accepted values: auto, float16, bfloat16."
@@ -321,6 +321,17 @@ def resolve(vllm_config: VllmConfig) -> HeadInferConfig | None:
             "the engine processes",
         )
     vllm_config.additional_config[CONFIG_KEY] = cfg.as_dict()
+    if vllm_config.attention_config.backend is not None and (
+        vllm_config.attention_config.backend.name == BACKEND_NAME
+    ):
+        # Every layer offloads: a max_model_len the host budget cannot hold is
+        # refused here, in the user's process; the engine core checks again
+        # with the exact specs (and covers per-kind selection).
+        from vllm_headinfer.capacity import model_host_budget
+
+        budget = model_host_budget(vllm_config, cfg)
+        if budget is not None:
+            budget.check_max_model_len(vllm_config)
     return cfg
 
 
