@@ -15,7 +15,6 @@ Usage (GPU host with CUDA vLLM): python benchmarks/uva_decode_bandwidth.py
 
 from __future__ import annotations
 
-import ctypes
 import json
 import mmap
 import sys
