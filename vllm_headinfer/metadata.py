@@ -78,9 +78,8 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
             pool = host_pools.ensure(
                 layer_names, kv_cache_spec, num_blocks, pin=current_platform.is_cuda()
             )
-            for name, layer in get_layers_from_vllm_config(
-                vllm_config, Attention, layer_names
-            ).items():
+            layers = get_layers_from_vllm_config(vllm_config, Attention, layer_names)
+            for layer in layers.values():
                 layer.impl.attach_host_pool(pool)
 
     def build(
