@@ -12,6 +12,7 @@ kernels read and write directly.
 
 from __future__ import annotations
 
+import math
 import mmap
 import threading
 
@@ -77,6 +78,7 @@ class HostKVPool:
         pin: bool,
     ) -> None:
         self.layer_names = list(layer_names)
+        self._index = {name: i for i, name in enumerate(self.layer_names)}
         self.spec = spec
         self.num_blocks = num_blocks
         if spec.head_size != spec.head_size_v:
@@ -90,9 +92,7 @@ class HostKVPool:
                 num_blocks, spec.num_offloaded_kv_heads, spec.block_size, spec.head_size
             ),
         )
-        self.nbytes = spec.dtype.itemsize
-        for s in shape:
-            self.nbytes *= s
+        self.nbytes = math.prod(shape) * spec.dtype.itemsize
         _check_host_memory(self.nbytes)
         self._mapping = _huge_page_mapping(self.nbytes)
         self.tensor = torch.frombuffer(self._mapping, dtype=spec.dtype).view(shape)
@@ -122,12 +122,12 @@ class HostKVPool:
 
     def layer(self, layer_name: str) -> torch.Tensor:
         """``[blocks, H_off, 2, N, D]`` host pages of one layer."""
-        return self.tensor[self.layer_names.index(layer_name)]
+        return self.tensor[self._index[layer_name]]
 
     def device_layer(self, layer_name: str) -> torch.Tensor:
         """The same pages as a CUDA tensor (UVA); CUDA only."""
         assert self.device_view is not None
-        return self.device_view[self.layer_names.index(layer_name)]
+        return self.device_view[self._index[layer_name]]
 
     def release(self) -> None:
         if self._registered:
