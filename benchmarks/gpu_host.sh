@@ -1,7 +1,11 @@
 #!/bin/bash
 # Stages of a GPU-host session (see ../shared/gpu/README.md for the wheel kit).
-# Usage: bash benchmarks/gpu_host.sh install|check|bench|bench-long|capacity
-# Logs and results go to $OUT (or ./gpu-out).
+# Usage: bash benchmarks/gpu_host.sh install|check|ray-example|bench|bench-long|capacity
+#        bash benchmarks/gpu_host.sh background "STAGE [STAGE...]"   (returns at once)
+#        bash benchmarks/gpu_host.sh wait SECONDS   (until the background stages end)
+# Logs and results go to $OUT (or ./gpu-out). A device command may run 10
+# minutes; "background" runs longer stage lists into /tmp/gpu-out while
+# "wait" calls keep the host busy and bring back what is there so far.
 set -uo pipefail
 out="${OUT:-$PWD/gpu-out}"; mkdir -p "$out"
 export PYTHONPATH=/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
@@ -23,15 +27,35 @@ case "$1" in
   check)
     reinstall
     # Kernels alone, then under racecheck (small case), then the engines.
+    # Kernels alone, then (RACECHECK=1) under racecheck, then the engines:
+    # T = test node ids in the order to run (default: all of tests/gpu).
     timeout 120 python3 tests/gpu/test_kernels.py 2>&1 | tail -20 | tee "$out/kernels.log"
-    cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
-    if [ -n "$cs" ]; then
+    if [ "${RACECHECK:-0}" = 1 ]; then
+      cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
       timeout 240 "$cs" --tool racecheck python3 tests/gpu/test_kernels.py > "$out/racecheck.log" 2>&1
       echo "racecheck exit $?" | tee -a "$out/racecheck.log"; tail -5 "$out/racecheck.log"
-    else
-      echo "compute-sanitizer not found" | tee "$out/racecheck.log"
     fi
-    timeout 540 python3 -m pytest -x -q -s tests/gpu -p no:cacheprovider ${K:+-k "$K"} 2>&1 | tee "$out/pytest_gpu.log" | tail -30
+    timeout "${CHECK_TIMEOUT:-540}" python3 -m pytest -q -s -rA -p no:cacheprovider ${T:-tests/gpu} \
+      ${K:+-k "$K"} 2>&1 | tee "$out/pytest_gpu.log" | tail -40
+    ;;
+  ray-example)
+    reinstall
+    timeout 400 python3 examples/ray_tp.py --tp "${TP:-1}" > "$out/ray_example.log" 2>&1
+    echo "ray_tp.py --tp ${TP:-1} exit $?" | tee -a "$out/ray_example.log"
+    grep -E "^prompt|exit" "$out/ray_example.log"
+    ;;
+  background)
+    mkdir -p /tmp/gpu-out
+    # A new session: the device host ends a command's other processes.
+    setsid bash -c 'for stage in $2; do OUT=/tmp/gpu-out bash "$1" "$stage"; done \
+      > /tmp/gpu-out/background.log 2>&1; touch /tmp/gpu-out/DONE' _ "$0" "$2" \
+      </dev/null >/dev/null 2>&1 &
+    echo "background: $2 (as $(id -un))"
+    ;;
+  wait)
+    end=$((SECONDS + $2))
+    while [ ! -e /tmp/gpu-out/DONE ] && [ $SECONDS -lt $end ]; do sleep 5; done
+    cp -r /tmp/gpu-out/. "$out/"; ls /tmp/gpu-out; tail -15 /tmp/gpu-out/background.log
     ;;
   uva)
     reinstall

@@ -55,13 +55,7 @@ class CudaHeadAttention:
         from vllm._custom_ops import reshape_and_cache_flash
 
         impl = self.impl
-        r = impl.num_resident
-        parts = []
-        if r:
-            parts.append((device_kv(kv_cache, impl.head_size), slice(0, r)))
-        if pool is not None:
-            parts.append((host_kv(pool.device_layer(impl._host_layer_name(layer))), slice(r, None)))
-        for (k_cache, v_cache), heads in parts:
+        for k_cache, v_cache, heads, _ in impl.kv_parts(layer, kv_cache, pool, uva=True):
             reshape_and_cache_flash(
                 key[:, heads],
                 value[:, heads],

@@ -109,6 +109,21 @@ class HeadInferImpl(AttentionImpl[HeadInferMetadata]):
         self.host_pool = pool
         return pool
 
+    def kv_parts(self, layer, kv_cache: torch.Tensor, pool: HostKVPool | None, uva: bool):
+        """``(K pages, V pages, KV-head slice, query-head slice)`` of each part
+        of this layer: the resident heads in the device pages, then the
+        offloaded heads in the host pool (through its device view if ``uva``).
+        Pages are ``[blocks, heads, N, D]``."""
+        r, rq = self.num_resident, self.resident_q
+        parts = []
+        if r:
+            parts.append((*device_kv(kv_cache, self.head_size), slice(0, r), slice(0, rq)))
+        if pool is not None:
+            name = self._host_layer_name(layer)
+            pages = pool.device_layer(name) if uva else pool.layer(name)
+            parts.append((*host_kv(pages), slice(r, None), slice(rq, None)))
+        return parts
+
     def do_kv_cache_update(
         self,
         layer,
@@ -117,18 +132,14 @@ class HeadInferImpl(AttentionImpl[HeadInferMetadata]):
         kv_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
     ) -> None:
-        r = self.num_resident
         pool = self._pool_for(layer, kv_cache) if self.num_offloaded else None
         if self.ops is not None:
             self.ops.write(layer, key, value, kv_cache, pool, slot_mapping)
             return
         from vllm_headinfer.torch_attention import write_paged
 
-        if r:
-            write_paged(*device_kv(kv_cache, self.head_size), key[:, :r], value[:, :r], slot_mapping)
-        if pool is not None:
-            pages = pool.layer(self._host_layer_name(layer))
-            write_paged(*host_kv(pages), key[:, r:], value[:, r:], slot_mapping)
+        for k_cache, v_cache, kv_heads, _ in self.kv_parts(layer, kv_cache, pool, uva=False):
+            write_paged(k_cache, v_cache, key[:, kv_heads], value[:, kv_heads], slot_mapping)
 
     def forward(
         self,
@@ -155,12 +166,7 @@ class HeadInferImpl(AttentionImpl[HeadInferMetadata]):
         from vllm_headinfer.torch_attention import paged_attention
 
         m = attn_metadata
-        rq = self.resident_q
-        parts = [(device_kv(kv_cache, self.head_size), slice(0, rq))] if self.num_resident else []
-        if pool is not None:
-            pages = pool.layer(self._host_layer_name(layer))
-            parts.append((host_kv(pages), slice(rq, self.num_heads)))
-        for (k_cache, v_cache), heads in parts:
+        for k_cache, v_cache, _, heads in self.kv_parts(layer, kv_cache, pool, uva=False):
             paged_attention(
                 query[:n, heads],
                 k_cache,

@@ -2,6 +2,9 @@
 
 Usage: python engine_run.py '{"model": ..., "backend": "FLASH_ATTN"|"HEADINFER",
 "resident": R, "dummy": bool, "prompt_lens": [...], "max_tokens": n}'
+Optional keys: "eager" (default true), "headinfer" (more settings), "tp"
+(tensor_parallel_size, default 1), "executor" ("mp" or "ray", default vLLM's
+choice).
 """
 
 import json
@@ -27,6 +30,8 @@ def main(spec: dict) -> dict:
         max_num_batched_tokens=512,
         gpu_memory_utilization=0.3,
         enforce_eager=spec.get("eager", True),
+        tensor_parallel_size=spec.get("tp", 1),
+        distributed_executor_backend=spec.get("executor"),
         seed=0,
         **kwargs,
     )

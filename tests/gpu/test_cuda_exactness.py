@@ -1,20 +1,10 @@
-"""HEADINFER against FLASH_ATTN on CUDA (skipped without a GPU and CUDA vLLM).
-
-Each engine runs in its own process (tests/gpu/engine_run.py) so GPU memory is
-released between configurations. Both models are bf16:
-* a small random Llama with real weights;
-* a Llama-3-8B-shaped model (4 of its 32 layers, dummy weights).
-Greedy tokens and logprobs are compared as ``compare`` explains.
-Every run uses chunked prefill (max_num_batched_tokens=512 under prompts of up
-to 3000 tokens) and one batch of mixed lengths, for R = 0, 1, H/2, H.
+"""HEADINFER against FLASH_ATTN on CUDA (skipped without a GPU and CUDA vLLM),
+on the two models of engine_compare, for R = 0, 1, H/2, H, with and without
+CUDA graphs. Greedy tokens and logprobs are compared as
+``engine_compare.compare`` explains.
 """
 
 from __future__ import annotations
-
-import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -24,78 +14,14 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
 ]
 
-RUNNER = Path(__file__).with_name("engine_run.py")
-PROMPT_LENS = [7, 130, 700, 1500, 3000]
-SMALL_KV_HEADS = 4
-# Logits are bf16: one unit in the last place is 2**-7 of their magnitude
-# (0.0625 for a logit of 8-16), so the tolerance grows with the logprob.
-BF16_LOGPROB_ATOL, BF16_LOGPROB_RTOL = 0.1, 0.02
-NEAR_TIE = 0.1
-
-
-def close(a: float, b: float) -> bool:
-    return abs(a - b) <= BF16_LOGPROB_ATOL + BF16_LOGPROB_RTOL * abs(a)
-
-
-def run_engine(spec: dict) -> dict:
-    proc = subprocess.run(
-        [sys.executable, str(RUNNER), json.dumps(spec)],
-        capture_output=True, text=True, timeout=900,
-    )
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise AssertionError(f"engine failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-
-
-@pytest.fixture(scope="module")
-def small_model(tmp_path_factory):
-    from vllm_headinfer.tiny_model import build_tiny_model
-
-    return str(build_tiny_model(
-        tmp_path_factory.mktemp("small") / "llama", "llama", num_layers=4, num_heads=8,
-        num_kv_heads=SMALL_KV_HEADS, head_dim=128, vocab_size=2048, dtype="bfloat16",
-    ))
-
-
-@pytest.fixture(scope="module")
-def shaped_model(tmp_path_factory):
-    sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
-    from bench_headinfer import write_model
-
-    return str(write_model(tmp_path_factory.mktemp("shaped"), layers=4))
-
-
-def spec(model: str, backend: str, resident: int | None, dummy: bool, **extra) -> dict:
-    return {"model": model, "backend": backend, "resident": resident, "dummy": dummy,
-            "prompt_lens": PROMPT_LENS, "max_tokens": 24, **extra}
-
-
-def compare(ref: dict, got: dict) -> int:
-    """Greedy tokens must be identical wherever the reference's choice is
-    decided by more than bf16 rounding: a different token is accepted only
-    where the reference's two best tokens are within NEAR_TIE (flash attention
-    picks its KV split count from the heads in a call, so head-split calls
-    can round the last bit differently); the sequences then legitimately
-    diverge and comparison of that one stops. Logprobs of identical tokens and
-    of every prompt position (same inputs for both) must be within tolerance.
-    Returns the number of near-tie divergences."""
-    assert len(ref["outputs"]) == len(got["outputs"]) == len(PROMPT_LENS)
-    ties = 0
-    for r, g in zip(ref["outputs"], got["outputs"]):
-        for pr, pg in zip(r["prompt_logprobs"], g["prompt_logprobs"]):
-            if pr is not None:
-                assert close(pr, pg), (pr, pg)
-        for step, (tr, tg) in enumerate(zip(r["token_ids"], g["token_ids"])):
-            if tr != tg:
-                assert r["margins"][step] < NEAR_TIE, (
-                    f"step {step}: token {tg} instead of {tr}, reference margin "
-                    f"{r['margins'][step]:.3f}"
-                )
-                ties += 1
-                break
-            assert close(r["logprobs"][step], g["logprobs"][step])
-    return ties
+from engine_compare import (  # noqa: E402
+    SMALL_KV_HEADS,
+    compare,
+    run_engine,
+    shaped_model,  # noqa: F401 - fixture
+    small_model,  # noqa: F401 - fixture
+    spec,
+)
 
 
 @pytest.fixture(scope="module")
