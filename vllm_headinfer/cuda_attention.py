@@ -97,6 +97,7 @@ class CudaHeadAttention:
             causal=True,
             block_table=block_table,
             fa_version=self.fa_version,
+            scheduler_metadata=m.scheduler_metadata,
             num_splits=m.max_num_splits,
         )
 

@@ -17,6 +17,9 @@ from vllm.v1.attention.backend import (
 from vllm_headinfer.host_pool import host_pools
 from vllm_headinfer.spec import HeadInferAttentionSpec
 
+# Flash attention's (left, right) window of a layer without sliding window.
+FULL_ATTENTION_WINDOW = (-1, -1)
+
 
 @dataclass
 class HeadInferMetadata:
@@ -31,6 +34,10 @@ class HeadInferMetadata:
     block_table: torch.Tensor  # [num_reqs, max_blocks], device
     slot_mapping: torch.Tensor  # [num_actual_tokens], device
     causal: bool = True
+    # Flash attention's KV-split plan for this batch over *all* KV heads of
+    # the layer (CUDA only). Every head-subset call uses it, so each head is
+    # split, and rounded, exactly as in one FLASH_ATTN call over all heads.
+    scheduler_metadata: torch.Tensor | None = None
     # Upper bound of flash attention's KV splits; 0 lets it choose.
     max_num_splits: int = 0
 
@@ -61,15 +68,22 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
         device: torch.device,
     ) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        # A captured graph keeps the split-KV scratch it was recorded with, so
-        # graph-sized batches use a fixed split bound (as vLLM's FLASH_ATTN).
-        compilation = vllm_config.compilation_config
-        self.max_graph_tokens = (
-            compilation.max_cudagraph_capture_size
-            if compilation.cudagraph_mode.has_full_cudagraphs()
-            else None
-        ) or 0
-        self.graph_num_splits = vllm_config.attention_config.flash_attn_max_num_splits_for_cuda_graph
+        # FLASH_ATTN's own builder for the full-head spec plans the KV splits
+        # (and, under full CUDA graphs, keeps them in its persistent buffer
+        # with its fixed split bound): the split count of flash attention
+        # otherwise depends on the heads in a call, so the resident and
+        # offloaded calls would round differently from FLASH_ATTN.
+        self.flash = None
+        if current_platform.is_cuda():
+            from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadataBuilder
+
+            self.flash = FlashAttentionMetadataBuilder(
+                kv_cache_spec, layer_names, vllm_config, device
+            )
+            # It would take its window from the model's FLASH_ATTN layers
+            # (those of other kinds when HEADINFER serves full attention
+            # only); HEADINFER layers have none.
+            self.flash.aot_sliding_window = FULL_ATTENTION_WINDOW
         num_blocks = vllm_config.cache_config.num_gpu_blocks
         # The real cache is planned by now (the worker sets num_gpu_blocks
         # before building backends); the profiling pass with a minimal cache
@@ -90,7 +104,9 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
     ) -> HeadInferMetadata:
         m = common_attn_metadata
         n = m.num_actual_tokens
-        graph_sized = m.max_query_len == 1 and n <= self.max_graph_tokens
+        plan = None
+        if self.flash is not None:
+            plan = self.flash.build(common_prefix_len, m, fast_build)
         return HeadInferMetadata(
             num_actual_tokens=n,
             num_reqs=m.num_reqs,
@@ -103,5 +119,6 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
             block_table=m.block_table_tensor,
             slot_mapping=m.slot_mapping[:n],
             causal=m.causal if isinstance(m.causal, bool) else True,
-            max_num_splits=self.graph_num_splits if graph_sized else 0,
+            scheduler_metadata=None if plan is None else plan.scheduler_metadata,
+            max_num_splits=0 if plan is None else plan.max_num_splits,
         )

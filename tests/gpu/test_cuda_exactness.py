@@ -32,20 +32,22 @@ def small_reference(small_model):
 @pytest.mark.parametrize("resident", [0, 1, SMALL_KV_HEADS // 2, SMALL_KV_HEADS])
 def test_small_model_tokens_identical(small_model, small_reference, resident):
     got = run_engine(spec(small_model, "HEADINFER", resident, dummy=False))
-    print(f"R={resident}: near-tie divergences: {compare(small_reference, got)}")
+    print(f"R={resident}: {compare(small_reference, got)}")
 
 
 @pytest.mark.parametrize("path", ["uva", "staged"])
-def test_both_offload_paths_with_cuda_graphs(small_model, small_reference, path):
+def test_both_offload_paths_with_cuda_graphs(small_model, path):
     """Compiled, with CUDA graphs: full decode graphs for 'uva' decode steps,
-    piecewise graphs around eager attention otherwise."""
+    piecewise graphs around eager attention otherwise. The reference is
+    compiled too: compiled layers round differently from eager ones."""
+    ref = run_engine(spec(small_model, "FLASH_ATTN", None, dummy=False, eager=False))
     got = run_engine(spec(small_model, "HEADINFER", 0, dummy=False, eager=False,
                           headinfer={"decode_path": path, "prefill_path": path}))
-    print(f"{path}: near-tie divergences: {compare(small_reference, got)}")
+    print(f"{path}: {compare(ref, got)}")
 
 
 def test_8b_shape_logprobs(shaped_model):
     ref = run_engine(spec(shaped_model, "FLASH_ATTN", None, dummy=True))
     for resident in (0, 1, 4, 8):
         got = run_engine(spec(shaped_model, "HEADINFER", resident, dummy=True))
-        print(f"8B shape R={resident}: near-tie divergences: {compare(ref, got)}")
+        print(f"8B shape R={resident}: {compare(ref, got)}")

@@ -4,7 +4,9 @@
   the torch reference writes them;
 * the staging gather copies the requested blocks of a head group exactly;
 * flash attention over staged copies (remapped block table) and over the
-  host pool read in place both match the fp32 torch reference.
+  host pool read in place both match the fp32 torch reference;
+* head subsets attended with the KV-split plan of all heads equal one call
+  over all heads bit for bit (prefill and decode batches).
 
 Also the small case for ``compute-sanitizer --tool racecheck``:
 ``python tests/gpu/test_kernels.py`` runs every check once without pytest.
@@ -104,6 +106,8 @@ def check_all(seed: int = 0) -> None:
     k, v = map(fa_view, host_kv(staged))
     hq = slice(1 * Q_PER_KV, 3 * Q_PER_KV)
     flash_attn_varlen_func(q=q[:, hq], k=k, v=v, out=out_staged[:, hq], block_table=remapped, **common)
+    for batch in (slice(None), slice(1, 2)):  # the mixed batch; one decode request
+        check_split_plan(q, dev, table, qsl, sl, q_lens, seq_lens, batch)
     torch.cuda.synchronize()
     tol = dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(out_uva.float().cpu(), expect, **tol)
@@ -112,6 +116,51 @@ def check_all(seed: int = 0) -> None:
         "a head-slice write leaked outside its slice"
     )
     pool.release()
+
+
+def check_split_plan(q, pages, table, qsl, sl, q_lens, seq_lens, batch) -> None:
+    """Head subsets attended with the KV-split plan of all heads give each
+    head bit for bit what one call over all heads gives (R = 1: heads [0, 1)
+    and [1, HEADS), the way HEADINFER splits a layer)."""
+    from vllm_headinfer.cuda_attention import fa_view
+    from vllm_headinfer.layout import host_kv
+    from vllm.v1.attention.backends.fa_utils import (
+        flash_attn_varlen_func,
+        get_flash_attn_version,
+        get_scheduler_metadata,
+    )
+
+    fa = get_flash_attn_version(head_size=D)
+    if fa != 3:
+        return  # FA2 plans its splits inside the call
+    reqs = range(len(seq_lens))[batch]
+    q_lens = [q_lens[r] for r in reqs]
+    seqused = sl[batch].cuda()
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    rows = torch.cat([torch.arange(int(qsl[r]), int(qsl[r + 1])) for r in reqs]).cuda()
+    q = q[rows]
+    common = dict(cu_seqlens_q=cu, max_seqlen_q=max(q_lens), seqused_k=seqused,
+                  max_seqlen_k=max(seq_lens[r] for r in reqs), softmax_scale=D**-0.5,
+                  causal=True, fa_version=fa, block_table=table[batch].cuda())
+    plan = get_scheduler_metadata(
+        batch_size=len(q_lens), max_seqlen_q=common["max_seqlen_q"],
+        max_seqlen_k=common["max_seqlen_k"], num_heads_q=HEADS * Q_PER_KV, num_heads_kv=HEADS,
+        headdim=D, cache_seqlens=seqused, qkv_dtype=torch.bfloat16, cu_seqlens_q=cu,
+        page_size=BLOCK, causal=True,
+    )
+    k, v = host_kv(pages)
+    whole = torch.empty_like(q)
+    flash_attn_varlen_func(q=q, k=fa_view(k), v=fa_view(v), out=whole,
+                           scheduler_metadata=plan, **common)
+    split = torch.empty_like(q)
+    for heads in (slice(0, 1), slice(1, HEADS)):
+        hq = slice(heads.start * Q_PER_KV, heads.stop * Q_PER_KV)
+        flash_attn_varlen_func(q=q[:, hq], k=fa_view(k[:, heads]), v=fa_view(v[:, heads]),
+                               out=split[:, hq], scheduler_metadata=plan, **common)
+    torch.cuda.synchronize()
+    assert torch.equal(split, whole), (
+        f"head-split calls differ from one call by {(split - whole).abs().max().item()}"
+    )
 
 
 def test_uva_write_gather_and_attention():

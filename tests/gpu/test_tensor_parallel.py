@@ -1,7 +1,9 @@
 """HEADINFER under tensor parallelism and Ray-launched workers on CUDA.
 
-* One GPU: the Ray executor at TP = 1 gives the same tokens and logprobs as
-  the mp executor (same kernels on the same GPU, so bit for bit).
+* One GPU: the Ray executor at TP = 1 gives the same tokens as the mp
+  executor, logprobs within bf16 tolerance (the executors may batch the same
+  requests into different steps, and flash attention plans its KV splits per
+  batch).
 * Two GPUs (four for the TP = 4 case): HEADINFER with the mp and the Ray
   executor against FLASH_ATTN at the same TP size, compared as
   ``engine_compare.compare`` explains, on the small random Llama (4 KV heads:
@@ -60,9 +62,7 @@ def flash_attn(model: str, tp: int, dummy: bool = False) -> dict:
 def test_ray_matches_mp_at_tp1(small_model):
     mp = headinfer(small_model, 1, tp=1, executor="mp")
     ray = headinfer(small_model, 1, tp=1, executor="ray")
-    for i, (a, b) in enumerate(zip(mp["outputs"], ray["outputs"])):
-        assert a["token_ids"] == b["token_ids"], f"prompt {i}: tokens differ"
-        assert a["logprobs"] == b["logprobs"], f"prompt {i}: logprobs differ"
+    print(f"TP=1 Ray vs mp: {compare(mp, ray)}")
 
 
 @needs_gpus(2)
@@ -70,11 +70,11 @@ def test_ray_matches_mp_at_tp1(small_model):
 def test_tp2_small_models(small_model, small_model_2kv, executor):
     ref = flash_attn(small_model, tp=2)
     for resident in (0, 1, 2) if executor == "mp" else (1,):
-        ties = compare(ref, headinfer(small_model, resident, tp=2, executor=executor))
-        print(f"TP=2 {executor} R={resident}/2: near-tie divergences: {ties}")
+        got = headinfer(small_model, resident, tp=2, executor=executor)
+        print(f"TP=2 {executor} R={resident}/2: {compare(ref, got)}")
     ref = flash_attn(small_model_2kv, tp=2)
-    ties = compare(ref, headinfer(small_model_2kv, 0, tp=2, executor=executor))
-    print(f"TP=2 {executor} one KV head per rank, R=0: near-tie divergences: {ties}")
+    got = headinfer(small_model_2kv, 0, tp=2, executor=executor)
+    print(f"TP=2 {executor} one KV head per rank, R=0: {compare(ref, got)}")
 
 
 @needs_gpus(2)
@@ -83,8 +83,7 @@ def test_tp2_8b_shape_logprobs(shaped_model, executor):
     ref = flash_attn(shaped_model, tp=2, dummy=True)
     for resident in (0, 2) if executor == "mp" else (2,):
         got = headinfer(shaped_model, resident, tp=2, executor=executor, dummy=True)
-        print(f"8B shape TP=2 {executor} R={resident}/4: near-tie divergences: "
-              f"{compare(ref, got)}")
+        print(f"8B shape TP=2 {executor} R={resident}/4: {compare(ref, got)}")
 
 
 @needs_gpus(4)
@@ -92,5 +91,5 @@ def test_tp2_8b_shape_logprobs(shaped_model, executor):
 def test_tp4_one_kv_head_per_rank(small_model, executor):
     ref = flash_attn(small_model, tp=4)
     for resident in (0, 1):
-        ties = compare(ref, headinfer(small_model, resident, tp=4, executor=executor))
-        print(f"TP=4 {executor} R={resident}/1: near-tie divergences: {ties}")
+        got = headinfer(small_model, resident, tp=4, executor=executor)
+        print(f"TP=4 {executor} R={resident}/1: {compare(ref, got)}")
