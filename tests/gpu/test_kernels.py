@@ -5,8 +5,9 @@
 * the staging gather copies the requested blocks of a head group exactly;
 * flash attention over staged copies (remapped block table) and over the
   host pool read in place both match the fp32 torch reference;
-* head subsets attended with the KV-split plan of all heads equal one call
-  over all heads bit for bit (prefill and decode batches).
+* HEADINFER's split (resident heads from device pages, the others from the
+  host layout, each call with the KV-split plan of all heads) equals one
+  FLASH_ATTN call over all heads bit for bit (prefill and decode batches).
 
 Also the small case for ``compute-sanitizer --tool racecheck``:
 ``python tests/gpu/test_kernels.py`` runs every check once without pytest.
@@ -119,11 +120,14 @@ def check_all(seed: int = 0) -> None:
 
 
 def check_split_plan(q, pages, table, qsl, sl, q_lens, seq_lens, batch) -> None:
-    """Head subsets attended with the KV-split plan of all heads give each
-    head bit for bit what one call over all heads gives (R = 1: heads [0, 1)
-    and [1, HEADS), the way HEADINFER splits a layer)."""
+    """HEADINFER's R = 1 split against one FLASH_ATTN call, bit for bit: the
+    reference reads all heads from a device cache in vLLM's layout
+    ``[blocks, heads, N, 2D]``; HEADINFER reads head 0 from such pages and
+    heads [1, HEADS) from the host pool's K/V planes, both with the KV-split
+    plan of all heads. A mismatch says whether the split or the host layout
+    changed the rounding."""
     from vllm_headinfer.cuda_attention import fa_view
-    from vllm_headinfer.layout import host_kv
+    from vllm_headinfer.layout import device_kv, host_kv
     from vllm.v1.attention.backends.fa_utils import (
         flash_attn_varlen_func,
         get_flash_attn_version,
@@ -141,25 +145,31 @@ def check_split_plan(q, pages, table, qsl, sl, q_lens, seq_lens, batch) -> None:
     q = q[rows]
     common = dict(cu_seqlens_q=cu, max_seqlen_q=max(q_lens), seqused_k=seqused,
                   max_seqlen_k=max(seq_lens[r] for r in reqs), softmax_scale=D**-0.5,
-                  causal=True, fa_version=fa, block_table=table[batch].cuda())
-    plan = get_scheduler_metadata(
-        batch_size=len(q_lens), max_seqlen_q=common["max_seqlen_q"],
-        max_seqlen_k=common["max_seqlen_k"], num_heads_q=HEADS * Q_PER_KV, num_heads_kv=HEADS,
-        headdim=D, cache_seqlens=seqused, qkv_dtype=torch.bfloat16, cu_seqlens_q=cu,
-        page_size=BLOCK, causal=True,
-    )
-    k, v = host_kv(pages)
-    whole = torch.empty_like(q)
-    flash_attn_varlen_func(q=q, k=fa_view(k), v=fa_view(v), out=whole,
-                           scheduler_metadata=plan, **common)
-    split = torch.empty_like(q)
-    for heads in (slice(0, 1), slice(1, HEADS)):
+                  causal=True, fa_version=fa, block_table=table[batch].cuda(),
+                  scheduler_metadata=get_scheduler_metadata(
+                      batch_size=len(q_lens), max_seqlen_q=max(q_lens),
+                      max_seqlen_k=max(seq_lens[r] for r in reqs),
+                      num_heads_q=HEADS * Q_PER_KV, num_heads_kv=HEADS, headdim=D,
+                      cache_seqlens=seqused, qkv_dtype=torch.bfloat16, cu_seqlens_q=cu,
+                      page_size=BLOCK, causal=True))
+
+    def attend(k, v, heads: slice, out) -> None:
         hq = slice(heads.start * Q_PER_KV, heads.stop * Q_PER_KV)
-        flash_attn_varlen_func(q=q[:, hq], k=fa_view(k[:, heads]), v=fa_view(v[:, heads]),
-                               out=split[:, hq], scheduler_metadata=plan, **common)
+        flash_attn_varlen_func(q=q[:, hq], k=fa_view(k), v=fa_view(v), out=out[:, hq], **common)
+
+    hk, hv = host_kv(pages)
+    device_pages = torch.cat([hk, hv], dim=-1).contiguous()  # FLASH_ATTN's layout
+    everything = slice(0, HEADS)
+    reference, host_whole, split = (torch.empty_like(q) for _ in range(3))
+    attend(*device_kv(device_pages, D), everything, reference)
+    attend(hk, hv, everything, host_whole)
+    attend(*device_kv(device_pages[:, :1], D), slice(0, 1), split)
+    attend(hk[:, 1:], hv[:, 1:], slice(1, HEADS), split)
     torch.cuda.synchronize()
-    assert torch.equal(split, whole), (
-        f"head-split calls differ from one call by {(split - whole).abs().max().item()}"
+    diff = lambda a: (a.float() - reference.float()).abs().max().item()  # noqa: E731
+    assert torch.equal(split, reference), (
+        f"R = 1 split differs from FLASH_ATTN's call by {diff(split)}; all heads "
+        f"read from the host layout differ by {diff(host_whole)}"
     )
 
 
