@@ -8,6 +8,9 @@ CPU; the Ray runs are GPU-host tests in tests/gpu). Engines:
 * Llama with 4 KV heads at TP = 2: two per rank, R = 1 (a split inside a rank);
 * the default backend for each model at TP = 2.
 
+The capacity each rank logs must be its own host budget over its own
+offloaded heads.
+
 Each is compared on a mixed batch under chunked prefill (64 tokens a step)
 and a prefix-cache round (prompt logprobs would bypass the prefix cache, so
 sampled tokens' logprobs are compared). Two settings are refused
@@ -35,6 +38,7 @@ from conftest import (
 
 TP = 2
 CPU_KV_GIB = 0.05
+HEAD_DIM, FLOAT32_BYTES = 32, 4  # the tiny models' head size; BASE_LLM's dtype
 LLM = {
     **BASE_LLM,
     "tensor_parallel_size": TP,
@@ -136,6 +140,13 @@ def test_same_outputs_as_default_backend_at_tp2(tp_run, name):
     heads_per_rank = MODEL_SHAPES[shape]["num_kv_heads"] // TP
     placement = placement_of(_engine_log(output, name))
     assert (placement["resident"], placement["heads"]) == (resident, heads_per_rank), placement
+    if resident < heads_per_rank:
+        # Each rank's cpu_kv_gib holds only that rank's offloaded heads, so T
+        # ranks with B GiB each hold what one rank would with T * B GiB.
+        host_block = (placement["layers"] * (heads_per_rank - resident) * LLM["block_size"]
+                      * 2 * HEAD_DIM * FLOAT32_BYTES)
+        assert placement["limited_by"].startswith("host"), placement
+        assert placement["blocks"] == int(CPU_KV_GIB * (1 << 30)) // host_block, placement
     assert got["config"]["additional_config"]["headinfer"]["resident_kv_heads"] == resident
     for scenario, rounds in got["scenarios"].items():
         for i, (want, have) in enumerate(zip(reference[scenario], rounds)):
