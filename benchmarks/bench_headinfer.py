@@ -13,6 +13,12 @@ exclude engine start-up and the frontend. Link bandwidth is the offloaded KV
 bytes one decode step reads divided by the step time. A separate start-up at
 ``--capacity-util`` (0.3 of an 80 GB card = a 24 GiB budget) with
 ``max_model_len=auto`` reports the largest context each configuration admits.
+
+With ``--tp T`` every engine is tensor parallel over T GPUs (``--executor ray``
+or the default mp executor): ``R`` then counts resident KV heads per rank (of
+8 / T), host KV figures are per rank, and the link figure is the bytes all
+ranks read per step over the step time, next to the H2D rate of one GPU
+times T (each GPU reads over its own link).
 """
 
 from __future__ import annotations
@@ -92,6 +98,8 @@ def worker(spec: dict) -> dict:
         enable_prefix_caching=False,
         disable_log_stats=False,
         enforce_eager=spec.get("eager", False),
+        tensor_parallel_size=spec.get("tp", 1),
+        distributed_executor_backend=spec.get("executor"),
         seed=0,
         **({"compilation_config": {"cudagraph_mode": spec["cudagraph_mode"]}}
            if spec.get("cudagraph_mode") else {}),
@@ -158,18 +166,18 @@ def run_config(spec: dict, log: Path, timeout: int) -> dict:
 
 def summarise(spec: dict, res: dict, h2d_gbs: float) -> list[dict]:
     rows = []
-    layers, cfg = spec["layers"], spec["config"]
-    offloaded = 0 if cfg == "FLASH_ATTN" else 8 - int(cfg[1:])
+    layers, cfg, tp = spec["layers"], spec["config"], spec.get("tp", 1)
+    offloaded = 0 if cfg == "FLASH_ATTN" else 8 // tp - int(cfg[1:])  # per rank
     for row in res.get("rows", []):
-        step_bytes = row["context"] * layers * offloaded * KV_BYTES_PER_TOKEN_LAYER_HEAD
+        step_bytes = row["context"] * layers * offloaded * tp * KV_BYTES_PER_TOKEN_LAYER_HEAD
         device_kv = res.get("device_kv_gib")
         if cfg == "FLASH_ATTN" and res.get("kv_capacity_tokens"):
-            device_kv = res["kv_capacity_tokens"] * layers * 8 * KV_BYTES_PER_TOKEN_LAYER_HEAD / GIB
+            device_kv = res["kv_capacity_tokens"] * layers * 8 // tp * KV_BYTES_PER_TOKEN_LAYER_HEAD / GIB
         gbs = step_bytes / row["decode_s_per_token"] / 1e9 if offloaded else None
         rows.append({
-            "config": cfg, "layers": layers, **row,
+            "config": cfg, "layers": layers, "tp": tp, **row,
             "offloaded_bytes_per_step": step_bytes,
-            "link_gbs": gbs, "link_share_of_h2d": gbs / h2d_gbs if gbs else None,
+            "link_gbs": gbs, "link_share_of_h2d": gbs / (h2d_gbs * tp) if gbs else None,
             "device_kv_gib": device_kv, "host_kv_gib": res.get("host_kv_gib"),
             "gpu_mem_used_mib": res.get("gpu_mem_used_mib"),
             "kv_capacity_tokens": res.get("kv_capacity_tokens"),
@@ -209,6 +217,8 @@ def main() -> None:
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--cudagraph-mode", default=None, help="vLLM cudagraph_mode, e.g. PIECEWISE")
     ap.add_argument("--timeout", type=int, default=600)
+    ap.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
+    ap.add_argument("--executor", default=None, help="distributed executor: mp (default) or ray")
     args = ap.parse_args()
     if args.worker:
         res = worker(json.loads(args.worker))
@@ -221,14 +231,16 @@ def main() -> None:
     model = write_model(Path(args.model_dir), args.layers)
     contexts = [int(c) for c in args.contexts.split(",") if c]
     h2d = measure_h2d_gbs()
-    report = {"h2d_gbs": h2d, "layers": args.layers, "chunk": args.chunk, "rows": [], "capacity": [], "runs": {}}
+    report = {"h2d_gbs": h2d, "layers": args.layers, "chunk": args.chunk, "tp": args.tp,
+              "executor": args.executor, "rows": [], "capacity": [], "runs": {}}
+    parallel = {"tp": args.tp, "executor": args.executor}
     print(f"pinned H2D: {h2d:.1f} GB/s", flush=True)
     for cfg in args.configs.split(",") if contexts else []:
         spec = {"config": cfg, "model": str(model), "layers": args.layers, "contexts": contexts,
                 "max_model_len": max(contexts) + args.decode_tokens + 64, "chunk": args.chunk,
                 "decode_tokens": args.decode_tokens, "gpu_util": args.gpu_util,
                 "cpu_kv_gib": args.cpu_kv_gib, "eager": args.eager,
-                "cudagraph_mode": args.cudagraph_mode}
+                "cudagraph_mode": args.cudagraph_mode, **parallel}
         res = run_config(spec, log, args.timeout)
         report["runs"][cfg] = {k: v for k, v in res.items() if k != "rows"}
         report["rows"] += summarise(spec, res, h2d)
@@ -239,7 +251,7 @@ def main() -> None:
             spec = {"config": cfg, "model": str(model), "layers": args.layers, "contexts": [],
                     "max_model_len": -1, "chunk": args.chunk, "decode_tokens": 0,
                     "gpu_util": args.capacity_util, "cpu_kv_gib": args.capacity_cpu_kv_gib,
-                    "eager": True, "capacity_only": True}
+                    "eager": True, "capacity_only": True, **parallel}
             res = run_config(spec, log, args.timeout)
             report["capacity"].append({"config": cfg, **{k: v for k, v in res.items() if k != "rows"}})
             out_path.write_text(json.dumps(report, indent=1))
@@ -248,7 +260,8 @@ def main() -> None:
 
 
 def print_table(report: dict) -> None:
-    print(f"\nlayers={report['layers']} chunk={report['chunk']} pinned H2D {report['h2d_gbs']:.1f} GB/s")
+    print(f"\nlayers={report['layers']} chunk={report['chunk']} tp={report['tp']} "
+          f"pinned H2D {report['h2d_gbs']:.1f} GB/s per GPU")
     print(f"{'config':<11}{'context':>9}{'prefill tok/s':>15}{'decode s/tok':>14}{'link GB/s':>11}{'of H2D':>8}{'dev KV GiB':>11}{'host KV GiB':>12}")
     for r in report["rows"]:
         gbs = f"{r['link_gbs']:.1f}" if r["link_gbs"] else "-"

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Stages of a GPU-host session (see ../shared/gpu/README.md for the wheel kit).
-# Usage: bash benchmarks/gpu_host.sh install|check|ray-example|bench|bench-long|capacity
+# Usage: bash benchmarks/gpu_host.sh install|check|ray-example|bench|bench-long|bench-tp|capacity
 #        bash benchmarks/gpu_host.sh background "STAGE [STAGE...]"   (returns at once)
 #        bash benchmarks/gpu_host.sh wait SECONDS   (until the background stages end)
 # Logs and results go to $OUT (or ./gpu-out). A device command may run 10
@@ -70,6 +70,19 @@ case "$1" in
     reinstall
     timeout 570 python3 benchmarks/bench_headinfer.py --out "$out/bench_4l.json" \
       --layers 4 --contexts 131072,524288 --configs FLASH_ATTN,R0 --decode-tokens 8 --timeout 300 ${CG:+--cudagraph-mode $CG} 2>&1 | tail -30
+    ;;
+  bench-tp)
+    # Tensor parallel (TP GPUs, default 2; EXECUTOR mp or ray): 512K on the
+    # 4-layer shape, then the largest context R0 starts with at a 24 GiB
+    # budget per GPU and 90% of the host budget accepted per rank.
+    reinstall
+    timeout 400 python3 benchmarks/bench_headinfer.py --out "$out/bench_tp.json" --layers 4 \
+      --contexts 524288 --configs FLASH_ATTN,R0 --decode-tokens 8 --timeout 190 \
+      --tp "${TP:-2}" --executor "${EXECUTOR:-mp}" 2>&1 | tail -8
+    gib=$(python3 -c "from vllm_headinfer.config import available_host_bytes as a, host_limit_per_rank as l; print(round(l(a(), ${TP:-2}) / 2**30 * 0.9, 2))")
+    timeout 180 python3 benchmarks/bench_headinfer.py --out "$out/capacity_tp.json" --layers 32 \
+      --contexts "" --configs R0 --capacity-util 0.3 --capacity-cpu-kv-gib "$gib" --eager \
+      --timeout 170 --tp "${TP:-2}" --executor "${EXECUTOR:-mp}" 2>&1 | tail -3
     ;;
   capacity)
     # R0 at the largest budget HEADINFER accepts at startup on this host; if
