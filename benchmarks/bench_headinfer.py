@@ -78,7 +78,8 @@ def gpu_memory_used_mib() -> int:
         )
     except FileNotFoundError:
         return -1
-    return int(out.stdout.split()[0]) if out.returncode == 0 else -1
+    # Summed over the GPUs: a tensor-parallel engine uses several.
+    return sum(map(int, out.stdout.split())) if out.returncode == 0 else -1
 
 
 def worker(spec: dict) -> dict:
@@ -196,7 +197,11 @@ def measure_h2d_gbs() -> float:
     for _ in range(5):
         dst.copy_(src, non_blocking=True)
     torch.cuda.synchronize()
-    return 5 * 2 * GIB / (time.perf_counter() - t) / 1e9
+    gbs = 5 * 2 * GIB / (time.perf_counter() - t) / 1e9
+    # Leave GPU 0 as free as the others for the engines that follow.
+    del src, dst
+    torch.cuda.empty_cache()
+    return gbs
 
 
 def main() -> None:

@@ -26,12 +26,13 @@ case "$1" in
     ;;
   check)
     reinstall
-    # Kernels alone, then under racecheck (small case), then the engines.
     # Kernels alone, then (RACECHECK=1) under racecheck, then the engines:
     # T = test node ids in the order to run (default: all of tests/gpu).
     timeout 120 python3 tests/gpu/test_kernels.py 2>&1 | tail -20 | tee "$out/kernels.log"
-    if [ "${RACECHECK:-0}" = 1 ]; then
-      cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+    cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+    if [ "${RACECHECK:-0}" = 1 ] && [ -z "$cs" ]; then
+      echo "compute-sanitizer not found" | tee "$out/racecheck.log"
+    elif [ "${RACECHECK:-0}" = 1 ]; then
       timeout 240 "$cs" --tool racecheck python3 tests/gpu/test_kernels.py > "$out/racecheck.log" 2>&1
       echo "racecheck exit $?" | tee -a "$out/racecheck.log"; tail -5 "$out/racecheck.log"
     fi
@@ -45,7 +46,10 @@ case "$1" in
     grep -E "^prompt|exit" "$out/ray_example.log"
     ;;
   background)
-    mkdir -p /tmp/gpu-out
+    if [ -e /tmp/gpu-out/RUNNING ] && [ ! -e /tmp/gpu-out/DONE ]; then
+      echo "background: a run is still going; use wait"; exit 1
+    fi
+    rm -rf /tmp/gpu-out; mkdir -p /tmp/gpu-out; touch /tmp/gpu-out/RUNNING
     # A new session: the device host ends a command's other processes.
     setsid bash -c 'for stage in $2; do OUT=/tmp/gpu-out bash "$1" "$stage"; done \
       > /tmp/gpu-out/background.log 2>&1; touch /tmp/gpu-out/DONE' _ "$0" "$2" \

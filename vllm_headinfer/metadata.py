@@ -35,8 +35,9 @@ class HeadInferMetadata:
     slot_mapping: torch.Tensor  # [num_actual_tokens], device
     causal: bool = True
     # Flash attention's KV-split plan for this batch over *all* KV heads of
-    # the layer (CUDA only). Every head-subset call uses it, so each head is
-    # split, and rounded, exactly as in one FLASH_ATTN call over all heads.
+    # the layer (CUDA only). Calls that may use it (see
+    # CudaHeadAttention._split_plan) split, and round, each head exactly as
+    # one FLASH_ATTN call over all heads does.
     scheduler_metadata: torch.Tensor | None = None
     # Upper bound of flash attention's KV splits; 0 lets it choose.
     max_num_splits: int = 0
@@ -70,9 +71,9 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         # FLASH_ATTN's own builder for the full-head spec plans the KV splits
         # (and, under full CUDA graphs, keeps them in its persistent buffer
-        # with its fixed split bound): the split count of flash attention
-        # otherwise depends on the heads in a call, so the resident and
-        # offloaded calls would round differently from FLASH_ATTN.
+        # with its fixed split bound): flash attention otherwise picks the
+        # split count from the heads in a call, so the resident and offloaded
+        # calls would round differently from one FLASH_ATTN call.
         self.flash = None
         if current_platform.is_cuda():
             from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadataBuilder
