@@ -13,6 +13,9 @@ reinstall() {  # the project as it is now, next to the vLLM stack
   python3 -m pip install -q --no-deps --no-index --no-build-isolation --upgrade --target /tmp/site . 2>&1 | grep -vi warning
   rm -rf build
 }
+accepted_gib() {  # per-rank cpu_kv_gib startup accepts now for $1 ranks, times $2, less $3 GiB
+  python3 -c "from vllm_headinfer.config import available_host_bytes as a, host_limit_per_rank as l; print(round(l(a(), $1) / 2**30 * $2 - $3, 2))"
+}
 case "$1" in
   install)
     last=$(ls -d .gpu-stage/c* | tail -1)
@@ -83,7 +86,7 @@ case "$1" in
     timeout 400 python3 benchmarks/bench_headinfer.py --out "$out/bench_tp.json" --layers 4 \
       --contexts 524288 --configs FLASH_ATTN,R0 --decode-tokens 8 --timeout 190 \
       --tp "${TP:-2}" --executor "${EXECUTOR:-mp}" 2>&1 | tail -8
-    gib=$(python3 -c "from vllm_headinfer.config import available_host_bytes as a, host_limit_per_rank as l; print(round(l(a(), ${TP:-2}) / 2**30 * 0.9, 2))")
+    gib=$(accepted_gib "${TP:-2}" 0.9 0)
     timeout 180 python3 benchmarks/bench_headinfer.py --out "$out/capacity_tp.json" --layers 32 \
       --contexts "" --configs R0 --capacity-util 0.3 --capacity-cpu-kv-gib "$gib" --eager \
       --timeout 170 --tp "${TP:-2}" --executor "${EXECUTOR:-mp}" 2>&1 | tail -3
@@ -92,7 +95,7 @@ case "$1" in
     # R0 at the largest budget HEADINFER accepts at startup on this host; if
     # that start fails, again at 90 GiB.
     reinstall
-    gib=$(python3 -c "from vllm_headinfer.config import available_host_bytes as a, host_limit_per_rank as l; print(round(l(a(), 1) / 2**30 - 0.05, 2))")
+    gib=$(accepted_gib 1 1 0.05)
     echo "accepted budget: $gib GiB" | tee "$out/capacity_budget.txt"
     timeout 280 python3 benchmarks/bench_headinfer.py --out "$out/capacity.json" --layers 32 --contexts "" \
       --configs R0 --capacity-util 0.3 --capacity-cpu-kv-gib "$gib" --eager --timeout 250 2>&1 | tail -3
