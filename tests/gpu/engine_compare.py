@@ -31,9 +31,22 @@ def close(a: float, b: float) -> bool:
     return abs(a - b) <= BF16_LOGPROB_ATOL + BF16_LOGPROB_RTOL * abs(a)
 
 
+_RESULTS: dict[str, dict] = {}
+
+
 def run_engine(spec: dict) -> dict:
+    """One engine's outputs; a spec already run in this session is not run
+    again (the runner is deterministic, test_repeatable checks that), so the
+    FLASH_ATTN references are shared between tests."""
+    key = json.dumps(spec, sort_keys=True)
+    if key not in _RESULTS:
+        _RESULTS[key] = _run_engine_process(key)
+    return _RESULTS[key]
+
+
+def _run_engine_process(spec_json: str) -> dict:
     proc = subprocess.run(
-        [sys.executable, str(RUNNER), json.dumps(spec)],
+        [sys.executable, str(RUNNER), spec_json],
         capture_output=True, text=True, timeout=900,
     )
     for line in proc.stdout.splitlines():

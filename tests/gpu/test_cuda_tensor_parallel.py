@@ -73,7 +73,7 @@ def test_ray_matches_mp_at_tp1(small_model):
 @pytest.mark.parametrize("executor", EXECUTORS)
 def test_tp2_small_models(small_model, small_model_2kv, executor):
     ref = flash_attn(small_model, tp=2)
-    for resident in (0, 1, 2) if executor == "mp" else (1,):
+    for resident in (0, 1) if executor == "mp" else (1,):
         got = headinfer(small_model, resident, tp=2, executor=executor)
         print(f"TP=2 {executor} R={resident}/2: {compare(ref, got)}")
     ref = flash_attn(small_model_2kv, tp=2)
@@ -85,7 +85,7 @@ def test_tp2_small_models(small_model, small_model_2kv, executor):
 @pytest.mark.parametrize("executor", EXECUTORS)
 def test_tp2_8b_shape_logprobs(shaped_model, executor):
     ref = flash_attn(shaped_model, tp=2, dummy=True)
-    for resident in (0, 2) if executor == "mp" else (2,):
+    for resident in (0,) if executor == "mp" else (2,):
         got = headinfer(shaped_model, resident, tp=2, executor=executor, dummy=True)
         print(f"8B shape TP=2 {executor} R={resident}/4: {compare(ref, got)}")
 
