@@ -5,7 +5,9 @@
 #        bash benchmarks/gpu_host.sh wait SECONDS   (until the background stages end)
 # Logs and results go to $OUT (or ./gpu-out). A device command may run 10
 # minutes; "background" runs longer stage lists into /tmp/gpu-out while
-# "wait" calls keep the host busy and bring back what is there so far.
+# "wait" calls keep the host busy and bring back what is there so far. Issue
+# them back to back: the host is given back 30 s after the last command ends,
+# background run or not.
 set -uo pipefail
 out="${OUT:-$PWD/gpu-out}"; mkdir -p "$out"
 export PYTHONPATH=/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1

@@ -105,3 +105,17 @@ def compare(ref: dict, got: dict) -> str:
             worst = max(worst, abs(r["logprobs"][step] - g["logprobs"][step]))
     return (f"near-tie divergences {ties}, max logprob diff {worst:.3g}, "
             f"bit-identical {ref == got}")
+
+
+def compare_each(cases: list[tuple[str, dict, dict]]) -> None:
+    """compare() for every (label, reference, outputs) case, printing each
+    summary, then failing with every case that failed: one flip must not hide
+    how the other configurations did."""
+    failures = []
+    for label, ref, got in cases:
+        try:
+            print(f"{label}: {compare(ref, got)}")
+        except AssertionError as e:
+            print(f"{label}: FAILED {e}")
+            failures.append(f"{label}: {e}")
+    assert not failures, "\n".join(failures)

@@ -17,6 +17,7 @@ pytestmark = [
 from engine_compare import (  # noqa: E402
     SMALL_KV_HEADS,
     compare,
+    compare_each,
     run_engine,
     shaped_model,  # noqa: F401 - fixture
     small_model,  # noqa: F401 - fixture
@@ -48,9 +49,11 @@ def test_both_offload_paths_with_cuda_graphs(small_model, path):
 
 def test_8b_shape_logprobs(shaped_model):
     ref = run_engine(spec(shaped_model, "FLASH_ATTN", None, dummy=True))
-    for resident in (0, 1, 4, 8):
-        got = run_engine(spec(shaped_model, "HEADINFER", resident, dummy=True))
-        print(f"8B shape R={resident}: {compare(ref, got)}")
+    compare_each([
+        (f"8B shape R={resident}", ref,
+         run_engine(spec(shaped_model, "HEADINFER", resident, dummy=True)))
+        for resident in (0, 1, 4, 8)
+    ])
 
 
 def test_repeatable(small_model):

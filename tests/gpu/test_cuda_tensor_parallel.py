@@ -9,6 +9,9 @@
   ``engine_compare.compare`` explains, on the small random Llama (4 KV heads:
   two per rank at TP = 2, one at TP = 4), a 2-KV-head variant (one KV head per
   rank at TP = 2, R = 0) and the Llama-3-8B shape (8 KV heads: four per rank).
+  mp runs R = 0 and a head split (R = 1 of 2, R = 0 of 4); Ray runs the head
+  splits, R = 1 of 2 and R = 2 of 4. R = H per rank attends on device pages
+  only and is covered on one GPU.
 
 Ray workers load the plugin through vLLM's entry points like every other
 vLLM process; nothing here imports it for them.
@@ -31,6 +34,7 @@ EXECUTORS = [
 
 from engine_compare import (  # noqa: E402
     compare,
+    compare_each,
     run_engine,
     shaped_model,  # noqa: F401 - fixture
     small_model,  # noqa: F401 - fixture
@@ -73,27 +77,29 @@ def test_ray_matches_mp_at_tp1(small_model):
 @pytest.mark.parametrize("executor", EXECUTORS)
 def test_tp2_small_models(small_model, small_model_2kv, executor):
     ref = flash_attn(small_model, tp=2)
-    for resident in (0, 1) if executor == "mp" else (1,):
-        got = headinfer(small_model, resident, tp=2, executor=executor)
-        print(f"TP=2 {executor} R={resident}/2: {compare(ref, got)}")
-    ref = flash_attn(small_model_2kv, tp=2)
-    got = headinfer(small_model_2kv, 0, tp=2, executor=executor)
-    print(f"TP=2 {executor} one KV head per rank, R=0: {compare(ref, got)}")
+    cases = [(f"TP=2 {executor} R={resident}/2", ref,
+              headinfer(small_model, resident, tp=2, executor=executor))
+             for resident in ((0, 1) if executor == "mp" else (1,))]
+    cases.append((f"TP=2 {executor} one KV head per rank, R=0", flash_attn(small_model_2kv, tp=2),
+                  headinfer(small_model_2kv, 0, tp=2, executor=executor)))
+    compare_each(cases)
 
 
 @needs_gpus(2)
 @pytest.mark.parametrize("executor", EXECUTORS)
 def test_tp2_8b_shape_logprobs(shaped_model, executor):
     ref = flash_attn(shaped_model, tp=2, dummy=True)
-    for resident in (0,) if executor == "mp" else (2,):
-        got = headinfer(shaped_model, resident, tp=2, executor=executor, dummy=True)
-        print(f"8B shape TP=2 {executor} R={resident}/4: {compare(ref, got)}")
+    compare_each([
+        (f"8B shape TP=2 {executor} R={resident}/4", ref,
+         headinfer(shaped_model, resident, tp=2, executor=executor, dummy=True))
+        for resident in ((0,) if executor == "mp" else (2,))
+    ])
 
 
 @needs_gpus(4)
 @pytest.mark.parametrize("executor", EXECUTORS)
 def test_tp4_one_kv_head_per_rank(small_model, executor):
     ref = flash_attn(small_model, tp=4)
-    for resident in (0, 1):
-        got = headinfer(small_model, resident, tp=4, executor=executor)
-        print(f"TP=4 {executor} R={resident}/1: {compare(ref, got)}")
+    compare_each([(f"TP=4 {executor} R={resident}/1", ref,
+                   headinfer(small_model, resident, tp=4, executor=executor))
+                  for resident in (0, 1)])
