@@ -34,12 +34,13 @@ def close(a: float, b: float) -> bool:
 _RESULTS: dict[str, dict] = {}
 
 
-def run_engine(spec: dict) -> dict:
-    """One engine's outputs; a spec already run in this session is not run
-    again (the runner is deterministic, test_repeatable checks that), so the
-    FLASH_ATTN references are shared between tests."""
+def run_engine(spec: dict, reuse: bool = True) -> dict:
+    """One engine's outputs. With ``reuse`` a spec already run in this session
+    is not run again (the runner is deterministic, test_repeatable checks
+    that with ``reuse=False``), so the FLASH_ATTN references are shared
+    between tests."""
     key = json.dumps(spec, sort_keys=True)
-    if key not in _RESULTS:
+    if not reuse or key not in _RESULTS:
         _RESULTS[key] = _run_engine_process(key)
     return _RESULTS[key]
 

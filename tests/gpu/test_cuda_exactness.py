@@ -59,6 +59,6 @@ def test_8b_shape_logprobs(shaped_model):
 def test_repeatable(small_model):
     """The same engine twice gives bit-identical outputs: a race between the
     staging stream, the UVA writes and attention would show here."""
-    first = run_engine(spec(small_model, "HEADINFER", 1, dummy=False))
-    second = run_engine(spec(small_model, "HEADINFER", 1, dummy=False))
+    first = run_engine(spec(small_model, "HEADINFER", 1, dummy=False), reuse=False)
+    second = run_engine(spec(small_model, "HEADINFER", 1, dummy=False), reuse=False)
     assert first == second, f"two identical runs differ: {compare(first, second)}"
