@@ -85,13 +85,14 @@ case "$1" in
     # 4-layer shape, then the largest context R0 starts with at a 24 GiB
     # budget per GPU and 90% of the host budget accepted per rank.
     reinstall
+    tp="${TP:-2}"; executor="${EXECUTOR:-mp}"
     timeout 400 python3 benchmarks/bench_headinfer.py --out "$out/bench_tp.json" --layers 4 \
       --contexts 524288 --configs FLASH_ATTN,R0 --decode-tokens 8 --timeout 190 \
-      --tp "${TP:-2}" --executor "${EXECUTOR:-mp}" 2>&1 | tail -8
-    gib=$(accepted_gib "${TP:-2}" 0.9 0)
+      --tp "$tp" --executor "$executor" 2>&1 | tail -8
+    gib=$(accepted_gib "$tp" 0.9 0)
     timeout 180 python3 benchmarks/bench_headinfer.py --out "$out/capacity_tp.json" --layers 32 \
       --contexts "" --configs R0 --capacity-util 0.3 --capacity-cpu-kv-gib "$gib" --eager \
-      --timeout 170 --tp "${TP:-2}" --executor "${EXECUTOR:-mp}" 2>&1 | tail -3
+      --timeout 170 --tp "$tp" --executor "$executor" 2>&1 | tail -3
     ;;
   capacity)
     # R0 at the largest budget HEADINFER accepts at startup on this host; if
