@@ -2,7 +2,9 @@
 on this vLLM without a GPU so that a vLLM change fails here, loudly, rather
 than on a GPU host: HEADINFER's builder runs FLASH_ATTN's builder for the
 full-head spec to get its KV-split plan (``scheduler_metadata``) and split
-bound, after pinning its ``aot_sliding_window`` to full attention."""
+bound, after pinning its ``aot_sliding_window`` to full attention; and it
+recomputes the split count of FLASH_ATTN's own call, which FA3 derives from
+the block table FLASH_ATTN passes (``vllm_headinfer.flash_splits``)."""
 
 from __future__ import annotations
 
@@ -34,3 +36,19 @@ def test_sliding_window_is_read_from_the_attribute_headinfer_pins():
     assert "window_size=_maybe_symmetrize_window(self.aot_sliding_window" in inspect.getsource(
         FlashAttentionMetadataBuilder._get_scheduler_metadata
     )
+
+
+def test_flash_attn_call_takes_the_plan_bound_and_block_table_of_its_metadata():
+    """HEADINFER's eager split count assumes FLASH_ATTN's FA3 call passes the
+    builder's split bound (0 when eager) and its full-width block table."""
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl
+
+    forward = inspect.getsource(FlashAttentionImpl.forward)
+    for line in (
+        "block_table = attn_metadata.block_table",
+        "scheduler_metadata = attn_metadata.scheduler_metadata",
+        "num_splits = attn_metadata.max_num_splits",
+        "num_splits=num_splits,",
+        "block_table=block_table,",
+    ):
+        assert line in forward, line

@@ -82,19 +82,10 @@ class CudaHeadAttention:
         k, v = host_kv(host)
         self._attend(query[:, rq:], k, v, m.block_table, m, output[:, rq:])
 
-    def _split_plan(self, m, num_q_heads: int):
-        """FLASH_ATTN's KV-split plan for all heads of the layer, where a call
-        over ``num_q_heads`` may use it. Flash attention sizes a call's split
-        buffers, and the plan's layout, from the call's own split count: that
-        is the plan's under a fixed split bound (full CUDA graphs) and for a
-        call over all heads; otherwise it is chosen from the call's heads and
-        can be smaller than the plan's, so such a call plans for itself."""
-        if m.max_num_splits > 0 or num_q_heads == self.impl.num_heads:
-            return m.scheduler_metadata
-        return None
-
     def _attend(self, q, k, v, block_table, m, out) -> None:
-        """Flash attention of ``q`` over paged K/V ``[blocks, heads, N, D]``."""
+        """Flash attention of ``q`` over paged K/V ``[blocks, heads, N, D]``,
+        with FLASH_ATTN's all-heads split plan and split count, so that each
+        head is split and reduced as in one FLASH_ATTN call."""
         flash_attn_varlen_func(
             q=q,
             k=fa_view(k),
@@ -108,8 +99,8 @@ class CudaHeadAttention:
             causal=True,
             block_table=block_table,
             fa_version=self.fa_version,
-            scheduler_metadata=self._split_plan(m, q.shape[1]),
-            num_splits=m.max_num_splits,
+            scheduler_metadata=m.scheduler_metadata,
+            num_splits=m.num_splits,
         )
 
     def _staged(self, q, host, m, out) -> bool:

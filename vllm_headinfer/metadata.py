@@ -14,6 +14,7 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
 )
 
+from vllm_headinfer.flash_splits import all_heads_num_splits
 from vllm_headinfer.host_pool import host_pools
 from vllm_headinfer.spec import HeadInferAttentionSpec
 
@@ -35,12 +36,13 @@ class HeadInferMetadata:
     slot_mapping: torch.Tensor  # [num_actual_tokens], device
     causal: bool = True
     # Flash attention's KV-split plan for this batch over *all* KV heads of
-    # the layer (CUDA only). Calls that may use it (see
-    # CudaHeadAttention._split_plan) split, and round, each head exactly as
-    # one FLASH_ATTN call over all heads does.
+    # the layer (CUDA, FA3), and the split count of FLASH_ATTN's call: its
+    # fixed bound under full CUDA graphs, else the count FA3 picks for one
+    # call over all heads. Every call passes both, so each head is split and
+    # rounded exactly as in that one call. Without a plan both are unset and
+    # each call plans for itself.
     scheduler_metadata: torch.Tensor | None = None
-    # Upper bound of flash attention's KV splits; 0 lets it choose.
-    max_num_splits: int = 0
+    num_splits: int = 0
 
     @property
     def is_decode_only(self) -> bool:
@@ -85,6 +87,7 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
             # (those of other kinds when HEADINFER serves full attention
             # only); HEADINFER layers have none.
             self.flash.aot_sliding_window = FULL_ATTENTION_WINDOW
+            self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
         num_blocks = vllm_config.cache_config.num_gpu_blocks
         # The real cache is planned by now (the worker sets num_gpu_blocks
         # before building backends); the profiling pass with a minimal cache
@@ -121,5 +124,23 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
             slot_mapping=m.slot_mapping[:n],
             causal=m.causal if isinstance(m.causal, bool) else True,
             scheduler_metadata=None if plan is None else plan.scheduler_metadata,
-            max_num_splits=0 if plan is None else plan.max_num_splits,
+            num_splits=self._num_splits(plan, m),
+        )
+
+    def _num_splits(self, plan, m: CommonAttentionMetadata) -> int:
+        if plan is None:
+            return 0
+        if plan.max_num_splits > 0:
+            return plan.max_num_splits
+        if plan.scheduler_metadata is None:
+            return 0
+        flash = self.flash
+        return all_heads_num_splits(
+            num_heads=flash.num_heads_q,
+            num_kv_heads=flash.num_heads_kv,
+            head_size=flash.headdim,
+            max_query_len=m.max_query_len,
+            block_table_width=m.block_table_tensor.shape[1],
+            block_size=flash.block_size,
+            num_sms=self.num_sms,
         )

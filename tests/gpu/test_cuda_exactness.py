@@ -44,7 +44,10 @@ def test_both_offload_paths_with_cuda_graphs(small_model, path):
     ref = run_engine(spec(small_model, "FLASH_ATTN", None, dummy=False, eager=False))
     got = run_engine(spec(small_model, "HEADINFER", 0, dummy=False, eager=False,
                           headinfer={"decode_path": path, "prefill_path": path}))
-    print(f"{path}: {compare(ref, got)}")
+    # Staged decode attention runs eagerly between piecewise graphs, so it
+    # splits KV by flash attention's eager count, not by the bound of
+    # FLASH_ATTN's captured decode graphs: bf16 rounding may differ.
+    print(f"{path}: {compare(ref, got, near_ties=path == 'staged')}")
 
 
 def test_8b_shape_logprobs(shaped_model):
@@ -53,7 +56,7 @@ def test_8b_shape_logprobs(shaped_model):
         (f"8B shape R={resident}", ref,
          run_engine(spec(shaped_model, "HEADINFER", resident, dummy=True)))
         for resident in (0, 1, 4, 8)
-    ])
+    ], near_ties=True)
 
 
 def test_repeatable(small_model):

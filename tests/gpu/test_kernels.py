@@ -5,8 +5,10 @@
 * the staging gather copies the requested blocks of a head group exactly;
 * flash attention over staged copies (remapped block table) and over the
   host pool read in place both match the fp32 torch reference;
-* the calls that take FLASH_ATTN's KV-split plan for all heads equal one
-  FLASH_ATTN call over all heads bit for bit (prefill and decode batches).
+* HEADINFER's split calls, with FLASH_ATTN's KV-split plan and split count,
+  equal one FLASH_ATTN call over all heads bit for bit (prefill and decode
+  batches, under a fixed split bound and eager);
+* the split count computed on the host equals the one flash attention picks.
 
 Also the small case for ``compute-sanitizer --tool racecheck``:
 ``python tests/gpu/test_kernels.py`` runs every check once without pytest.
@@ -119,14 +121,17 @@ def check_all(seed: int = 0) -> None:
 
 
 def check_split_plan(q, pages, table, qsl, sl, q_lens, seq_lens, batch) -> None:
-    """The calls ``CudaHeadAttention._split_plan`` gives FLASH_ATTN's plan for
-    all heads, bit for bit against one FLASH_ATTN call over all heads that
-    reads vLLM's cache layout ``[blocks, heads, N, 2D]``:
-    * a fixed split bound (full CUDA graphs; 32 is vLLM's default): the R = 1
-      split, head 0 from such pages and heads [1, HEADS) from the host pool's
-      K/V planes;
-    * no bound (eager): all heads from the host pool's K/V planes."""
+    """HEADINFER's split calls, given FLASH_ATTN's plan for all heads and the
+    split count of FLASH_ATTN's call (``HeadInferMetadata.num_splits``), equal
+    one FLASH_ATTN call over all heads that reads vLLM's cache layout
+    ``[blocks, heads, N, 2D]``, bit for bit. The R = 1 split: head 0 from
+    such pages, heads [1, HEADS) from the host pool's K/V planes.
+    * a fixed split bound (full CUDA graphs; 32 is vLLM's default);
+    * eager (FLASH_ATTN passes no bound): the count FA3 picks for all heads,
+      also with vLLM's wide block tables, where calls over one or three KV
+      heads would pick other counts."""
     from vllm_headinfer.cuda_attention import fa_view
+    from vllm_headinfer.flash_splits import all_heads_num_splits
     from vllm_headinfer.layout import device_kv, host_kv
     from vllm.v1.attention.backends.fa_utils import (
         flash_attn_varlen_func,
@@ -147,38 +152,125 @@ def check_split_plan(q, pages, table, qsl, sl, q_lens, seq_lens, batch) -> None:
     shape = dict(max_seqlen_q=max(q_lens), max_seqlen_k=max(seq_lens[r] for r in reqs))
     hk, hv = host_kv(pages)
     device_pages = torch.cat([hk, hv], dim=-1).contiguous()  # FLASH_ATTN's layout
-    for bound in (32, 0):
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    narrow = table[batch].cuda()
+    wide = torch.zeros(narrow.shape[0], 1024, dtype=torch.int32, device="cuda")
+    wide[:, : narrow.shape[1]] = narrow
+    for block_table, bound in ((narrow, 32), (narrow, 0), (wide, 0)):
         plan = get_scheduler_metadata(
             batch_size=len(q_lens), num_heads_q=HEADS * Q_PER_KV, num_heads_kv=HEADS, headdim=D,
             cache_seqlens=seqused, qkv_dtype=torch.bfloat16, cu_seqlens_q=cu, page_size=BLOCK,
             causal=True, num_splits=bound, **shape)
 
-        def attend(k, v, heads: slice, out) -> None:
+        def attend(k, v, heads: slice, out, num_splits: int) -> None:
             hq = slice(heads.start * Q_PER_KV, heads.stop * Q_PER_KV)
             flash_attn_varlen_func(
                 q=q[:, hq], k=fa_view(k), v=fa_view(v), out=out[:, hq], cu_seqlens_q=cu,
                 seqused_k=seqused, softmax_scale=D**-0.5, causal=True, fa_version=fa,
-                block_table=table[batch].cuda(), scheduler_metadata=plan, num_splits=bound,
+                block_table=block_table, scheduler_metadata=plan, num_splits=num_splits,
                 **shape)
 
+        def count(kv_heads: int) -> int:
+            return all_heads_num_splits(
+                num_heads=kv_heads * Q_PER_KV, num_kv_heads=kv_heads, head_size=D,
+                max_query_len=shape["max_seqlen_q"], block_table_width=block_table.shape[1],
+                block_size=BLOCK, num_sms=num_sms)
+
+        splits = bound or count(HEADS)
         reference, got = torch.empty_like(q), torch.empty_like(q)
-        attend(*device_kv(device_pages, D), slice(0, HEADS), reference)
-        if bound:
-            attend(*device_kv(device_pages[:, :1], D), slice(0, 1), got)
-            attend(hk[:, 1:], hv[:, 1:], slice(1, HEADS), got)
-        else:
-            attend(hk, hv, slice(0, HEADS), got)
+        attend(*device_kv(device_pages, D), slice(0, HEADS), reference, bound)
+        attend(*device_kv(device_pages[:, :1], D), slice(0, 1), got, splits)
+        attend(hk[:, 1:], hv[:, 1:], slice(1, HEADS), got, splits)
         torch.cuda.synchronize()
+        label = (f"bound {bound}, table width {block_table.shape[1]}, "
+                 f"splits {splits} (1 and {HEADS - 1} KV heads alone: {count(1)}, {count(HEADS - 1)})")
+        print("split plan:", label)
         assert torch.equal(got, reference), (
-            f"split bound {bound}: differs from FLASH_ATTN's call by "
+            f"{label}: differs from FLASH_ATTN's call by "
             f"{(got.float() - reference.float()).abs().max().item()}"
         )
+
+
+def _requested_bytes() -> int:
+    """Bytes requested from the caching allocator so far (sizes as asked
+    for, before its rounding)."""
+    return torch.cuda.memory_stats()["requested_bytes.all.allocated"]
+
+
+def _flash_split_count(kv_heads, group, head_size, max_q, width, block) -> int:
+    """The split count flash attention picks for one eager call, read from
+    the split buffers it allocates (``num_splits`` float32 partial outputs
+    and log-sum-exps per query row and head); 1 allocates none."""
+    from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
+
+    heads = kv_heads * group
+    q = torch.zeros(1, heads, head_size, dtype=torch.bfloat16, device="cuda")
+    kv = torch.zeros(1, block, kv_heads, head_size, dtype=torch.bfloat16, device="cuda")
+    args = dict(
+        q=q, k=kv, v=kv, cu_seqlens_q=torch.tensor([0, 1], dtype=torch.int32, device="cuda"),
+        seqused_k=torch.ones(1, dtype=torch.int32, device="cuda"), max_seqlen_q=max_q,
+        max_seqlen_k=width * block, causal=True, fa_version=3,
+        block_table=torch.zeros(1, width, dtype=torch.int32, device="cuda"),
+    )
+
+    def allocated(num_splits: int) -> int:
+        before = _requested_bytes()
+        flash_attn_varlen_func(num_splits=num_splits, **args)
+        return _requested_bytes() - before
+
+    extra = allocated(0) - allocated(1)
+    per_split = heads * (head_size + 1) * 4
+    if extra % per_split == 0 and extra // per_split != 1:
+        return max(1, extra // per_split)
+    raise AssertionError(f"unexpected split buffers of {extra} bytes")
+
+
+def check_split_count() -> None:
+    """``flash_splits.all_heads_num_splits`` equals the split count flash
+    attention picks, over KV head counts, query group sizes, head sizes,
+    query lengths and block-table widths (KV lengths)."""
+    from vllm_headinfer.flash_splits import all_heads_num_splits
+    from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+
+    if get_flash_attn_version(head_size=D) != 3:
+        print("split-count check not run: not flash attention 3")
+        return
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cases = misses = 0
+    seen = set()
+    for head_size in (64, 128):
+        for kv_heads in (1, 2, 3, 4, 8):
+            for group in (1, 4, 8):
+                for max_q in (1, 2, 8, 16, 17, 33, 64, 65, 100, 200, 416, 600, 2048):
+                    for width in (1, 4, 5, 8, 9, 16, 33, 64, 100, 257, 1024, 4096, 16384):
+                        for block in (16, 128):
+                            shape = (kv_heads, group, head_size, max_q, width, block)
+                            want = _flash_split_count(*shape)
+                            got = all_heads_num_splits(
+                                num_heads=kv_heads * group, num_kv_heads=kv_heads,
+                                head_size=head_size, max_query_len=max_q,
+                                block_table_width=width, block_size=block, num_sms=num_sms)
+                            cases += 1
+                            seen.add(want)
+                            if got != want:
+                                misses += 1
+                                if misses <= 20:
+                                    print(f"split count (kv_heads, group, head_size, max_q, "
+                                          f"width, block)={shape}: flash attention {want}, "
+                                          f"computed {got}")
+    print(f"split count: {cases - misses} of {cases} shapes agree; counts seen {sorted(seen)}")
+    assert misses == 0, f"{misses} of {cases} shapes differ"
 
 
 def test_uva_write_gather_and_attention():
     check_all()
 
 
+def test_split_count_matches_flash_attention():
+    check_split_count()
+
+
 if __name__ == "__main__":
     check_all()
+    check_split_count()
     print("kernel checks passed")

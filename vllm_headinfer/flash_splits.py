@@ -1,0 +1,109 @@
+"""The number of KV splits flash attention 3 picks for one FLASH_ATTN call.
+
+Without a split bound (eager steps), FA3 chooses a call's split count from the
+call's shape, its KV head count included. That count selects the split kernel
+and sizes the split buffers, and FLASH_ATTN's per-request plan
+(``scheduler_metadata``) is capped by it. HEADINFER attends a layer's KV heads
+in several calls (resident heads, offloaded head groups). Each call gets
+FLASH_ATTN's plan and the split count of FLASH_ATTN's single call over all
+heads. Every head is then split and reduced exactly as in that one call. Left
+to choose, a call over fewer heads may pick another count; the count is not
+monotonic in the head count, so neither bound is safe for the other.
+
+FA3 does not return the count, so this module computes it on the host from
+the same inputs. It mirrors the heuristic of FA3's ``get_num_splits`` (hopper
+``flash_api.cpp`` and ``heuristics.h``) for 2-byte K/V, including its float32
+arithmetic. ``tests/gpu/test_kernels.py`` checks it, over a grid of shapes,
+against the split buffers flash attention allocates.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+# FA3 splits a KV head across SMs only when it does not fit in L2 (this
+# size is its assumption) and the query is not causal.
+_L2_BYTES = 50 * 1024 * 1024
+_MAX_SPLITS = 128
+# A split over fewer KV tiles than this is discounted.
+_MIN_TILES_PER_SPLIT = 4
+
+
+def _f32(x: float) -> float:
+    """``x`` rounded to float32, as FA3 computes its efficiencies."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def _rounded_head_size(head_size: int) -> int:
+    return next(d for d in (64, 96, 128, 192, 256) if head_size <= d)
+
+
+def _tile(head_size: int, causal: bool, paged_non_tma: bool) -> tuple[int, int]:
+    """(query rows, KV rows) of one tile of FA3's SM90 forward kernel for
+    2-byte elements and equal Q/K and V head sizes."""
+    d = _rounded_head_size(head_size)
+    if d == 64:
+        return 192, 128 if causal else (160 if paged_non_tma else 192)
+    if d == 96:
+        return 192, 128 if paged_non_tma else 144
+    if d == 128:
+        return 128, 128 if causal or paged_non_tma else 176
+    if d == 192:
+        return 128, 96 if paged_non_tma else 112
+    return 128, 80
+
+
+def _heuristic(tiles: int, num_sms: int, kv_tiles: int, q_tiles: int, head_bytes: int,
+               causal: bool) -> int:
+    if tiles >= _f32(_f32(0.8) * num_sms):
+        if head_bytes > _L2_BYTES and q_tiles >= 2 * num_sms and not causal:
+            return min(-(-head_bytes // _L2_BYTES), _MAX_SPLITS)
+        return 1
+    if kv_tiles <= 4 or (kv_tiles <= 8 and tiles >= 32):
+        return 1
+    efficiency = []
+    for splits in range(1, min(_MAX_SPLITS, num_sms, kv_tiles) + 1):
+        waves = _f32(float(tiles * splits) / num_sms)
+        eff = _f32(waves / math.ceil(waves))
+        if kv_tiles // splits < _MIN_TILES_PER_SPLIT:
+            eff = _f32(eff * 0.85)
+        efficiency.append(eff)
+    best = max(efficiency)
+    return next(s for s, eff in enumerate(efficiency, 1) if eff >= 0.95 * best)
+
+
+def all_heads_num_splits(
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    head_size: int,
+    max_query_len: int,
+    block_table_width: int,
+    block_size: int,
+    num_sms: int,
+) -> int:
+    """The split count of FLASH_ATTN's eager FA3 call over ``num_heads``
+    query heads: causal, no window, paged K/V of ``block_size`` tokens,
+    variable-length queries of at most ``max_query_len`` tokens.
+
+    FA3 takes a paged call's KV length from the block table's width, not from
+    ``max_seqlen_k``; a single-token query with head size outside (64, 128]
+    counts as non-causal."""
+    group = num_heads // num_kv_heads
+    causal = not (max_query_len == 1 and not 64 < head_size <= 128)
+    tma_q_rows, tma_kv_rows = _tile(head_size, causal, paged_non_tma=False)
+    paged_tma = block_size % tma_kv_rows == 0 and max_query_len * group > tma_q_rows
+    q_rows, kv_rows = _tile(head_size, causal, paged_non_tma=not paged_tma)
+    kv_len = block_table_width * block_size
+    q_tiles = -(-max_query_len * group // q_rows)
+    # A varlen call splits per request within this bound, so FA3 sizes it as
+    # if the batch were one long request.
+    return _heuristic(
+        tiles=num_kv_heads * q_tiles,
+        num_sms=num_sms,
+        kv_tiles=-(-kv_len // kv_rows),
+        q_tiles=q_tiles,
+        head_bytes=kv_len * 2 * head_size * 2,
+        causal=causal,
+    )
