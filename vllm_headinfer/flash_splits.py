@@ -11,10 +11,12 @@ to choose, a call over fewer heads may pick another count; the count is not
 monotonic in the head count, so neither bound is safe for the other.
 
 FA3 does not return the count, so this module computes it on the host from
-the same inputs. It mirrors the heuristic of FA3's ``get_num_splits`` (hopper
-``flash_api.cpp`` and ``heuristics.h``) for 2-byte K/V, including its float32
-arithmetic. ``tests/gpu/test_kernels.py`` checks it, over a grid of shapes,
-against the split buffers flash attention allocates.
+the same inputs. It follows the heuristic of the FA3 build vLLM 0.32.0 ships
+(``get_num_splits`` in hopper ``flash_api.cpp``, ``heuristics.h``) for 2-byte
+K/V, float32 arithmetic included. ``tests/gpu/test_kernels.py`` checks it
+against the split buffers that build allocates, over a grid of head counts,
+group sizes, head sizes 64 and 128, query lengths and KV lengths
+(``benchmarks/RESULTS.md``: 13,440 shapes on the H100).
 """
 
 from __future__ import annotations
@@ -26,8 +28,6 @@ import struct
 # size is its assumption) and the query is not causal.
 _L2_BYTES = 50 * 1024 * 1024
 _MAX_SPLITS = 128
-# A split over fewer KV tiles than this is discounted.
-_MIN_TILES_PER_SPLIT = 4
 
 
 def _f32(x: float) -> float:
@@ -39,12 +39,16 @@ def _rounded_head_size(head_size: int) -> int:
     return next(d for d in (64, 96, 128, 192, 256) if head_size <= d)
 
 
-def _tile(head_size: int, causal: bool, paged_non_tma: bool) -> tuple[int, int]:
+def _tile(head_size: int, causal: bool, paged_non_tma: bool, q_rows: int) -> tuple[int, int]:
     """(query rows, KV rows) of one tile of FA3's SM90 forward kernel for
-    2-byte elements and equal Q/K and V head sizes."""
+    2-byte elements and equal Q/K and V head sizes, for ``q_rows`` query rows
+    per KV head (a small head size takes one warpgroup for 64 rows or
+    fewer)."""
     d = _rounded_head_size(head_size)
     if d == 64:
-        return 192, 128 if causal else (160 if paged_non_tma else 192)
+        if q_rows <= 64:
+            return 64, 192
+        return 192, 128 if causal else 192
     if d == 96:
         return 192, 128 if paged_non_tma else 144
     if d == 128:
@@ -60,17 +64,16 @@ def _heuristic(tiles: int, num_sms: int, kv_tiles: int, q_tiles: int, head_bytes
         if head_bytes > _L2_BYTES and q_tiles >= 2 * num_sms and not causal:
             return min(-(-head_bytes // _L2_BYTES), _MAX_SPLITS)
         return 1
-    if kv_tiles <= 4 or (kv_tiles <= 8 and tiles >= 32):
+    if kv_tiles <= 4:
         return 1
+    # The fewest splits whose last wave of tiles fills the SMs within 85% of
+    # the best filling.
     efficiency = []
     for splits in range(1, min(_MAX_SPLITS, num_sms, kv_tiles) + 1):
         waves = _f32(float(tiles * splits) / num_sms)
-        eff = _f32(waves / math.ceil(waves))
-        if kv_tiles // splits < _MIN_TILES_PER_SPLIT:
-            eff = _f32(eff * 0.85)
-        efficiency.append(eff)
+        efficiency.append(_f32(waves / math.ceil(waves)))
     best = max(efficiency)
-    return next(s for s, eff in enumerate(efficiency, 1) if eff >= 0.95 * best)
+    return next(s for s, eff in enumerate(efficiency, 1) if eff >= 0.85 * best)
 
 
 def all_heads_num_splits(
@@ -79,24 +82,23 @@ def all_heads_num_splits(
     num_kv_heads: int,
     head_size: int,
     max_query_len: int,
-    block_table_width: int,
+    max_seq_len: int,
     block_size: int,
     num_sms: int,
 ) -> int:
     """The split count of FLASH_ATTN's eager FA3 call over ``num_heads``
     query heads: causal, no window, paged K/V of ``block_size`` tokens,
-    variable-length queries of at most ``max_query_len`` tokens.
-
-    FA3 takes a paged call's KV length from the block table's width, not from
-    ``max_seqlen_k``; a single-token query with head size outside (64, 128]
-    counts as non-causal."""
+    variable-length queries and keys of at most ``max_query_len`` and
+    ``max_seq_len`` tokens. A single-token query with a head size outside
+    (64, 128] counts as non-causal."""
     group = num_heads // num_kv_heads
     causal = not (max_query_len == 1 and not 64 < head_size <= 128)
-    tma_q_rows, tma_kv_rows = _tile(head_size, causal, paged_non_tma=False)
-    paged_tma = block_size % tma_kv_rows == 0 and max_query_len * group > tma_q_rows
-    q_rows, kv_rows = _tile(head_size, causal, paged_non_tma=not paged_tma)
-    kv_len = block_table_width * block_size
-    q_tiles = -(-max_query_len * group // q_rows)
+    rows = max_query_len * group
+    tma_q_rows, tma_kv_rows = _tile(head_size, causal, False, rows)
+    paged_tma = block_size % tma_kv_rows == 0 and rows > tma_q_rows
+    q_rows, kv_rows = _tile(head_size, causal, not paged_tma, rows)
+    kv_len = max_seq_len
+    q_tiles = -(-rows // q_rows)
     # A varlen call splits per request within this bound, so FA3 sizes it as
     # if the batch were one long request.
     return _heuristic(

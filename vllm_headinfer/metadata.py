@@ -111,6 +111,11 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
         plan = None
         if self.flash is not None:
             plan = self.flash.build(common_prefix_len, m, fast_build)
+        num_splits = self._num_splits(plan, m)
+        # FA3 lays a plan out for the split count it was made with: a call
+        # told to use one split rejects a plan made for FA3's own choice. One
+        # split leaves nothing to plan, and such a call schedules itself.
+        split_plan = None if plan is None or num_splits == 1 else plan.scheduler_metadata
         return HeadInferMetadata(
             num_actual_tokens=n,
             num_reqs=m.num_reqs,
@@ -123,8 +128,8 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
             block_table=m.block_table_tensor,
             slot_mapping=m.slot_mapping[:n],
             causal=m.causal if isinstance(m.causal, bool) else True,
-            scheduler_metadata=None if plan is None else plan.scheduler_metadata,
-            num_splits=self._num_splits(plan, m),
+            scheduler_metadata=split_plan,
+            num_splits=num_splits,
         )
 
     def _num_splits(self, plan, m: CommonAttentionMetadata) -> int:
@@ -140,7 +145,7 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
             num_kv_heads=flash.num_heads_kv,
             head_size=flash.headdim,
             max_query_len=m.max_query_len,
-            block_table_width=m.block_table_tensor.shape[1],
+            max_seq_len=m.max_seq_len,
             block_size=flash.block_size,
             num_sms=self.num_sms,
         )

@@ -163,17 +163,18 @@ def check_split_plan(q, pages, table, qsl, sl, q_lens, seq_lens, batch) -> None:
             causal=True, num_splits=bound, **shape)
 
         def attend(k, v, heads: slice, out, num_splits: int) -> None:
+            # As HeadInferMetadataBuilder.build: a single split takes no plan.
             hq = slice(heads.start * Q_PER_KV, heads.stop * Q_PER_KV)
             flash_attn_varlen_func(
                 q=q[:, hq], k=fa_view(k), v=fa_view(v), out=out[:, hq], cu_seqlens_q=cu,
                 seqused_k=seqused, softmax_scale=D**-0.5, causal=True, fa_version=fa,
-                block_table=block_table, scheduler_metadata=plan, num_splits=num_splits,
-                **shape)
+                block_table=block_table, num_splits=num_splits,
+                scheduler_metadata=None if num_splits == 1 else plan, **shape)
 
         def count(kv_heads: int) -> int:
             return all_heads_num_splits(
                 num_heads=kv_heads * Q_PER_KV, num_kv_heads=kv_heads, head_size=D,
-                max_query_len=shape["max_seqlen_q"], block_table_width=block_table.shape[1],
+                max_query_len=shape["max_seqlen_q"], max_seq_len=shape["max_seqlen_k"],
                 block_size=BLOCK, num_sms=num_sms)
 
         splits = bound or count(HEADS)
@@ -199,8 +200,9 @@ def _requested_bytes() -> int:
 
 def _flash_split_count(kv_heads, group, head_size, max_q, width, block) -> int:
     """The split count flash attention picks for one eager call, read from
-    the split buffers it allocates (``num_splits`` float32 partial outputs
-    and log-sum-exps per query row and head); 1 allocates none."""
+    the split buffers it allocates: ``num_splits`` float32 partial outputs
+    and log-sum-exps per query row and head, and the plan's per-request
+    split counts (int32, requests rounded up to 4). 1 allocates none."""
     from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
 
     heads = kv_heads * group
@@ -219,9 +221,11 @@ def _flash_split_count(kv_heads, group, head_size, max_q, width, block) -> int:
         return _requested_bytes() - before
 
     extra = allocated(0) - allocated(1)
-    per_split = heads * (head_size + 1) * 4
-    if extra % per_split == 0 and extra // per_split != 1:
-        return max(1, extra // per_split)
+    if extra == 0:
+        return 1
+    per_split, per_plan = heads * (head_size + 1) * 4, 4 * 4
+    if (extra - per_plan) % per_split == 0 and extra > per_plan + per_split:
+        return (extra - per_plan) // per_split
     raise AssertionError(f"unexpected split buffers of {extra} bytes")
 
 
@@ -249,7 +253,7 @@ def check_split_count() -> None:
                             got = all_heads_num_splits(
                                 num_heads=kv_heads * group, num_kv_heads=kv_heads,
                                 head_size=head_size, max_query_len=max_q,
-                                block_table_width=width, block_size=block, num_sms=num_sms)
+                                max_seq_len=width * block, block_size=block, num_sms=num_sms)
                             cases += 1
                             seen.add(want)
                             if got != want:
