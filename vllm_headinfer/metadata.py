@@ -133,6 +133,7 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
         )
 
     def _num_splits(self, plan, m: CommonAttentionMetadata) -> int:
+        """FLASH_ATTN's split count for this batch (0: no plan, calls choose)."""
         if plan is None:
             return 0
         if plan.max_num_splits > 0:
