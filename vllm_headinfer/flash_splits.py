@@ -35,27 +35,21 @@ def _f32(x: float) -> float:
     return struct.unpack("f", struct.pack("f", x))[0]
 
 
-def _rounded_head_size(head_size: int) -> int:
-    return next(d for d in (64, 96, 128, 192, 256) if head_size <= d)
+def covers(head_size: int) -> bool:
+    """Head sizes whose FA3 tile shapes this module knows and the GPU check
+    covers: those FA3 rounds up to 64 or to 128."""
+    return head_size <= 64 or 96 < head_size <= 128
 
 
 def _tile(head_size: int, causal: bool, paged_non_tma: bool, q_rows: int) -> tuple[int, int]:
     """(query rows, KV rows) of one tile of FA3's SM90 forward kernel for
     2-byte elements and equal Q/K and V head sizes, for ``q_rows`` query rows
-    per KV head (a small head size takes one warpgroup for 64 rows or
-    fewer)."""
-    d = _rounded_head_size(head_size)
-    if d == 64:
+    per KV head (head size 64 takes one warpgroup for 64 rows or fewer)."""
+    if head_size <= 64:
         if q_rows <= 64:
             return 64, 192
         return 192, 128 if causal else 192
-    if d == 96:
-        return 192, 128 if paged_non_tma else 144
-    if d == 128:
-        return 128, 128 if causal or paged_non_tma else 176
-    if d == 192:
-        return 128, 96 if paged_non_tma else 112
-    return 128, 80
+    return 128, 128 if causal or paged_non_tma else 176
 
 
 def _heuristic(tiles: int, num_sms: int, kv_tiles: int, q_tiles: int, head_bytes: int,
@@ -89,8 +83,10 @@ def all_heads_num_splits(
     """The split count of FLASH_ATTN's eager FA3 call over ``num_heads``
     query heads: causal, no window, paged K/V of ``block_size`` tokens,
     variable-length queries and keys of at most ``max_query_len`` and
-    ``max_seq_len`` tokens. A single-token query with a head size outside
-    (64, 128] counts as non-causal."""
+    ``max_seq_len`` tokens, and a head size that ``covers`` accepts. A
+    single-token query with a head size outside (64, 128] counts as
+    non-causal."""
+    assert covers(head_size), head_size
     group = num_heads // num_kv_heads
     causal = not (max_query_len == 1 and not 64 < head_size <= 128)
     rows = max_query_len * group

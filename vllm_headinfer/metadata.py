@@ -14,7 +14,7 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
 )
 
-from vllm_headinfer.flash_splits import all_heads_num_splits
+from vllm_headinfer.flash_splits import all_heads_num_splits, covers
 from vllm_headinfer.host_pool import host_pools
 from vllm_headinfer.spec import HeadInferAttentionSpec
 
@@ -114,8 +114,10 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
         num_splits = self._num_splits(plan, m)
         # FA3 lays a plan out for the split count it was made with: a call
         # told to use one split rejects a plan made for FA3's own choice. One
-        # split leaves nothing to plan, and such a call schedules itself.
-        split_plan = None if plan is None or num_splits == 1 else plan.scheduler_metadata
+        # split leaves nothing to plan, and such a call schedules itself; so
+        # does every call when the count is unknown (0), since a plan with more
+        # splits than a call chooses for itself would overrun its buffers.
+        split_plan = plan.scheduler_metadata if plan is not None and num_splits > 1 else None
         return HeadInferMetadata(
             num_actual_tokens=n,
             num_reqs=m.num_reqs,
@@ -133,14 +135,16 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
         )
 
     def _num_splits(self, plan, m: CommonAttentionMetadata) -> int:
-        """FLASH_ATTN's split count for this batch (0: no plan, calls choose)."""
+        """FLASH_ATTN's split count for this batch; 0 where it is not known
+        (no plan, or a head size ``flash_splits`` does not cover): each call
+        then chooses, and head-split calls round within bf16 of FLASH_ATTN."""
         if plan is None:
             return 0
         if plan.max_num_splits > 0:
             return plan.max_num_splits
-        if plan.scheduler_metadata is None:
-            return 0
         flash = self.flash
+        if plan.scheduler_metadata is None or not covers(flash.headdim):
+            return 0
         return all_heads_num_splits(
             num_heads=flash.num_heads_q,
             num_kv_heads=flash.num_heads_kv,
