@@ -15,8 +15,9 @@ the same inputs. It follows the heuristic of the FA3 build vLLM 0.32.0 ships
 (``get_num_splits`` in hopper ``flash_api.cpp``, ``heuristics.h``) for 2-byte
 K/V, float32 arithmetic included. ``tests/gpu/test_kernels.py`` checks it
 against the split buffers that build allocates, over a grid of head counts,
-group sizes, head sizes 64 and 128, query lengths and KV lengths
-(``benchmarks/RESULTS.md``: 13,440 shapes on the H100).
+group sizes, head sizes 64 and 128, query lengths and KV lengths;
+``tests/test_flash_splits.py`` against the counts it picked on the H100
+(``benchmarks/RESULTS.md``, run 8).
 """
 
 from __future__ import annotations
@@ -24,9 +25,6 @@ from __future__ import annotations
 import math
 import struct
 
-# FA3 splits a KV head across SMs only when it does not fit in L2 (this
-# size is its assumption) and the query is not causal.
-_L2_BYTES = 50 * 1024 * 1024
 _MAX_SPLITS = 128
 
 
@@ -52,13 +50,12 @@ def _tile(head_size: int, causal: bool, paged_non_tma: bool, q_rows: int) -> tup
     return 128, 128 if causal or paged_non_tma else 176
 
 
-def _heuristic(tiles: int, num_sms: int, kv_tiles: int, q_tiles: int, head_bytes: int,
-               causal: bool) -> int:
-    if tiles >= _f32(_f32(0.8) * num_sms):
-        if head_bytes > _L2_BYTES and q_tiles >= 2 * num_sms and not causal:
-            return min(-(-head_bytes // _L2_BYTES), _MAX_SPLITS)
-        return 1
-    if kv_tiles <= 4:
+def _heuristic(tiles: int, num_sms: int, kv_tiles: int) -> int:
+    """FA3's count for ``tiles`` (query tiles times KV heads) over
+    ``kv_tiles`` KV tiles. FA3 also splits a KV head too large for L2 when a
+    non-causal call has at least two query tiles per SM; FLASH_ATTN's calls
+    are non-causal only for single-token queries, so that never applies."""
+    if tiles >= _f32(_f32(0.8) * num_sms) or kv_tiles <= 4:
         return 1
     # The fewest splits whose last wave of tiles fills the SMs within 85% of
     # the best filling.
@@ -93,15 +90,6 @@ def all_heads_num_splits(
     tma_q_rows, tma_kv_rows = _tile(head_size, causal, False, rows)
     paged_tma = block_size % tma_kv_rows == 0 and rows > tma_q_rows
     q_rows, kv_rows = _tile(head_size, causal, not paged_tma, rows)
-    kv_len = max_seq_len
-    q_tiles = -(-rows // q_rows)
     # A varlen call splits per request within this bound, so FA3 sizes it as
     # if the batch were one long request.
-    return _heuristic(
-        tiles=num_kv_heads * q_tiles,
-        num_sms=num_sms,
-        kv_tiles=-(-kv_len // kv_rows),
-        q_tiles=q_tiles,
-        head_bytes=kv_len * 2 * head_size * 2,
-        causal=causal,
-    )
+    return _heuristic(num_kv_heads * -(-rows // q_rows), num_sms, -(-max_seq_len // kv_rows))

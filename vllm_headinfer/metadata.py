@@ -39,8 +39,9 @@ class HeadInferMetadata:
     # the layer (CUDA, FA3), and the split count of FLASH_ATTN's call: its
     # fixed bound under full CUDA graphs, else the count FA3 picks for one
     # call over all heads. Every call passes both, so each head is split and
-    # rounded exactly as in that one call. Without a plan both are unset and
-    # each call plans for itself.
+    # rounded exactly as in that one call. Without a plan, or for a head size
+    # flash_splits does not cover, both are unset and each call plans for
+    # itself.
     scheduler_metadata: torch.Tensor | None = None
     num_splits: int = 0
 
