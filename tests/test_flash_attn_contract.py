@@ -2,9 +2,10 @@
 on this vLLM without a GPU so that a vLLM change fails here, loudly, rather
 than on a GPU host: HEADINFER's builder runs FLASH_ATTN's builder for the
 full-head spec to get its KV-split plan (``scheduler_metadata``) and split
-bound, after pinning its ``aot_sliding_window`` to full attention; and it
-recomputes the split count of FLASH_ATTN's own call, which FA3 derives from
-the block table FLASH_ATTN passes (``vllm_headinfer.flash_splits``)."""
+bound, after pinning its ``aot_sliding_window`` to full attention; it
+recomputes the split count of FLASH_ATTN's own call from the query and key
+lengths FLASH_ATTN passes (``vllm_headinfer.flash_splits``), and plans for
+that count with the builder's ``_get_scheduler_metadata``."""
 
 from __future__ import annotations
 
@@ -38,17 +39,29 @@ def test_sliding_window_is_read_from_the_attribute_headinfer_pins():
     )
 
 
-def test_flash_attn_call_takes_the_plan_bound_and_block_table_of_its_metadata():
-    """HEADINFER's eager split count assumes FLASH_ATTN's FA3 call passes the
-    builder's split bound (0 when eager) and its full-width block table."""
-    from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl
+def test_flash_attn_call_and_plan_take_the_lengths_and_bound_of_the_metadata():
+    """HEADINFER's eager split count assumes FLASH_ATTN's FA3 call and its
+    plan take the batch's longest query and key and the builder's split bound
+    (0 when eager), and that the builder plans through
+    ``_get_scheduler_metadata`` with the keywords HEADINFER passes."""
+    from vllm.v1.attention.backends.flash_attn import (
+        FlashAttentionImpl,
+        FlashAttentionMetadataBuilder,
+    )
 
     forward = inspect.getsource(FlashAttentionImpl.forward)
     for line in (
-        "block_table = attn_metadata.block_table",
+        "max_seqlen_q = attn_metadata.max_query_len",
+        "max_seqlen_k = attn_metadata.max_seq_len",
         "scheduler_metadata = attn_metadata.scheduler_metadata",
         "num_splits = attn_metadata.max_num_splits",
         "num_splits=num_splits,",
-        "block_table=block_table,",
     ):
         assert line in forward, line
+    plan = inspect.getsource(FlashAttentionMetadataBuilder._get_scheduler_metadata)
+    for line in ("max_seqlen_q=max_query_len,", "max_seqlen_k=max_seq_len,",
+                 "num_splits=max_num_splits,"):
+        assert line in plan, line
+    keywords = list(inspect.signature(FlashAttentionMetadataBuilder._get_scheduler_metadata).parameters)
+    assert keywords == ["self", "aot_schedule", "batch_size", "cu_query_lens", "max_query_len",
+                        "seqlens", "max_seq_len", "causal", "max_num_splits"], keywords

@@ -35,10 +35,10 @@ class HeadInferMetadata:
     block_table: torch.Tensor  # [num_reqs, max_blocks], device
     slot_mapping: torch.Tensor  # [num_actual_tokens], device
     causal: bool = True
-    # Flash attention's KV-split plan for this batch over *all* KV heads of
-    # the layer (CUDA, FA3), and the split count of FLASH_ATTN's call: its
+    # The split count of FLASH_ATTN's call for this batch (CUDA, FA3): its
     # fixed bound under full CUDA graphs, else the count FA3 picks for one
-    # call over all heads. Every call passes both, so each head is split and
+    # call over all heads; and the KV-split plan over *all* KV heads of the
+    # layer for that count. Every call passes both, so each head is split and
     # rounded exactly as in that one call. Without a plan, or for a head size
     # flash_splits does not cover, both are unset and each call plans for
     # itself.
@@ -113,12 +113,6 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
         if self.flash is not None:
             plan = self.flash.build(common_prefix_len, m, fast_build)
         num_splits = self._num_splits(plan, m)
-        # FA3 lays a plan out for the split count it was made with: a call
-        # told to use one split rejects a plan made for FA3's own choice. One
-        # split leaves nothing to plan, and such a call schedules itself; so
-        # does every call when the count is unknown (0), since a plan with more
-        # splits than a call chooses for itself would overrun its buffers.
-        split_plan = plan.scheduler_metadata if plan is not None and num_splits > 1 else None
         return HeadInferMetadata(
             num_actual_tokens=n,
             num_reqs=m.num_reqs,
@@ -131,8 +125,33 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
             block_table=m.block_table_tensor,
             slot_mapping=m.slot_mapping[:n],
             causal=m.causal if isinstance(m.causal, bool) else True,
-            scheduler_metadata=split_plan,
+            scheduler_metadata=self._split_plan(plan, m, num_splits),
             num_splits=num_splits,
+        )
+
+    def _split_plan(self, plan, m: CommonAttentionMetadata, num_splits: int):
+        """The plan every call passes with ``num_splits`` splits.
+
+        A call sizes its split buffers from its split count, and FA3 only
+        checks a plan's length, so an eager plan is made here for that count,
+        not taken from FLASH_ATTN: the same plan when the count is FA3's own
+        (FA3 computes it from the same inputs), and one that fits the buffers
+        if it were not. One split leaves nothing to plan; without a count
+        (0) each call plans for itself, as a plan with more splits than a
+        call chooses would overrun its buffers."""
+        if plan is None or num_splits <= 1:
+            return None
+        if plan.max_num_splits > 0:  # full CUDA graphs: FLASH_ATTN's persistent plan
+            return plan.scheduler_metadata
+        return self.flash._get_scheduler_metadata(
+            aot_schedule=True,
+            batch_size=m.num_reqs,
+            cu_query_lens=m.query_start_loc,
+            max_query_len=m.max_query_len,
+            seqlens=m.seq_lens,
+            max_seq_len=m.max_seq_len,
+            causal=m.causal,
+            max_num_splits=num_splits,
         )
 
     def _num_splits(self, plan, m: CommonAttentionMetadata) -> int:

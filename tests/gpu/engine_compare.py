@@ -79,7 +79,7 @@ def spec(model: str, backend: str, resident: int | None, dummy: bool, **extra) -
             "prompt_lens": PROMPT_LENS, "max_tokens": 24, **extra}
 
 
-def compare(ref: dict, got: dict, near_ties: bool = False) -> str:
+def compare(ref: dict, got: dict, near_ties: bool = False, bitwise: bool = False) -> str:
     """Greedy tokens must be identical. With ``near_ties`` (configurations
     whose attention splits KV differently from the reference's, e.g. eager
     attention against captured graphs), only where the reference's choice is
@@ -87,8 +87,10 @@ def compare(ref: dict, got: dict, near_ties: bool = False) -> str:
     the reference's two best tokens are within NEAR_TIE; the sequences then
     legitimately diverge and comparison of that one stops. Logprobs of
     identical tokens and of every prompt position (same inputs for both) must
-    be within tolerance. Returns a summary: near-tie divergences, the largest
-    logprob difference, and whether the outputs are bit-identical."""
+    be within tolerance. With ``bitwise``, configurations whose every call
+    splits KV as FLASH_ATTN's one call does must give bit-identical outputs.
+    Returns a summary: near-tie divergences, the largest logprob difference,
+    and whether the outputs are bit-identical."""
     assert len(ref["outputs"]) == len(got["outputs"]) == len(PROMPT_LENS)
     ties, worst = 0, 0.0
     for r, g in zip(ref["outputs"], got["outputs"]):
@@ -106,18 +108,21 @@ def compare(ref: dict, got: dict, near_ties: bool = False) -> str:
                 break
             assert close(r["logprobs"][step], g["logprobs"][step])
             worst = max(worst, abs(r["logprobs"][step] - g["logprobs"][step]))
-    return (f"near-tie divergences {ties}, max logprob diff {worst:.3g}, "
-            f"bit-identical {ref == got}")
+    summary = (f"near-tie divergences {ties}, max logprob diff {worst:.3g}, "
+               f"bit-identical {ref == got}")
+    assert not bitwise or ref == got, f"not bit-identical: {summary}"
+    return summary
 
 
-def compare_each(cases: list[tuple[str, dict, dict]], near_ties: bool = False) -> None:
+def compare_each(cases: list[tuple[str, dict, dict]], near_ties: bool = False,
+                 bitwise: bool = False) -> None:
     """compare() for every (label, reference, outputs) case, printing each
     summary, then failing with every case that failed: one flip must not hide
     how the other configurations did."""
     failures = []
     for label, ref, got in cases:
         try:
-            print(f"{label}: {compare(ref, got, near_ties)}")
+            print(f"{label}: {compare(ref, got, near_ties, bitwise)}")
         except AssertionError as e:
             print(f"{label}: FAILED {e}")
             failures.append(f"{label}: {e}")

@@ -82,7 +82,7 @@ def test_tp2_small_models(small_model, small_model_2kv, executor):
              for resident in ((0, 1) if executor == "mp" else (1,))]
     cases.append((f"TP=2 {executor} one KV head per rank, R=0", flash_attn(small_model_2kv, tp=2),
                   headinfer(small_model_2kv, 0, tp=2, executor=executor)))
-    compare_each(cases)
+    compare_each(cases, bitwise=True)
 
 
 @needs_gpus(2)
@@ -93,7 +93,7 @@ def test_tp2_8b_shape_logprobs(shaped_model, executor):
         (f"8B shape TP=2 {executor} R={resident}/4", ref,
          headinfer(shaped_model, resident, tp=2, executor=executor, dummy=True))
         for resident in ((0,) if executor == "mp" else (2,))
-    ], near_ties=True)
+    ])
 
 
 @needs_gpus(4)
@@ -102,4 +102,4 @@ def test_tp4_one_kv_head_per_rank(small_model, executor):
     ref = flash_attn(small_model, tp=4)
     compare_each([(f"TP=4 {executor} R={resident}/1", ref,
                    headinfer(small_model, resident, tp=4, executor=executor))
-                  for resident in (0, 1)])
+                  for resident in (0, 1)], bitwise=True)

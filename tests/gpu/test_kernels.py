@@ -108,8 +108,11 @@ def check_all(seed: int = 0) -> None:
     k, v = map(fa_view, host_kv(staged))
     hq = slice(1 * Q_PER_KV, 3 * Q_PER_KV)
     flash_attn_varlen_func(q=q[:, hq], k=k, v=v, out=out_staged[:, hq], block_table=remapped, **common)
+    distinct = check_long_decode_split_plan()
     for batch in (slice(None), slice(1, 2)):  # the mixed batch; one decode request
-        check_split_plan(q, dev, table, qsl, sl, q_lens, seq_lens, batch)
+        distinct += check_split_plan(q, dev, table, qsl, sl, q_lens, seq_lens, batch)
+    if get_flash_attn_version(head_size=D) == 3:
+        assert distinct, "no eager case where a head subset would split differently"
     torch.cuda.synchronize()
     tol = dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(out_uva.float().cpu(), expect, **tol)
@@ -120,16 +123,18 @@ def check_all(seed: int = 0) -> None:
     pool.release()
 
 
-def check_split_plan(q, pages, table, qsl, sl, q_lens, seq_lens, batch) -> None:
-    """HEADINFER's split calls, given FLASH_ATTN's plan for all heads and the
-    split count of FLASH_ATTN's call (``HeadInferMetadata.num_splits``), equal
-    one FLASH_ATTN call over all heads that reads vLLM's cache layout
-    ``[blocks, heads, N, 2D]``, bit for bit. The R = 1 split: head 0 from
-    such pages, heads [1, HEADS) from the host pool's K/V planes.
+def check_split_plan(q, pages, table, qsl, sl, q_lens, seq_lens, batch) -> int:
+    """HEADINFER's split calls, given the split count of FLASH_ATTN's call and
+    the plan for all heads made for that count, as
+    ``HeadInferMetadataBuilder.build`` gives them, equal one FLASH_ATTN call
+    over all heads that reads vLLM's cache layout ``[blocks, heads, N, 2D]``
+    with FLASH_ATTN's own plan, bit for bit. The R = 1 split: head 0 from such
+    pages, heads [1, HEADS) from the host pool's K/V planes.
     * a fixed split bound (full CUDA graphs; 32 is vLLM's default);
     * eager (FLASH_ATTN passes no bound): the count FA3 picks for all heads,
-      also with vLLM's wide block tables, where calls over one or three KV
-      heads would pick other counts."""
+      also with vLLM's wide block tables.
+    Returns how many eager cases split, with a count that calls over one or
+    three KV heads alone would not pick."""
     from vllm_headinfer.cuda_attention import fa_view
     from vllm_headinfer.flash_splits import all_heads_num_splits
     from vllm_headinfer.layout import device_kv, host_kv
@@ -142,7 +147,7 @@ def check_split_plan(q, pages, table, qsl, sl, q_lens, seq_lens, batch) -> None:
     fa = get_flash_attn_version(head_size=D)
     if fa != 3:
         print(f"split-plan check not run: flash attention {fa} plans inside each call")
-        return
+        return 0
     reqs = range(len(seq_lens))[batch]
     q_lens = [q_lens[r] for r in reqs]
     seqused = sl[batch].cuda()
@@ -156,40 +161,68 @@ def check_split_plan(q, pages, table, qsl, sl, q_lens, seq_lens, batch) -> None:
     narrow = table[batch].cuda()
     wide = torch.zeros(narrow.shape[0], 1024, dtype=torch.int32, device="cuda")
     wide[:, : narrow.shape[1]] = narrow
-    for block_table, bound in ((narrow, 32), (narrow, 0), (wide, 0)):
-        plan = get_scheduler_metadata(
+
+    def plan_for(num_splits: int):
+        return get_scheduler_metadata(
             batch_size=len(q_lens), num_heads_q=HEADS * Q_PER_KV, num_heads_kv=HEADS, headdim=D,
             cache_seqlens=seqused, qkv_dtype=torch.bfloat16, cu_seqlens_q=cu, page_size=BLOCK,
-            causal=True, num_splits=bound, **shape)
+            causal=True, num_splits=num_splits, **shape)
 
-        def attend(k, v, heads: slice, out, num_splits: int) -> None:
-            # As HeadInferMetadataBuilder.build: a single split takes no plan.
+    def count(kv_heads: int) -> int:
+        return all_heads_num_splits(
+            num_heads=kv_heads * Q_PER_KV, num_kv_heads=kv_heads, head_size=D,
+            max_query_len=shape["max_seqlen_q"], max_seq_len=shape["max_seqlen_k"],
+            block_size=BLOCK, num_sms=num_sms)
+
+    distinct = 0
+    for block_table, bound in ((narrow, 32), (narrow, 0), (wide, 0)):
+
+        def attend(k, v, heads: slice, out, num_splits: int, plan) -> None:
             hq = slice(heads.start * Q_PER_KV, heads.stop * Q_PER_KV)
             flash_attn_varlen_func(
                 q=q[:, hq], k=fa_view(k), v=fa_view(v), out=out[:, hq], cu_seqlens_q=cu,
                 seqused_k=seqused, softmax_scale=D**-0.5, causal=True, fa_version=fa,
-                block_table=block_table, num_splits=num_splits,
-                scheduler_metadata=None if num_splits == 1 else plan, **shape)
-
-        def count(kv_heads: int) -> int:
-            return all_heads_num_splits(
-                num_heads=kv_heads * Q_PER_KV, num_kv_heads=kv_heads, head_size=D,
-                max_query_len=shape["max_seqlen_q"], max_seq_len=shape["max_seqlen_k"],
-                block_size=BLOCK, num_sms=num_sms)
+                block_table=block_table, num_splits=num_splits, scheduler_metadata=plan,
+                **shape)
 
         splits = bound or count(HEADS)
+        # As HeadInferMetadataBuilder._split_plan: one split takes no plan.
+        split_plan = None if splits == 1 else plan_for(splits)
         reference, got = torch.empty_like(q), torch.empty_like(q)
-        attend(*device_kv(device_pages, D), slice(0, HEADS), reference, bound)
-        attend(*device_kv(device_pages[:, :1], D), slice(0, 1), got, splits)
-        attend(hk[:, 1:], hv[:, 1:], slice(1, HEADS), got, splits)
+        attend(*device_kv(device_pages, D), slice(0, HEADS), reference, bound, plan_for(bound))
+        attend(*device_kv(device_pages[:, :1], D), slice(0, 1), got, splits, split_plan)
+        attend(hk[:, 1:], hv[:, 1:], slice(1, HEADS), got, splits, split_plan)
         torch.cuda.synchronize()
+        alone = (count(1), count(HEADS - 1))
         label = (f"bound {bound}, table width {block_table.shape[1]}, "
-                 f"splits {splits} (1 and {HEADS - 1} KV heads alone: {count(1)}, {count(HEADS - 1)})")
+                 f"splits {splits} (1 and {HEADS - 1} KV heads alone: {alone[0]}, {alone[1]})")
         print("split plan:", label)
         assert torch.equal(got, reference), (
             f"{label}: differs from FLASH_ATTN's call by "
             f"{(got.float() - reference.float()).abs().max().item()}"
         )
+        distinct += not bound and splits > 1 and splits not in alone
+    return distinct
+
+
+def check_long_decode_split_plan(seed: int = 1) -> int:
+    """check_split_plan on one decode request of 8,192 tokens, where the
+    offloaded heads of a long context would pick more splits on their own."""
+    gen = torch.Generator().manual_seed(seed)
+    seq_len = 8192
+    num_blocks = seq_len // BLOCK + 1
+    pool = _pool(num_blocks)
+    host = pool.layer("layer.0")
+    host.copy_(torch.randn(host.shape, generator=gen).to(torch.bfloat16))
+    table = (torch.arange(num_blocks - 1, dtype=torch.int32) + 1).view(1, -1)
+    qsl = torch.tensor([0, 1], dtype=torch.int32)
+    sl = torch.tensor([seq_len], dtype=torch.int32)
+    q = torch.randn(1, HEADS * Q_PER_KV, D, generator=gen).to(torch.bfloat16).cuda()
+    try:
+        return check_split_plan(q, pool.device_layer("layer.0"), table, qsl, sl, [1], [seq_len],
+                                slice(None))
+    finally:
+        pool.release()
 
 
 def _requested_bytes() -> int:
@@ -271,6 +304,10 @@ def test_uva_write_gather_and_attention():
 
 
 def test_split_count_matches_flash_attention():
+    from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+
+    if get_flash_attn_version(head_size=D) != 3:
+        pytest.skip("flash attention 3 only")
     check_split_count()
 
 
