@@ -84,8 +84,8 @@ class CudaHeadAttention:
 
     def _attend(self, q, k, v, block_table, m, out) -> None:
         """Flash attention of ``q`` over paged K/V ``[blocks, heads, N, D]``,
-        with FLASH_ATTN's all-heads split plan and split count, so that each
-        head is split and reduced as in one FLASH_ATTN call."""
+        with the split count of FLASH_ATTN's call and the all-heads plan for
+        it, so that each head is split and reduced as in that one call."""
         flash_attn_varlen_func(
             q=q,
             k=fa_view(k),

@@ -4,9 +4,10 @@ Without a split bound (eager steps), FA3 chooses a call's split count from the
 call's shape, its KV head count included. That count selects the split kernel
 and sizes the split buffers, and FLASH_ATTN's per-request plan
 (``scheduler_metadata``) is capped by it. HEADINFER attends a layer's KV heads
-in several calls (resident heads, offloaded head groups). Each call gets
-FLASH_ATTN's plan and the split count of FLASH_ATTN's single call over all
-heads. Every head is then split and reduced exactly as in that one call. Left
+in several calls (resident heads, offloaded head groups). Each call gets the
+split count of FLASH_ATTN's single call over all heads, and the all-heads
+plan for that count. Every head is then split and reduced exactly as in that
+one call. Left
 to choose, a call over fewer heads may pick another count; the count is not
 monotonic in the head count, so neither bound is safe for the other.
 
@@ -22,6 +23,7 @@ group sizes, head sizes 64 and 128, query lengths and KV lengths;
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 
@@ -50,6 +52,9 @@ def _tile(head_size: int, causal: bool, paged_non_tma: bool, q_rows: int) -> tup
     return 128, 128 if causal or paged_non_tma else 176
 
 
+# Every step computes its count; decode steps repeat one until the longest
+# request grows by a KV tile.
+@functools.lru_cache(maxsize=1024)
 def _heuristic(tiles: int, num_sms: int, kv_tiles: int) -> int:
     """FA3's count for ``tiles`` (query tiles times KV heads) over
     ``kv_tiles`` KV tiles. FA3 also splits a KV head too large for L2 when a

@@ -112,7 +112,7 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
         plan = None
         if self.flash is not None:
             plan = self.flash.build(common_prefix_len, m, fast_build)
-        num_splits = self._num_splits(plan, m)
+        split_plan, num_splits = self._split_plan(plan, m)
         return HeadInferMetadata(
             num_actual_tokens=n,
             num_reqs=m.num_reqs,
@@ -125,47 +125,33 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
             block_table=m.block_table_tensor,
             slot_mapping=m.slot_mapping[:n],
             causal=m.causal if isinstance(m.causal, bool) else True,
-            scheduler_metadata=self._split_plan(plan, m, num_splits),
+            scheduler_metadata=split_plan,
             num_splits=num_splits,
         )
 
-    def _split_plan(self, plan, m: CommonAttentionMetadata, num_splits: int):
-        """The plan every call passes with ``num_splits`` splits.
+    def _split_plan(self, plan, m: CommonAttentionMetadata) -> tuple[torch.Tensor | None, int]:
+        """The plan and split count every call of this batch passes.
 
-        A call sizes its split buffers from its split count, and FA3 only
-        checks a plan's length, so an eager plan is made here for that count,
-        not taken from FLASH_ATTN: the same plan when the count is FA3's own
-        (FA3 computes it from the same inputs), and one that fits the buffers
-        if it were not. One split leaves nothing to plan; without a count
-        (0) each call plans for itself, as a plan with more splits than a
+        The count is FLASH_ATTN's: its fixed bound under full CUDA graphs
+        (with its persistent plan), else the count FA3 picks for one call
+        over all heads. A call sizes its split buffers from its count, and
+        FA3 only checks a plan's length, so an eager plan is made here for
+        that count, not taken from FLASH_ATTN: the same plan when the count
+        is FA3's own (FA3 computes it from the same inputs), and one that
+        fits the buffers if it were not. One split leaves nothing to plan.
+        Without a plan, or for a head size ``flash_splits`` does not cover,
+        the count is 0 and each call plans for itself (head-split calls then
+        round within bf16 of FLASH_ATTN): a plan with more splits than a
         call chooses would overrun its buffers."""
-        if plan is None or num_splits <= 1:
-            return None
-        if plan.max_num_splits > 0:  # full CUDA graphs: FLASH_ATTN's persistent plan
-            return plan.scheduler_metadata
-        return self.flash._get_scheduler_metadata(
-            aot_schedule=True,
-            batch_size=m.num_reqs,
-            cu_query_lens=m.query_start_loc,
-            max_query_len=m.max_query_len,
-            seqlens=m.seq_lens,
-            max_seq_len=m.max_seq_len,
-            causal=m.causal,
-            max_num_splits=num_splits,
-        )
-
-    def _num_splits(self, plan, m: CommonAttentionMetadata) -> int:
-        """FLASH_ATTN's split count for this batch; 0 where it is not known
-        (no plan, or a head size ``flash_splits`` does not cover): each call
-        then chooses, and head-split calls round within bf16 of FLASH_ATTN."""
         if plan is None:
-            return 0
+            return None, 0
         if plan.max_num_splits > 0:
-            return plan.max_num_splits
+            bound = plan.max_num_splits
+            return (plan.scheduler_metadata if bound > 1 else None), bound
         flash = self.flash
         if plan.scheduler_metadata is None or not covers(flash.headdim):
-            return 0
-        return all_heads_num_splits(
+            return None, 0
+        num_splits = all_heads_num_splits(
             num_heads=flash.num_heads_q,
             num_kv_heads=flash.num_heads_kv,
             head_size=flash.headdim,
@@ -174,3 +160,15 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
             block_size=flash.block_size,
             num_sms=self.num_sms,
         )
+        if num_splits == 1:
+            return None, 1
+        return flash._get_scheduler_metadata(
+            aot_schedule=True,
+            batch_size=m.num_reqs,
+            cu_query_lens=m.query_start_loc,
+            max_query_len=m.max_query_len,
+            seqlens=m.seq_lens,
+            max_seq_len=m.max_seq_len,
+            causal=m.causal,
+            max_num_splits=num_splits,
+        ), num_splits
