@@ -199,6 +199,16 @@ def placement_of(lines: list[str]) -> dict:
     }
 
 
+def cpu_thread_binding(ranks: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND with one core per tensor-parallel worker:
+    vLLM's automatic binding wants a NUMA node per rank, which a small
+    machine does not have."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < ranks:
+        pytest.skip(f"TP = {ranks} on CPU needs {ranks} cores")
+    return "|".join(str(c) for c in cores[:ranks])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,9 +1,9 @@
 """The OpenAI-compatible server with --attention-backend HEADINFER answers like
-the server with the default backend.
+the server with the default backend, on one rank and at tensor-parallel size 2.
 
-Both servers start with ``python -m vllm.entrypoints.openai.api_server`` on
-127.0.0.1 (the CLI entry point the CPU build supports), side by side, and are
-killed with their process groups in teardown.
+Each pair of servers starts with ``python -m vllm.entrypoints.openai.api_server``
+on 127.0.0.1 (the CLI entry point the CPU build supports), side by side, and is
+killed with its process groups in teardown before the next pair starts.
 """
 
 from __future__ import annotations
@@ -17,10 +17,14 @@ import time
 
 import pytest
 import requests
-from conftest import LOGPROB_TOL, REPO, free_port, placement_of
+from conftest import LOGPROB_TOL, REPO, cpu_thread_binding, free_port, placement_of
 
 STARTUP_TIMEOUT = 300
 HEADINFER_CONFIG = {"headinfer": {"resident_kv_heads": 1, "cpu_kv_gib": 0.05}}
+# Server pairs: model shape and tensor-parallel size. At TP = 2 the 4-KV-head
+# model leaves 2 heads per rank, so R = 1 splits inside each rank as R = 1 of
+# 2 does on one rank; placement reads (1, 2, 1) in both.
+PAIRS = {"tp1": ("llama-gqa", 1), "tp2": ("llama-mha", 2)}
 
 WORDS = (
     "the quick brown fox jumps over the lazy dog attention heads are independent "
@@ -35,7 +39,7 @@ PROMPTS = [
 ]
 
 
-def _start(model: str, log_path, extra: list[str]):
+def _start(model: str, log_path, extra: list[str], env: dict[str, str]):
     port = free_port()
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -49,7 +53,7 @@ def _start(model: str, log_path, extra: list[str]):
     log = open(log_path, "w")
     proc = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        cwd=str(REPO), start_new_session=True,
+        cwd=str(REPO), start_new_session=True, env={**os.environ, **env},
     )
     return {"proc": proc, "port": port, "log": log, "log_path": log_path}
 
@@ -91,17 +95,26 @@ def _stop(server):
     server["log"].close()
 
 
-@pytest.fixture(scope="module")
-def servers(tiny_models, tmp_path_factory):
-    model = tiny_models("llama-gqa")
-    logs = tmp_path_factory.mktemp("servers")
+@pytest.fixture(scope="module", params=list(PAIRS))
+def servers(request, tiny_models, tmp_path_factory):
+    shape, tp = PAIRS[request.param]
+    model = tiny_models(shape)
+    extra, env = [], {}
+    if tp > 1:
+        # On CPU, gpu_memory_utilization is the share of RAM each worker
+        # checks is free at start; 2 * tp workers start at once here.
+        extra = ["--tensor-parallel-size", str(tp), "--gpu-memory-utilization", "0.2"]
+        env = {"VLLM_CPU_OMP_THREADS_BIND": cpu_thread_binding(tp)}
+    logs = tmp_path_factory.mktemp(f"servers-{request.param}")
     started = {}
     try:
-        started["default"] = _start(model, logs / "default.log", [])
+        started["default"] = _start(model, logs / "default.log", extra, env)
         started["headinfer"] = _start(
             model,
             logs / "headinfer.log",
-            ["--attention-backend", "HEADINFER", "--additional-config", json.dumps(HEADINFER_CONFIG)],
+            [*extra, "--attention-backend", "HEADINFER",
+             "--additional-config", json.dumps(HEADINFER_CONFIG)],
+            env,
         )
         deadline = time.monotonic() + STARTUP_TIMEOUT
         for server in started.values():

@@ -29,6 +29,7 @@ from conftest import (
     BASE_LLM,
     MODEL_SHAPES,
     assert_same_outputs,
+    cpu_thread_binding,
     engine_ok,
     headinfer_llm,
     placement_of,
@@ -73,15 +74,6 @@ def _scenarios() -> dict:
     }
 
 
-def _thread_binding() -> str:
-    """One core per worker: vLLM's automatic binding wants a NUMA node per
-    rank, which a small machine does not have."""
-    cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < TP:
-        pytest.skip(f"TP = {TP} on CPU needs {TP} cores")
-    return "|".join(str(c) for c in cores[:TP])
-
-
 def _refusal_budget() -> float:
     """A cpu_kv_gib one rank may pin but two ranks on this node may not."""
     from vllm_headinfer.config import available_host_bytes, host_limit_per_rank
@@ -112,7 +104,7 @@ def tp_run(tiny_models, tmp_path_factory):
         "scenarios": _scenarios(),
         "engines": engines,
     }
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = _thread_binding()
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(TP)
     try:
         return run_engines(spec, tmp_path_factory.mktemp("tp"), "tp", timeout=1200)
     finally:
