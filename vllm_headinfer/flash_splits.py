@@ -7,9 +7,9 @@ and sizes the split buffers, and FLASH_ATTN's per-request plan
 in several calls (resident heads, offloaded head groups). Each call gets the
 split count of FLASH_ATTN's single call over all heads, and the all-heads
 plan for that count. Every head is then split and reduced exactly as in that
-one call. Left
-to choose, a call over fewer heads may pick another count; the count is not
-monotonic in the head count, so neither bound is safe for the other.
+one call. Left to choose, a call over fewer heads may pick another count; the
+count is not monotonic in the head count, so neither bound is safe for the
+other.
 
 FA3 does not return the count, so this module computes it on the host from
 the same inputs. It follows the heuristic of the FA3 build vLLM 0.32.0 ships

@@ -16,6 +16,8 @@ Also the small case for ``compute-sanitizer --tool racecheck``:
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -275,26 +277,27 @@ def check_split_count() -> None:
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     cases = misses = 0
     seen = set()
-    for head_size in (64, 128):
-        for kv_heads in (1, 2, 3, 4, 8):
-            for group in (1, 4, 8):
-                for max_q in (1, 2, 8, 16, 17, 33, 64, 65, 100, 200, 416, 600, 2048):
-                    for width in (1, 4, 5, 8, 9, 16, 33, 64, 100, 257, 1024, 4096, 16384):
-                        for block in (16, 128):
-                            shape = (kv_heads, group, head_size, max_q, width, block)
-                            want = _flash_split_count(*shape)
-                            got = all_heads_num_splits(
-                                num_heads=kv_heads * group, num_kv_heads=kv_heads,
-                                head_size=head_size, max_query_len=max_q,
-                                max_seq_len=width * block, block_size=block, num_sms=num_sms)
-                            cases += 1
-                            seen.add(want)
-                            if got != want:
-                                misses += 1
-                                if misses <= 20:
-                                    print(f"split count (kv_heads, group, head_size, max_q, "
-                                          f"width, block)={shape}: flash attention {want}, "
-                                          f"computed {got}")
+    grid = itertools.product(
+        (64, 128),  # head size
+        (1, 2, 3, 4, 8),  # KV heads
+        (1, 4, 8),  # query heads per KV head
+        (1, 2, 8, 16, 17, 33, 64, 65, 100, 200, 416, 600, 2048),  # longest query
+        (1, 4, 5, 8, 9, 16, 33, 64, 100, 257, 1024, 4096, 16384),  # block-table width
+        (16, 128),  # block size
+    )
+    for head_size, kv_heads, group, max_q, width, block in grid:
+        shape = (kv_heads, group, head_size, max_q, width, block)
+        want = _flash_split_count(*shape)
+        got = all_heads_num_splits(
+            num_heads=kv_heads * group, num_kv_heads=kv_heads, head_size=head_size,
+            max_query_len=max_q, max_seq_len=width * block, block_size=block, num_sms=num_sms)
+        cases += 1
+        seen.add(want)
+        if got != want:
+            misses += 1
+            if misses <= 20:
+                print(f"split count (kv_heads, group, head_size, max_q, width, block)={shape}: "
+                      f"flash attention {want}, computed {got}")
     print(f"split count: {cases - misses} of {cases} shapes agree; counts seen {sorted(seen)}")
     assert misses == 0, f"{misses} of {cases} shapes differ"
 
