@@ -2,10 +2,12 @@
 that name imported into ``vllm.v1.engine.core``).
 
 The engine core turns each worker's free device memory into a KV block count
-here; nothing in that flow knows about host memory. For HEADINFER layers every
-block also needs host memory for its offloaded heads, so each worker's budget
-is clamped to what ``cpu_kv_gib`` holds before vLLM's own auto-fit, max-length
-check, block planning and capacity log run on it.
+here, once for all ranks; nothing in that flow knows about host memory or
+head placement. For HEADINFER layers this is where heads are placed
+(capacity.place_workers): each layer's spec is re-split as placed, and each
+worker's budget is clamped to what ``cpu_kv_gib`` holds, before vLLM's own
+auto-fit, max-length check, block planning and capacity log run on them.
+The specs reach every worker inside the KV cache configs returned here.
 """
 
 from vllm_headinfer.patches._wrap import wrap
@@ -19,22 +21,18 @@ def apply() -> None:
 
     def make(orig):
         def get_kv_cache_configs(vllm_config, kv_cache_specs, available_memory):
-            from vllm_headinfer.capacity import headinfer_specs, host_budget, log_placement
+            from vllm_headinfer.capacity import headinfer_specs, log_placement, place_workers
+            from vllm_headinfer.metrics import publish
 
             if not any(headinfer_specs(specs) for specs in kv_cache_specs):
                 return orig(vllm_config, kv_cache_specs, available_memory)
-            budgets = [host_budget(vllm_config, specs) for specs in kv_cache_specs]
-            clamped = []
-            for budget, avail in zip(budgets, available_memory):
-                if budget is not None:
-                    budget.check_max_model_len(vllm_config)
-                    avail = min(avail, budget.device_equivalent())
-                clamped.append(avail)
-            configs = orig(vllm_config, kv_cache_specs, clamped)
-            for specs, budget, cfg in zip(kv_cache_specs, budgets, configs):
-                if headinfer_specs(specs):
-                    log_placement(vllm_config, specs, cfg.num_blocks, budget)
-                    break
+            specs, clamped, placements = place_workers(
+                vllm_config, kv_cache_specs, available_memory
+            )
+            configs = orig(vllm_config, specs, clamped)
+            rank = min(placements)
+            final = log_placement(vllm_config, placements[rank], configs[rank].num_blocks)
+            publish(vllm_config, final)
             return configs
 
         return get_kv_cache_configs

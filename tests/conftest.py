@@ -174,28 +174,48 @@ def assert_same_outputs(expected: list[dict], actual: list[dict], what: str) -> 
             )
 
 
+def expand_counts(text: str) -> list[int]:
+    """``3 in layers 0-1, 2 in 2`` -> ``[3, 3, 2]``."""
+    import re
+
+    counts = []
+    for count, first, last in re.findall(r"(\d+) in (?:layers? )?(\d+)(?:-(\d+))?", text):
+        counts += [int(count)] * (int(last or first) - int(first) + 1)
+    return counts
+
+
 def placement_of(lines: list[str]) -> dict:
-    """Parses the HEADINFER placement log line."""
+    """Parses the (last) HEADINFER placement log line. ``resident`` and
+    ``offloaded`` are per layer where every layer has the same count."""
     import re
 
     pat = re.compile(
-        r"HEADINFER placement: (\d+)/(\d+) KV heads resident per layer and rank, "
-        r"(\d+) offloaded, (\d+) layers; device KV ([\d.]+) GiB, host KV ([\d.]+) GiB; "
-        r"capacity (\d+) blocks = (\d+) tokens \(limited by ([^)]*\)?)\)"
+        r"HEADINFER placement: (\d+)/(\d+) KV head-layers resident per rank "
+        r"\((\d+) KV heads x (\d+) layers: ([^)]*)\); device KV ([\d.]+) GiB, "
+        r"host KV ([\d.]+) GiB; pool (\d+) blocks = (\d+) tokens \(limited by "
+        r"([^)]*\)?)\); decode reads ([\d.]+) MiB over the link per 1K tokens"
     )
     found = [m for m in map(pat.search, lines) if m]
     assert found, "no 'HEADINFER placement' log line:\n" + "\n".join(lines[-20:])
     m = found[-1]
+    counts = expand_counts(m[5])
+    heads = int(m[3])
+    assert len(counts) == int(m[4]) and sum(counts) == int(m[1]), m[0]
+    uniform = len(set(counts)) == 1
     return {
-        "resident": int(m[1]),
-        "heads": int(m[2]),
-        "offloaded": int(m[3]),
+        "resident_head_layers": int(m[1]),
+        "head_layers": int(m[2]),
+        "heads": heads,
         "layers": int(m[4]),
-        "device_gib": float(m[5]),
-        "host_gib": float(m[6]),
-        "blocks": int(m[7]),
-        "tokens": int(m[8]),
-        "limited_by": m[9],
+        "counts": counts,
+        "resident": counts[0] if uniform else None,
+        "offloaded": heads - counts[0] if uniform else None,
+        "device_gib": float(m[6]),
+        "host_gib": float(m[7]),
+        "blocks": int(m[8]),
+        "tokens": int(m[9]),
+        "limited_by": m[10],
+        "link_mib_per_1k": float(m[11]),
     }
 
 

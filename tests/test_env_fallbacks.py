@@ -96,11 +96,11 @@ def test_env_fallback_takes_effect(env_results, name, resident, gib):
 
 
 def test_defaults_without_settings(env_results):
-    """No setting anywhere: resident_kv_heads 0, cpu_kv_gib half the free RAM
+    """No setting anywhere: resident_kv_heads auto, cpu_kv_gib half the free RAM
     (less where the startup limit, which keeps room for the engine, is lower)."""
     res = engine_ok(env_results, "nothing-set")
     settings = res["config"]["additional_config"]["headinfer"]
-    assert settings["resident_kv_heads"] == 0
+    assert settings["resident_kv_heads"] == "auto"
     free_gib = psutil.virtual_memory().available / (1 << 30)
     assert 0 < settings["cpu_kv_gib"] <= free_gib / 2 * 1.25
     if free_gib >= 16:  # the limit is above half the free RAM here

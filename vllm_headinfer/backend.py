@@ -9,7 +9,6 @@ from vllm.v1.attention.backend import AttentionBackend, AttentionType, MultipleO
 from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
 
 from vllm_headinfer import BACKEND_NAME
-from vllm_headinfer import config as hi_config
 from vllm_headinfer.spec import HeadInferAttentionSpec, split_spec
 
 
@@ -62,10 +61,10 @@ class HeadInferBackend(AttentionBackend):
 
     @classmethod
     def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
-        """Device pages hold the first R heads of each layer; see spec.py."""
+        """Marks the layer as HEADINFER's with every head resident; the engine
+        core places its heads once it knows the device budget (capacity.py)."""
         if isinstance(spec, HeadInferAttentionSpec) or type(spec) is not FullAttentionSpec:
             return spec
         if spec.sliding_window is not None or spec.attention_chunk_size is not None:
             return spec
-        resident = hi_config.active().num_resident(spec.num_kv_heads)
-        return split_spec(spec, resident)
+        return split_spec(spec, spec.num_kv_heads)

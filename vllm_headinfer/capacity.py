@@ -1,29 +1,34 @@
-"""How many KV blocks fit: the smaller of the device and the host budget.
+"""The placement of each rank, decided in the engine core, and what it holds.
 
-vLLM turns the device memory left after profiling into a block count. The
-offloaded heads of every block also need host memory, so the usable count is
-``min(device_budget // device_bytes_per_block, cpu_kv_bytes // host_bytes_per_block)``.
-Expressing the host limit as an equivalent device budget lets vLLM's own
-auto-fit, startup check, scheduler and capacity log use that number.
+Workers report every HEADINFER layer with all its heads resident (see
+spec.py). vLLM's engine core then knows each worker's device KV budget from
+profiling and calls ``get_kv_cache_configs``; the patch in
+``patches/kv_cache_sizing.py`` runs ``place_workers`` there, once for all
+ranks: the placement policy (placement.py) picks the resident heads of every
+layer, each layer's spec is replaced by its head split, and the budget is
+clamped to the blocks the host pool holds. vLLM's own auto-fit, max-length
+check, block planning and capacity log then see the real capacity, and the
+specs travel to every worker inside the KV cache config, where each layer's
+metadata builder adopts its split (metadata.py).
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import replace
 
 from vllm.logger import init_logger
-from vllm.utils.math_utils import cdiv
 
+from vllm_headinfer import placement as policy
 from vllm_headinfer.config import HeadInferConfig, HeadInferConfigError
-from vllm_headinfer.spec import HeadInferAttentionSpec
+from vllm_headinfer.spec import HeadInferAttentionSpec, placeholder_page_bytes, split_spec
 
 logger = init_logger("vllm.headinfer")
 GIB = 1 << 30
 
 
-def headinfer_specs(worker_specs: dict) -> list[HeadInferAttentionSpec]:
-    return [s for s in worker_specs.values() if isinstance(s, HeadInferAttentionSpec)]
+def headinfer_specs(worker_specs: dict) -> dict[str, HeadInferAttentionSpec]:
+    return {n: s for n, s in worker_specs.items() if isinstance(s, HeadInferAttentionSpec)}
 
 
 def device_bytes_per_block(vllm_config, worker_specs: dict) -> int:
@@ -34,95 +39,186 @@ def device_bytes_per_block(vllm_config, worker_specs: dict) -> int:
     return kcu._pool_bytes_per_block(vllm_config, groups)
 
 
-@dataclass
-class HostBudget:
-    """One rank's host-side limit on the KV block count."""
+def layer_index(layer_name: str) -> int:
+    from vllm.model_executor.models.utils import extract_layer_index
 
-    cfg: HeadInferConfig
-    host_bytes_per_block: int  # over all offloading layers of the rank
-    block_size: int
-    device_bytes_per_block: int = 0
+    return extract_layer_index(layer_name)
 
-    @property
-    def num_blocks(self) -> int:
-        return self.cfg.cpu_kv_bytes // self.host_bytes_per_block
 
-    @property
-    def max_tokens(self) -> int:
-        # Block 0 is vLLM's null block and holds no tokens.
-        return max(0, self.num_blocks - 1) * self.block_size
+def rank_kv(vllm_config, worker_specs: dict) -> policy.RankKV | None:
+    """The KV shape of one worker's HEADINFER layers, or None if it has none."""
+    ours = headinfer_specs(worker_specs)
+    if not ours:
+        return None
+    spec = next(iter(ours.values()))
+    if len({(s.num_kv_heads, s.page_size_bytes) for s in ours.values()}) > 1:
+        raise HeadInferConfigError(
+            "HEADINFER needs the same KV heads and head size in every layer it "
+            "serves; this model's layers differ. Use the default backend."
+        )
+    others = {n: s for n, s in worker_specs.items() if n not in ours}
+    return policy.RankKV(
+        layer_indices=tuple(sorted(layer_index(n) for n in ours)),
+        num_kv_heads=spec.num_kv_heads,
+        block_size=spec.block_size,
+        head_block_bytes=spec.page_size_bytes // spec.num_kv_heads,
+        placeholder_bytes=placeholder_page_bytes(spec),
+        other_device_bytes=sum(s.page_size_bytes for s in others.values()),
+        uniform_only=bool(others),
+    )
 
-    def device_equivalent(self) -> int:
-        """The device budget that yields exactly ``num_blocks`` blocks."""
-        return self.num_blocks * self.device_bytes_per_block
 
-    def check_max_model_len(self, vllm_config) -> None:
-        model = vllm_config.model_config
-        if model.original_max_model_len == -1:
-            return  # auto-fit picks a length the host budget holds
-        need = cdiv(model.max_model_len, self.block_size) + 1
-        if need > self.num_blocks:
+def offload_device_bytes(cfg: HeadInferConfig) -> int:
+    """Device memory the offload path needs besides KV: the staging buffers,
+    allocated only where some head is offloaded and a path stages."""
+    from vllm.platforms import current_platform
+
+    return cfg.staging_mib << 20 if current_platform.is_cuda() and cfg.stages else 0
+
+
+def pool_target(vllm_config, cfg: HeadInferConfig, block_size: int) -> int | None:
+    """Tokens the auto placement must hold, None for the largest pool."""
+    override = vllm_config.cache_config.num_gpu_blocks_override
+    if override is not None:
+        return (override - 1) * block_size
+    if cfg.kv_pool_tokens == "max" or vllm_config.model_config.original_max_model_len == -1:
+        return None
+    if cfg.kv_pool_tokens is not None:
+        return cfg.kv_pool_tokens
+    return vllm_config.model_config.max_model_len
+
+
+def choose(
+    vllm_config, cfg: HeadInferConfig, kvs: list[policy.RankKV], budgets: list[policy.Budgets]
+) -> list[policy.Placement]:
+    """One placement per rank (ranks share block ids, so one pool size)."""
+    if not cfg.is_auto:
+        placements = [
+            policy.fixed(kv, tuple(cfg.resident_of(i, kv.num_kv_heads) for i in kv.layer_indices), b)
+            for kv, b in zip(kvs, budgets)
+        ]
+        for p in placements:
+            check_host_holds(vllm_config, cfg, p)
+        return placements
+    tokens = pool_target(vllm_config, cfg, kvs[0].block_size)
+    try:
+        if tokens is None:
+            tokens = (policy.max_blocks(kvs, budgets) - 1) * kvs[0].block_size
+        return [policy.auto(kv, b, tokens) for kv, b in zip(kvs, budgets)]
+    except policy.PlacementError as e:
+        raise HeadInferConfigError(
+            f"HEADINFER: {e}. additional_config.headinfer.kv_pool_tokens="
+            f"{cfg.kv_pool_tokens!r} (default: max_model_len="
+            f"{vllm_config.model_config.max_model_len}) asks for more than fits: "
+            "raise cpu_kv_gib or the device KV budget (--gpu-memory-utilization, "
+            "--kv-cache-memory-bytes), or lower kv_pool_tokens / --max-model-len "
+            "(or pass kv_pool_tokens 'max' / --max-model-len auto)."
+        ) from None
+
+
+def check_host_holds(vllm_config, cfg: HeadInferConfig, p: policy.Placement) -> None:
+    """Explicit counts: refuses what ``cpu_kv_gib`` cannot hold."""
+    host_bpb = p.host_bytes_per_block
+    if not host_bpb:
+        return
+    host_blocks = cfg.cpu_kv_bytes // host_bpb
+    model = vllm_config.model_config
+    block_size = p.kv.block_size
+    if model.original_max_model_len != -1:
+        need = policy.pool_blocks(model.max_model_len, block_size)
+        if need > host_blocks:
             raise HeadInferConfigError(
                 f"HEADINFER: max_model_len={model.max_model_len} needs "
-                f"{need * self.host_bytes_per_block / GIB:.3f} GiB of host memory "
-                "per rank for the offloaded heads' KV, but "
-                f"additional_config.headinfer.cpu_kv_gib={self.cfg.cpu_kv_gib} "
-                f"holds {self.max_tokens} tokens. Raise cpu_kv_gib or lower "
-                "--max-model-len (or pass --max-model-len auto)."
+                f"{need * host_bpb / GIB:.3f} GiB of host memory per rank for the "
+                "offloaded heads' KV, but "
+                f"additional_config.headinfer.cpu_kv_gib={cfg.cpu_kv_gib} holds "
+                f"{max(0, host_blocks - 1) * block_size} tokens. Raise cpu_kv_gib "
+                "or lower --max-model-len (or pass --max-model-len auto)."
             )
-        override = vllm_config.cache_config.num_gpu_blocks_override
-        if override is not None and override > self.num_blocks:
-            raise HeadInferConfigError(
-                f"HEADINFER: num_gpu_blocks_override={override} exceeds the "
-                f"{self.num_blocks} blocks that additional_config.headinfer."
-                f"cpu_kv_gib={self.cfg.cpu_kv_gib} holds for offloaded heads."
-            )
+    override = vllm_config.cache_config.num_gpu_blocks_override
+    if override is not None and override > host_blocks:
+        raise HeadInferConfigError(
+            f"HEADINFER: num_gpu_blocks_override={override} exceeds the "
+            f"{host_blocks} blocks that additional_config.headinfer."
+            f"cpu_kv_gib={cfg.cpu_kv_gib} holds for offloaded heads."
+        )
 
 
-def host_budget(vllm_config, worker_specs: dict) -> HostBudget | None:
-    """The host limit of one rank from its KV cache specs, or None when no
-    layer offloads heads."""
-    specs = [s for s in headinfer_specs(worker_specs) if s.num_offloaded_kv_heads]
-    if not specs:
-        return None
-    return HostBudget(
-        HeadInferConfig.from_vllm_config(vllm_config),
-        sum(s.host_page_size_bytes for s in specs),
-        specs[0].block_size,
-        device_bytes_per_block(vllm_config, worker_specs),
-    )
+def apply(worker_specs: dict, p: policy.Placement) -> dict:
+    """The worker's specs with each HEADINFER layer split as placed."""
+    out = dict(worker_specs)
+    for name, spec in headinfer_specs(worker_specs).items():
+        out[name] = split_spec(spec, p.resident_of(layer_index(name)))
+    return out
 
 
-def model_host_budget(vllm_config, cfg: HeadInferConfig) -> HostBudget | None:
-    """The same limit estimated from the model config alone, before any
-    engine process starts, for a model whose every layer is HEADINFER's."""
+def place_workers(vllm_config, kv_cache_specs: list[dict], available_memory: list[int]):
+    """Decides every rank's placement; returns the re-split specs, the
+    budgets clamped to what the host pools hold, and the placements."""
+    cfg = HeadInferConfig.from_vllm_config(vllm_config)
+    ranks = [i for i, specs in enumerate(kv_cache_specs) if headinfer_specs(specs)]
+    kvs = [rank_kv(vllm_config, kv_cache_specs[i]) for i in ranks]
+    offload = offload_device_bytes(cfg)
+    budgets = [
+        policy.Budgets(available_memory[i], cfg.cpu_kv_bytes, offload) for i in ranks
+    ]
+    placements = choose(vllm_config, cfg, kvs, budgets)
+    specs, avail, by_rank = list(kv_cache_specs), list(available_memory), {}
+    for i, p in zip(ranks, placements):
+        specs[i] = apply(kv_cache_specs[i], p)
+        by_rank[i] = p
+        if p.offloads:
+            host_blocks = cfg.cpu_kv_bytes // p.host_bytes_per_block
+            dev_bpb = device_bytes_per_block(vllm_config, specs[i])
+            avail[i] = min(avail[i] - offload, host_blocks * dev_bpb)
+    return specs, avail, by_rank
+
+
+def log_placement(vllm_config, p: policy.Placement, num_blocks: int) -> policy.Placement:
+    """Logs the startup line for vLLM's final block count; returns the
+    placement with that count and what bounds it."""
+    cfg = HeadInferConfig.from_vllm_config(vllm_config)
+    if p.offloads and num_blocks >= cfg.cpu_kv_bytes // p.host_bytes_per_block:
+        limited = "host (cpu_kv_gib)"
+    elif vllm_config.cache_config.num_gpu_blocks_override is not None:
+        limited = "num_gpu_blocks_override"
+    else:
+        limited = "device"
+    final = replace(p, num_blocks=num_blocks, limited_by=limited)
+    logger.info("HEADINFER placement: %s", final.summary())
+    return final
+
+
+def model_rank_kv(vllm_config) -> policy.RankKV:
+    """The KV shape of one rank from the model config alone (every layer
+    HEADINFER's), before any engine process starts."""
     model, parallel = vllm_config.model_config, vllm_config.parallel_config
     heads = model.get_num_kv_heads(parallel)
-    offloaded = heads - cfg.num_resident(heads)
     block_size = vllm_config.cache_config.block_size
-    if not offloaded or not block_size:
-        return None
-    page = offloaded * block_size * 2 * model.get_head_size() * model.dtype.itemsize
-    return HostBudget(cfg, model.get_num_layers(parallel) * page, block_size)
-
-
-def log_placement(vllm_config, worker_specs: dict, num_blocks: int, budget: HostBudget | None):
-    specs = headinfer_specs(worker_specs)
-    spec = specs[0]
-    dev = num_blocks * device_bytes_per_block(vllm_config, worker_specs)
-    host = num_blocks * budget.host_bytes_per_block if budget else 0
-    limit = "host (cpu_kv_gib)" if budget and num_blocks >= budget.num_blocks else "device"
-    logger.info(
-        "HEADINFER placement: %d/%d KV heads resident per layer and rank, "
-        "%d offloaded, %d layers; device KV %.3f GiB, host KV %.3f GiB; "
-        "capacity %d blocks = %d tokens (limited by %s)",
-        spec.num_resident_kv_heads,
-        spec.num_kv_heads,
-        spec.num_offloaded_kv_heads,
-        len(specs),
-        dev / GIB,
-        host / GIB,
-        num_blocks,
-        (num_blocks - 1) * spec.block_size,
-        limit,
+    dtype_size = model.dtype.itemsize if vllm_config.cache_config.cache_dtype == "auto" else (
+        2 if "16" in vllm_config.cache_config.cache_dtype else 1
     )
+    start, end = model.get_layers_start_end_indices(parallel)
+    return policy.RankKV(
+        layer_indices=tuple(range(start, end)),
+        num_kv_heads=heads,
+        block_size=block_size,
+        head_block_bytes=block_size * 2 * model.get_head_size() * dtype_size,
+        placeholder_bytes=block_size * dtype_size,
+    )
+
+
+def check_before_engine(vllm_config, cfg: HeadInferConfig) -> None:
+    """In the user's process: refuses what the budgets known before any
+    engine starts cannot hold (the host budget always; the device budget
+    when --kv-cache-memory-bytes gives it)."""
+    if not vllm_config.cache_config.block_size:
+        return
+    kv = model_rank_kv(vllm_config)
+    device = vllm_config.cache_config.kv_cache_memory_bytes
+    if not cfg.is_auto:
+        counts = tuple(cfg.resident_of(i, kv.num_kv_heads) for i in kv.layer_indices)
+        unlimited = policy.Budgets(1 << 62, cfg.cpu_kv_bytes)
+        check_host_holds(vllm_config, cfg, policy.fixed(kv, counts, unlimited))
+    elif device is not None:
+        choose(vllm_config, cfg, [kv], [policy.Budgets(device, cfg.cpu_kv_bytes, offload_device_bytes(cfg))])

@@ -36,9 +36,17 @@ OFFLOAD_PATHS = ("auto", "uva", "staged")
 SETTINGS = {
     "resident_kv_heads": (
         "VLLM_HEADINFER_RESIDENT_KV_HEADS",
-        "KV heads per layer and tensor-parallel rank kept in device KV pages "
-        "(integer 0..H, H = KV heads per rank); the other H - R heads live in "
-        "host memory. Default 0.",
+        "KV heads per layer and tensor-parallel rank kept in device KV pages: "
+        "'auto' (the most the device KV budget allows for kv_pool_tokens), an "
+        "integer 0..H for every layer, or a list of one integer 0..H per layer "
+        "of the model (H = KV heads per rank); the other heads live in host "
+        "memory. Default 'auto'.",
+    ),
+    "kv_pool_tokens": (
+        "VLLM_HEADINFER_KV_POOL_TOKENS",
+        "Tokens the KV pool must hold when resident_kv_heads is 'auto': an "
+        "integer > 0, or 'max' (the largest pool device and host budgets hold "
+        "together). Default: max_model_len ('max' with --max-model-len auto).",
     ),
     "cpu_kv_gib": (
         "VLLM_HEADINFER_CPU_KV_GIB",
@@ -77,9 +85,16 @@ def _setting_error(key: str, value: Any, accepted: str) -> HeadInferConfigError:
     )
 
 
+AUTO = "auto"
+MAX_POOL = "max"
+
+
 @dataclasses.dataclass(frozen=True)
 class HeadInferConfig:
-    resident_kv_heads: int = 0
+    # "auto", one count for every layer, or one count per model layer.
+    resident_kv_heads: str | int | tuple[int, ...] = AUTO
+    # Tokens the pool must hold under "auto": None = max_model_len, or "max".
+    kv_pool_tokens: int | str | None = None
     cpu_kv_gib: float | None = None
     decode_path: str = "auto"
     prefill_path: str = "auto"
@@ -87,7 +102,12 @@ class HeadInferConfig:
 
     @classmethod
     def parse(cls, raw: dict | None) -> HeadInferConfig:
-        """Checks types and ranges that need no model; env fills gaps."""
+        """Checks types and ranges that need no model; env fills gaps.
+
+        Values from ``additional_config`` must have their JSON type (a count
+        is a number, not a string); only environment variables, which are
+        strings by nature, are parsed from text.
+        """
         raw = dict(raw or {})
         unknown = sorted(set(raw) - set(SETTINGS))
         if unknown:
@@ -96,18 +116,16 @@ class HeadInferConfig:
                 f"{', '.join(map(repr, unknown))}; accepted settings: "
                 f"{', '.join(SETTINGS)}."
             )
+        from_env = set()
         for key, (env, _) in SETTINGS.items():
             if key not in raw and os.environ.get(env, "") != "":
-                raw[key] = os.environ[env]
+                raw[key] = _from_env_text(key, os.environ[env])
+                from_env.add(key)
         kwargs: dict[str, Any] = {}
         if "resident_kv_heads" in raw:
-            kwargs["resident_kv_heads"] = _as_int(
-                "resident_kv_heads", raw["resident_kv_heads"], "an integer 0..H"
-            )
-            if kwargs["resident_kv_heads"] < 0:
-                raise _setting_error(
-                    "resident_kv_heads", raw["resident_kv_heads"], "an integer 0..H"
-                )
+            kwargs["resident_kv_heads"] = _resident_setting(raw["resident_kv_heads"])
+        if raw.get("kv_pool_tokens") is not None:
+            kwargs["kv_pool_tokens"] = _pool_setting(raw["kv_pool_tokens"])
         if raw.get("cpu_kv_gib") is not None:
             gib = _as_float("cpu_kv_gib", raw["cpu_kv_gib"], "a number of GiB > 0")
             if not (gib > 0 and math.isfinite(gib)):
@@ -134,33 +152,95 @@ class HeadInferConfig:
         assert self.cpu_kv_gib is not None, "cpu_kv_gib is resolved at startup"
         return int(self.cpu_kv_gib * (1 << 30))
 
-    def num_resident(self, num_kv_heads: int) -> int:
-        """Resident heads of a layer with ``num_kv_heads`` heads on this rank."""
-        return min(self.resident_kv_heads, num_kv_heads)
+    @property
+    def is_auto(self) -> bool:
+        return self.resident_kv_heads == AUTO
+
+    def resident_of(self, layer_index: int, num_kv_heads: int) -> int:
+        """The explicit resident count of one layer (not for "auto")."""
+        assert not self.is_auto
+        if isinstance(self.resident_kv_heads, tuple):
+            return self.resident_kv_heads[layer_index]
+        return self.resident_kv_heads
+
+    @property
+    def resolved_decode_path(self) -> str:
+        return "uva" if self.decode_path == "auto" else self.decode_path
+
+    @property
+    def resolved_prefill_path(self) -> str:
+        return "staged" if self.prefill_path == "auto" else self.prefill_path
+
+    @property
+    def stages(self) -> bool:
+        """Whether offloaded heads need device staging buffers (CUDA)."""
+        return "staged" in (self.resolved_decode_path, self.resolved_prefill_path)
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if isinstance(self.resident_kv_heads, tuple):
+            out["resident_kv_heads"] = list(self.resident_kv_heads)
+        return out
+
+
+_RESIDENT_ACCEPTED = "'auto', an integer 0..H or a list of integers 0..H, one per layer"
+_POOL_ACCEPTED = "an integer number of tokens > 0 or 'max'"
+
+
+def _from_env_text(key: str, text: str) -> Any:
+    """An environment variable's text as the JSON value it stands for:
+    numbers and lists (``1,2,2`` or ``[1, 2, 2]``) parsed, words kept."""
+    text = text.strip()
+    if key == "resident_kv_heads" and ("," in text or text.startswith("[")):
+        try:
+            return [int(x) for x in text.strip("[]").split(",")]
+        except ValueError:
+            raise _setting_error(key, text, _RESIDENT_ACCEPTED) from None
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _resident_setting(value: Any) -> str | int | tuple[int, ...]:
+    if value == AUTO:
+        return AUTO
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise _setting_error("resident_kv_heads", value, _RESIDENT_ACCEPTED)
+        counts = tuple(_as_int("resident_kv_heads", v, _RESIDENT_ACCEPTED) for v in value)
+        if min(counts) < 0:
+            raise _setting_error("resident_kv_heads", value, _RESIDENT_ACCEPTED)
+        return counts
+    count = _as_int("resident_kv_heads", value, _RESIDENT_ACCEPTED)
+    if count < 0:
+        raise _setting_error("resident_kv_heads", value, _RESIDENT_ACCEPTED)
+    return count
+
+
+def _pool_setting(value: Any) -> int | str:
+    if value == MAX_POOL:
+        return MAX_POOL
+    tokens = _as_int("kv_pool_tokens", value, _POOL_ACCEPTED)
+    if tokens <= 0:
+        raise _setting_error("kv_pool_tokens", value, _POOL_ACCEPTED)
+    return tokens
 
 
 def _as_int(key: str, value: Any, accepted: str) -> int:
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _setting_error(key, value, accepted)
-    try:
-        as_float = float(value)
-    except (TypeError, ValueError):
-        raise _setting_error(key, value, accepted) from None
-    if not as_float.is_integer():
+    if not float(value).is_integer():
         raise _setting_error(key, value, accepted)
-    return int(as_float)
+    return int(value)
 
 
 def _as_float(key: str, value: Any, accepted: str) -> float:
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _setting_error(key, value, accepted)
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise _setting_error(key, value, accepted) from None
+    return float(value)
 
 
 def is_selected(vllm_config: VllmConfig) -> bool:
@@ -289,14 +369,7 @@ def resolve(vllm_config: VllmConfig) -> HeadInferConfig | None:
     cfg = HeadInferConfig.parse(raw)
     _check_model(vllm_config)
 
-    heads = vllm_config.model_config.get_num_kv_heads(vllm_config.parallel_config)
-    if cfg.resident_kv_heads > heads:
-        raise _setting_error(
-            "resident_kv_heads",
-            cfg.resident_kv_heads,
-            f"an integer 0..{heads} (this model has {heads} KV heads per "
-            f"tensor-parallel rank)",
-        )
+    _check_resident_counts(vllm_config, cfg)
 
     ranks = ranks_per_node(vllm_config)
     free = available_host_bytes()
@@ -324,33 +397,33 @@ def resolve(vllm_config: VllmConfig) -> HeadInferConfig | None:
     if vllm_config.attention_config.backend is not None and (
         vllm_config.attention_config.backend.name == BACKEND_NAME
     ):
-        # Every layer offloads: a max_model_len the host budget cannot hold is
-        # refused here, in the user's process; the engine core checks again
-        # with the exact specs (and covers per-kind selection).
-        from vllm_headinfer.capacity import model_host_budget
+        # Every layer is HEADINFER's: what the budgets known here cannot hold
+        # is refused in the user's process; the engine core decides the
+        # placement with the profiled device budget and checks again.
+        from vllm_headinfer.capacity import check_before_engine
 
-        budget = model_host_budget(vllm_config, cfg)
-        if budget is not None:
-            budget.check_max_model_len(vllm_config)
+        check_before_engine(vllm_config, cfg)
     return cfg
 
 
-_active: HeadInferConfig | None = None
-
-
-def set_active(cfg: HeadInferConfig) -> None:
-    """Remembers this process's config for hooks that vLLM calls without one
-    (``AttentionBackend.customize_spec`` is a classmethod with no config)."""
-    global _active
-    _active = cfg
-
-
-def active() -> HeadInferConfig:
-    if _active is not None:
-        return _active
-    from vllm.config import get_current_vllm_config_or_none
-
-    vllm_config = get_current_vllm_config_or_none()
-    if vllm_config is not None:
-        return HeadInferConfig.from_vllm_config(vllm_config)
-    return HeadInferConfig.parse(None)
+def _check_resident_counts(vllm_config: VllmConfig, cfg: HeadInferConfig) -> None:
+    heads = vllm_config.model_config.get_num_kv_heads(vllm_config.parallel_config)
+    layers = vllm_config.model_config.get_total_num_hidden_layers()
+    value = cfg.resident_kv_heads
+    if cfg.is_auto:
+        return
+    counts = value if isinstance(value, tuple) else (value,)
+    if max(counts) > heads:
+        raise _setting_error(
+            "resident_kv_heads",
+            list(value) if isinstance(value, tuple) else value,
+            f"'auto' or integers 0..{heads} (this model has {heads} KV heads per "
+            "tensor-parallel rank)",
+        )
+    if isinstance(value, tuple) and len(value) != layers:
+        raise _setting_error(
+            "resident_kv_heads",
+            list(value),
+            f"a list of {layers} integers 0..{heads}, one per layer of this "
+            f"model (got {len(value)})",
+        )

@@ -44,12 +44,17 @@ class CudaHeadAttention:
     def __init__(self, impl, cfg) -> None:
         self.impl = impl
         self.fa_version = get_flash_attn_version(head_size=impl.head_size)
-        self.decode_path = "uva" if cfg.decode_path == "auto" else cfg.decode_path
-        self.prefill_path = "staged" if cfg.prefill_path == "auto" else cfg.prefill_path
+        self.decode_path = cfg.resolved_decode_path
+        self.prefill_path = cfg.resolved_prefill_path
+        self.staging_bytes = cfg.staging_mib << 20 if cfg.stages else 0
         self.staging = None
-        if impl.num_offloaded and "staged" in (self.decode_path, self.prefill_path):
+
+    def placed(self) -> None:
+        """Takes the process's staging buffers once this layer offloads heads
+        (the engine core reserved their memory when it placed them)."""
+        if self.impl.num_offloaded and self.staging_bytes and self.staging is None:
             device = torch.device("cuda", torch.cuda.current_device())
-            self.staging = shared_staging(cfg.staging_mib << 20, device)
+            self.staging = shared_staging(self.staging_bytes, device)
 
     def write(self, layer, key, value, kv_cache, pool, slot_mapping) -> None:
         from vllm._custom_ops import reshape_and_cache_flash

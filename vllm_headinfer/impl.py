@@ -19,7 +19,7 @@ from vllm_headinfer import config as hi_config
 from vllm_headinfer.host_pool import HostKVPool, host_pools
 from vllm_headinfer.layout import device_kv, host_kv
 from vllm_headinfer.metadata import HeadInferMetadata
-from vllm_headinfer.spec import split_spec
+from vllm_headinfer.spec import HeadInferAttentionSpec
 
 
 def _unsupported(feature: str) -> NotImplementedError:
@@ -63,51 +63,41 @@ class HeadInferImpl(AttentionImpl[HeadInferMetadata]):
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.group = num_heads // self.num_kv_heads
 
-        cfg = hi_config.HeadInferConfig.from_vllm_config(get_current_vllm_config())
-        # customize_spec runs later in this process without a config at hand.
-        hi_config.set_active(cfg)
-        self.num_resident = cfg.num_resident(self.num_kv_heads)
-        self.num_offloaded = self.num_kv_heads - self.num_resident
-        self.resident_q = self.num_resident * self.group
+        # Every head resident until the engine core's placement reaches this
+        # layer's metadata builder (``place``): the memory-profiling pass
+        # runs as the default backend would.
+        self.num_resident = self.num_kv_heads
+        self.num_offloaded = 0
+        self.resident_q = num_heads
         self.host_pool: HostKVPool | None = None
         if current_platform.is_cuda():
             from vllm_headinfer.cuda_attention import CudaHeadAttention
 
+            cfg = hi_config.HeadInferConfig.from_vllm_config(get_current_vllm_config())
             self.ops = CudaHeadAttention(self, cfg)
         else:
             self.ops = None
 
-    def attach_host_pool(self, pool: HostKVPool) -> None:
+    def place(self, spec: HeadInferAttentionSpec, pool: HostKVPool | None) -> None:
+        """Adopts this layer's head split from its KV cache spec and the host
+        pool of its offloaded heads (None when every head is resident)."""
+        self.num_offloaded = spec.num_offloaded_kv_heads
+        self.num_resident = self.num_kv_heads - self.num_offloaded
+        self.resident_q = self.num_resident * self.group
         self.host_pool = pool
+        if self.ops is not None:
+            self.ops.placed()
 
     def _host_layer_name(self, layer) -> str:
         return self.kv_sharing_target_layer_name or layer.layer_name
 
-    def _pool_for(self, layer, kv_cache: torch.Tensor) -> HostKVPool:
+    def _pool_for(self, layer) -> HostKVPool:
         """The host pool of ``layer``; a layer that shares another layer's KV
-        reads that layer's pool. Falls back to a pool of this layer alone for
-        caches that no builder planned (the profiling pass)."""
-        pool = self.host_pool
-        num_blocks = kv_cache.shape[0]
-        if pool is not None and pool.num_blocks == num_blocks:
-            return pool
-        name = self._host_layer_name(layer)
-        pool = host_pools.get(name)
-        if pool is None or pool.num_blocks != num_blocks:
-            from vllm.v1.kv_cache_interface import FullAttentionSpec
-
-            spec = split_spec(
-                FullAttentionSpec(
-                    block_size=kv_cache.shape[2],
-                    num_kv_heads=self.num_kv_heads,
-                    head_size=self.head_size,
-                    dtype=kv_cache.dtype,
-                ),
-                self.num_resident,
-            )
-            pool = host_pools.ensure([name], spec, num_blocks, pin=current_platform.is_cuda())
-        self.host_pool = pool
-        return pool
+        reads that layer's pool."""
+        if self.host_pool is None:
+            self.host_pool = host_pools.get(self._host_layer_name(layer))
+        assert self.host_pool is not None, "offloaded heads without a host pool"
+        return self.host_pool
 
     def kv_parts(self, layer, kv_cache: torch.Tensor, pool: HostKVPool | None, uva: bool):
         """``(K pages, V pages, KV-head slice, query-head slice)`` of each part
@@ -132,7 +122,7 @@ class HeadInferImpl(AttentionImpl[HeadInferMetadata]):
         kv_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
     ) -> None:
-        pool = self._pool_for(layer, kv_cache) if self.num_offloaded else None
+        pool = self._pool_for(layer) if self.num_offloaded else None
         if self.ops is not None:
             self.ops.write(layer, key, value, kv_cache, pool, slot_mapping)
             return
@@ -159,7 +149,7 @@ class HeadInferImpl(AttentionImpl[HeadInferMetadata]):
             # Profiling run: no KV to attend to.
             return output.fill_(0)
         n = attn_metadata.num_actual_tokens
-        pool = self._pool_for(layer, kv_cache) if self.num_offloaded else None
+        pool = self._pool_for(layer) if self.num_offloaded else None
         if self.ops is not None:
             self.ops.forward(layer, query[:n], kv_cache, pool, attn_metadata, output[:n])
             return output

@@ -89,17 +89,20 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
             # only); HEADINFER layers have none.
             self.flash.aot_sliding_window = FULL_ATTENTION_WINDOW
             self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
-        num_blocks = vllm_config.cache_config.num_gpu_blocks
-        # The real cache is planned by now (the worker sets num_gpu_blocks
-        # before building backends); the profiling pass with a minimal cache
-        # sees None and the impl sizes a small pool from its cache instead.
-        if num_blocks and kv_cache_spec.num_offloaded_kv_heads > 0:
+        # This group's layers adopt the head split the engine core placed in
+        # their spec. The real cache is planned by now (the worker sets
+        # num_gpu_blocks before building backends); the memory-profiling
+        # pass builds from the workers' own all-resident specs.
+        pool = None
+        if kv_cache_spec.num_offloaded_kv_heads > 0:
+            num_blocks = vllm_config.cache_config.num_gpu_blocks
+            assert num_blocks, "heads are placed off the device only with a planned cache"
             pool = host_pools.ensure(
                 layer_names, kv_cache_spec, num_blocks, pin=current_platform.is_cuda()
             )
-            layers = get_layers_from_vllm_config(vllm_config, Attention, layer_names)
-            for layer in layers.values():
-                layer.impl.attach_host_pool(pool)
+        layers = get_layers_from_vllm_config(vllm_config, Attention, layer_names)
+        for layer in layers.values():
+            layer.impl.place(kv_cache_spec, pool)
 
     def build(
         self,

@@ -1,9 +1,14 @@
 """The KV cache spec of a HeadInfer layer.
 
 vLLM sizes device pages from ``num_head_slots``: here that is the resident
-head count R, so its block accounting, memory profile and allocation see only
+head count R of the layer, so its block accounting and allocation see only
 resident bytes on the device. ``num_offloaded_kv_heads`` records the H - R
 heads whose pages live in the host pool, under the same block ids.
+
+Workers report every layer with all heads resident (``customize_spec``);
+the engine core re-splits each layer once it has placed them (capacity.py).
+Layers with different R have pages of different sizes in one KV cache group,
+which vLLM lays out per layer (``UniformTypeKVCacheSpecs``).
 """
 
 from __future__ import annotations
@@ -65,5 +70,11 @@ def split_spec(spec: FullAttentionSpec, resident: int) -> HeadInferAttentionSpec
         spec,
         HeadInferAttentionSpec,
         num_head_slots=resident,
+        state_content_bytes=None,
         num_offloaded_kv_heads=offloaded,
     )
+
+
+def placeholder_page_bytes(spec: FullAttentionSpec) -> int:
+    """Device bytes per block of a layer with no resident head."""
+    return split_spec(spec, 0).page_size_bytes

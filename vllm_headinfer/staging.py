@@ -52,8 +52,9 @@ def gather_pages(src: torch.Tensor, block_ids: torch.Tensor, dst: torch.Tensor) 
 
 class StagingBuffers:
     """Two device buffers shared by all layers of a process (layers run one
-    after another). Allocated while the model is built, so vLLM's memory
-    profile counts them before sizing the KV cache."""
+    after another). Allocated when the first layer with offloaded heads is
+    placed; the engine core took their size from the device KV budget when
+    it placed heads off the device (capacity.offload_device_bytes)."""
 
     def __init__(self, total_bytes: int, device: torch.device) -> None:
         half = (total_bytes // 2) // 256 * 256

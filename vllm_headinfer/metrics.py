@@ -1,0 +1,131 @@
+"""Placement and link load on ``/metrics`` (``headinfer:`` series).
+
+The placement is decided in the engine core; ``/metrics`` is served by the
+API server process, whose stat loggers vLLM loads from the
+``vllm.stat_logger_plugins`` entry point. The engine core writes the
+placement to a small JSON file named after the engine's ``instance_id``
+(the same in every process of one engine) in the temporary directory, and
+the stat logger reads it once the engine is up, then updates the link-load
+gauge from each step's scheduler stats.
+
+Series (per engine, label ``engine``):
+
+* ``headinfer:resident_head_layers`` / ``headinfer:offloaded_head_layers``:
+  KV heads x layers per rank kept on the device / in host memory;
+* ``headinfer:device_kv_bytes`` / ``headinfer:host_kv_bytes``: KV bytes per
+  rank on each side;
+* ``headinfer:pool_tokens``: tokens the KV pool holds;
+* ``headinfer:host_kv_read_bytes_per_step``: offloaded KV of the blocks in
+  use, per rank, i.e. what a decode step over the running requests reads
+  over the link (blocks in use x host bytes per block).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import tempfile
+
+from vllm.v1.metrics.loggers import AggregateStatLoggerBase
+
+from vllm_headinfer.placement import Placement
+
+CHANNEL_DIR = os.path.join(tempfile.gettempdir(), "vllm-headinfer")
+
+
+def channel_path(vllm_config, engine_index: int) -> str:
+    return os.path.join(CHANNEL_DIR, f"{vllm_config.instance_id}-{engine_index}.json")
+
+
+def publish(vllm_config, p: Placement) -> None:
+    """Engine core: writes the placement for the API server's stat logger."""
+    record = {
+        "resident_head_layers": p.resident_head_layers,
+        "offloaded_head_layers": p.kv.head_layers - p.resident_head_layers,
+        "device_kv_bytes": p.num_blocks * p.device_bytes_per_block,
+        "host_kv_bytes": p.num_blocks * p.host_bytes_per_block,
+        "pool_tokens": p.tokens,
+        "num_blocks": p.num_blocks,
+        "host_bytes_per_block": p.host_bytes_per_block,
+    }
+    path = channel_path(vllm_config, vllm_config.parallel_config.data_parallel_rank)
+    os.makedirs(CHANNEL_DIR, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+    os.replace(tmp, path)
+    atexit.register(_remove, path)
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.remove(path)
+
+
+def read(vllm_config, engine_index: int) -> dict | None:
+    try:
+        with open(channel_path(vllm_config, engine_index)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+STATIC = {
+    "resident_head_layers": "KV head-layers per rank kept in device KV pages.",
+    "offloaded_head_layers": "KV head-layers per rank kept in host memory.",
+    "device_kv_bytes": "Device KV cache bytes per rank.",
+    "host_kv_bytes": "Host KV pool bytes per rank (pinned on CUDA).",
+    "pool_tokens": "Tokens the KV pool holds.",
+}
+LINK_LOAD = "host_kv_read_bytes_per_step"
+
+
+class HeadInferStatLogger(AggregateStatLoggerBase):
+    """The ``headinfer:`` series; does nothing unless HEADINFER is selected."""
+
+    def __init__(self, vllm_config, engine_indexes: list[int] | None = None) -> None:
+        from vllm_headinfer.config import is_selected
+
+        self.vllm_config = vllm_config
+        self.engine_indexes = list(engine_indexes or [0])
+        self.placements: dict[int, dict] = {}
+        self.gauges: dict = {}
+        self.enabled = is_selected(vllm_config)
+
+    def _gauge(self, name: str, doc: str):
+        import prometheus_client
+
+        if name not in self.gauges:
+            self.gauges[name] = prometheus_client.Gauge(
+                f"headinfer:{name}", doc, ["engine"], multiprocess_mode="mostrecent"
+            )
+        return self.gauges[name]
+
+    def log_engine_initialized(self) -> None:
+        if not self.enabled:
+            return
+        for engine in self.engine_indexes:
+            record = read(self.vllm_config, engine)
+            if record is None:
+                continue
+            self.placements[engine] = record
+            for name, doc in STATIC.items():
+                self._gauge(name, doc).labels(engine=str(engine)).set(record[name])
+            self._gauge(LINK_LOAD, _LINK_DOC).labels(engine=str(engine)).set(0)
+
+    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+        record = self.placements.get(engine_idx)
+        if record is None or scheduler_stats is None:
+            return
+        in_use = round(scheduler_stats.kv_cache_usage * (record["num_blocks"] - 1))
+        self._gauge(LINK_LOAD, _LINK_DOC).labels(engine=str(engine_idx)).set(
+            in_use * record["host_bytes_per_block"]
+        )
+
+
+_LINK_DOC = (
+    "Offloaded KV bytes per rank of the KV blocks in use: what a decode step "
+    "over the running requests reads over the link."
+)
