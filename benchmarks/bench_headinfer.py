@@ -4,13 +4,15 @@ One command on a CUDA host with vLLM 0.32.0 and this plugin installed:
 
     python benchmarks/bench_headinfer.py --out results.json
 
-For each configuration (FLASH_ATTN; HEADINFER with R resident KV heads of 8)
-one engine is started in its own process (GPU memory is fully released in
+For each configuration (FLASH_ATTN; HEADINFER with R resident KV heads of 8
+in every layer, "R4"; HEADINFER with automatic placement, "auto", whose pool
+is one request of max_model_len) one engine is started in its own process (GPU memory is fully released in
 between) and, for every context length it can hold, one prompt of that many
 random tokens is prefilled and then decoded. Timings come from vLLM's own
 per-request timestamps (scheduled -> first token -> last token), so they
 exclude engine start-up and the frontend. Link bandwidth is the offloaded KV
-bytes one decode step reads divided by the step time. A separate start-up at
+bytes one decode step reads (from the placement line) divided by the step
+time. A separate start-up at
 ``--capacity-util`` (0.3 of an 80 GB card = a 24 GiB budget) with
 ``max_model_len=auto`` reports the largest context each configuration admits.
 
@@ -63,8 +65,8 @@ def write_model(root: Path, layers: int) -> Path:
 def config_kwargs(name: str, cpu_kv_gib: float | None) -> dict:
     if name == "FLASH_ATTN":
         return {"attention_backend": "FLASH_ATTN"}
-    resident = int(name[1:])  # "R4" -> 4 resident KV heads
-    extra = {"resident_kv_heads": resident}
+    # "auto": automatic placement; "R4": 4 resident KV heads in every layer.
+    extra = {"resident_kv_heads": "auto" if name == "auto" else int(name[1:])}
     if cpu_kv_gib:
         extra["cpu_kv_gib"] = cpu_kv_gib
     return {"attention_backend": "HEADINFER", "additional_config": {"headinfer": extra}}
@@ -157,9 +159,14 @@ def run_config(spec: dict, log: Path, timeout: int) -> dict:
     conc = re.findall(r"Maximum concurrency for ([\d,]+) tokens per request", text)
     if conc:
         parsed["engine_max_model_len"] = int(conc[-1].replace(",", ""))
-    place = re.findall(r"HEADINFER placement: .*device KV ([\d.]+) GiB, host KV ([\d.]+) GiB", text)
+    place = re.findall(
+        r"HEADINFER placement: (\d+)/(\d+) KV head-layers .*: ([^)]*)\); device KV ([\d.]+) GiB, "
+        r"host KV ([\d.]+) GiB; .* decode reads ([\d.]+) MiB over the link per 1K", text)
     if place:
-        parsed["device_kv_gib"], parsed["host_kv_gib"] = map(float, place[-1])
+        resident, total, counts, dev, host, mib = place[-1]
+        parsed["placement"] = f"{resident}/{total} resident: {counts}"
+        parsed["device_kv_gib"], parsed["host_kv_gib"] = float(dev), float(host)
+        parsed["link_bytes_per_token"] = float(mib) * (1 << 20) / 1024
     if not ok:
         parsed["error_tail"] = text[-3000:]
     return parsed
@@ -168,9 +175,10 @@ def run_config(spec: dict, log: Path, timeout: int) -> dict:
 def summarise(spec: dict, res: dict, h2d_gbs: float) -> list[dict]:
     rows = []
     layers, cfg, tp = spec["layers"], spec["config"], spec.get("tp", 1)
-    offloaded = 0 if cfg == "FLASH_ATTN" else 8 // tp - int(cfg[1:])  # per rank
+    per_token = res.get("link_bytes_per_token", 0)  # one rank, from the placement line
     for row in res.get("rows", []):
-        step_bytes = row["context"] * layers * offloaded * tp * KV_BYTES_PER_TOKEN_LAYER_HEAD
+        step_bytes = row["context"] * per_token * tp
+        offloaded = step_bytes > 0
         device_kv = res.get("device_kv_gib")
         if cfg == "FLASH_ATTN" and res.get("kv_capacity_tokens"):
             device_kv = res["kv_capacity_tokens"] * layers * 8 // tp * KV_BYTES_PER_TOKEN_LAYER_HEAD / GIB
@@ -182,6 +190,7 @@ def summarise(spec: dict, res: dict, h2d_gbs: float) -> list[dict]:
             "device_kv_gib": device_kv, "host_kv_gib": res.get("host_kv_gib"),
             "gpu_mem_used_mib": res.get("gpu_mem_used_mib"),
             "kv_capacity_tokens": res.get("kv_capacity_tokens"),
+            "placement": res.get("placement"),
         })
     return rows
 
@@ -219,6 +228,8 @@ def main() -> None:
     ap.add_argument("--capacity-util", type=float, default=None,
                     help="also start each config at this gpu_memory_utilization with max_model_len=auto")
     ap.add_argument("--capacity-cpu-kv-gib", type=float, default=None)
+    ap.add_argument("--max-model-len", type=int, default=None,
+                    help="engine max_model_len (default: longest context + decode + 64)")
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--cudagraph-mode", default=None, help="vLLM cudagraph_mode, e.g. PIECEWISE")
     ap.add_argument("--timeout", type=int, default=600)
@@ -242,7 +253,8 @@ def main() -> None:
     print(f"pinned H2D: {h2d:.1f} GB/s", flush=True)
     for cfg in args.configs.split(",") if contexts else []:
         spec = {"config": cfg, "model": str(model), "layers": args.layers, "contexts": contexts,
-                "max_model_len": max(contexts) + args.decode_tokens + 64, "chunk": args.chunk,
+                "max_model_len": args.max_model_len or max(contexts) + args.decode_tokens + 64,
+                "chunk": args.chunk,
                 "decode_tokens": args.decode_tokens, "gpu_util": args.gpu_util,
                 "cpu_kv_gib": args.cpu_kv_gib, "eager": args.eager,
                 "cudagraph_mode": args.cudagraph_mode, **parallel}
@@ -271,6 +283,8 @@ def print_table(report: dict) -> None:
     for r in report["rows"]:
         gbs = f"{r['link_gbs']:.1f}" if r["link_gbs"] else "-"
         share = f"{r['link_share_of_h2d']:.0%}" if r["link_share_of_h2d"] else "-"
+        if r.get("placement"):
+            print(f"  placement: {r['placement']}")
         print(f"{r['config']:<11}{r['context']:>9}{r['prefill_tok_s']:>15.0f}{r['decode_s_per_token']:>14.4f}"
               f"{gbs:>11}{share:>8}{r['device_kv_gib'] or 0:>11.2f}{r['host_kv_gib'] or 0:>12.2f}")
     for c in report["capacity"]:

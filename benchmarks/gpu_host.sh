@@ -1,6 +1,7 @@
 #!/bin/bash
 # Stages of a GPU-host session (see ../shared/gpu/README.md for the wheel kit).
 # Usage: bash benchmarks/gpu_host.sh install|check|ray-example|bench|bench-long|bench-tp|capacity
+#                                   |place-short|place-512k|place-capacity
 #        bash benchmarks/gpu_host.sh background "STAGE [STAGE...]"   (returns at once)
 #        bash benchmarks/gpu_host.sh wait SECONDS   (until the background stages end)
 # Logs and results go to $OUT (or ./gpu-out). A device command may run 10
@@ -93,6 +94,31 @@ case "$1" in
     timeout 180 python3 benchmarks/bench_headinfer.py --out "$out/capacity_tp.json" --layers 32 \
       --contexts "" --configs R0 --capacity-util 0.3 --capacity-cpu-kv-gib "$gib" --eager \
       --timeout 170 --tp "$tp" --executor "$executor" 2>&1 | tail -3
+    ;;
+  place-short)
+    # Automatic placement where the device holds everything (32 layers, 32K
+    # and 128K): every head resident, against FLASH_ATTN in the same run.
+    reinstall
+    timeout 560 python3 benchmarks/bench_headinfer.py --out "$out/place_short.json" --layers 32 \
+      --contexts 32768,131072 --configs FLASH_ATTN,auto --decode-tokens 8 --timeout 270 2>&1 | tail -12
+    ;;
+  place-512k)
+    # One 512K request on 32 layers: the device keeps what it can, the rest
+    # of the pool is offloaded (cpu_kv_gib 90 bounds it, the pool needs less).
+    reinstall
+    timeout 580 python3 benchmarks/bench_headinfer.py --out "$out/place_512k.json" --layers 32 \
+      --contexts 524288 --configs auto --cpu-kv-gib 90 --decode-tokens 8 --timeout 570 2>&1 | tail -8
+    ;;
+  place-capacity)
+    # The largest pool at gpu_memory_utilization 0.9 and cpu_kv_gib 90 with
+    # --max-model-len auto, then an engine with max_model_len 1,048,576 that
+    # generates.
+    reinstall
+    timeout 290 python3 benchmarks/bench_headinfer.py --out "$out/place_capacity.json" --layers 32 \
+      --contexts "" --configs auto --capacity-util 0.9 --capacity-cpu-kv-gib 90 --timeout 280 2>&1 | tail -3
+    timeout 300 python3 benchmarks/bench_headinfer.py --out "$out/place_1m.json" --layers 32 \
+      --contexts 4096 --max-model-len 1048576 --configs auto --cpu-kv-gib 90 --eager \
+      --decode-tokens 8 --timeout 290 2>&1 | tail -6
     ;;
   capacity)
     # R0 at the largest budget HEADINFER accepts at startup on this host; if

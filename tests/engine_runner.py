@@ -32,8 +32,9 @@ prefix cache filled by an earlier one. For each engine the result holds either
 ``error`` (an exception raised while building it: type and message) or the
 per-round outputs (token ids, the sampled tokens' logprobs, text) with the
 change of vLLM's prefix-cache and preemption counters per round, the
-log messages mentioning HEADINFER (``headinfer_log``, in-process only) and a
-few resolved config values.
+log messages mentioning HEADINFER (``headinfer_log``, in-process only), the
+host memory held by HEADINFER's pools (``host_pool_bytes``, in-process only)
+and a few resolved config values.
 
 The last stdout line is ``HEADINFER_RESULT <json>``.
 """
@@ -152,6 +153,11 @@ def run_engine(spec: dict, engine: dict, model_path: str, capture: _Capture) -> 
                 else:
                     os.environ[k] = v
         result["startup_s"] = round(time.monotonic() - t0, 2)
+        if spec.get("inprocess", False):
+            # The worker runs in this process: its host pools are visible.
+            from vllm_headinfer.host_pool import host_pools
+
+            result["host_pool_bytes"] = host_pools.total_bytes()
         result["config"] = _config_summary(llm.llm_engine.vllm_config)
         result["scenarios"] = {}
         for name in engine.get("scenarios", []):

@@ -163,3 +163,44 @@ def test_completions_match_default_backend(servers, i):
         for a, b in zip(base["logprobs"]["token_logprobs"], hi["logprobs"]["token_logprobs"])
     )
     assert worst <= LOGPROB_TOL
+
+
+def _headinfer_metrics(server) -> dict[str, float]:
+    """The ``headinfer:`` samples of the server's /metrics, by name."""
+    text = requests.get(f"http://127.0.0.1:{server['port']}/metrics", timeout=30).text
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("headinfer:"):
+            name, value = line.rsplit(" ", 1)
+            out[name.split("{")[0]] = float(value)
+    return out
+
+
+def test_metrics_show_placement_and_link_load(servers):
+    lines = open(servers["headinfer"]["log_path"], errors="replace").read().splitlines()
+    p = placement_of([ln for ln in lines if "HEADINFER placement" in ln])
+    m = _headinfer_metrics(servers["headinfer"])
+    assert m["headinfer:resident_head_layers"] == p["resident_head_layers"]
+    assert m["headinfer:offloaded_head_layers"] == p["head_layers"] - p["resident_head_layers"]
+    assert m["headinfer:pool_tokens"] == p["tokens"]
+    assert m["headinfer:host_kv_bytes"] / (1 << 30) == pytest.approx(p["host_gib"], abs=1e-3)
+    assert m["headinfer:device_kv_bytes"] / (1 << 30) == pytest.approx(p["device_gib"], abs=1e-3)
+    host_per_block = m["headinfer:host_kv_bytes"] / p["blocks"]
+    assert _headinfer_metrics(servers["default"]) == {}
+
+    # While a request decodes, the link-load series shows the offloaded KV
+    # of its blocks: a whole number of blocks' host pages, more than none.
+    r = requests.post(
+        f"http://127.0.0.1:{servers['headinfer']['port']}/v1/completions",
+        json={"model": "tiny", "prompt": PROMPTS[2], "max_tokens": 400, "temperature": 0,
+              "ignore_eos": True, "stream": True},
+        stream=True, timeout=300,
+    )  # fmt: skip
+    seen = []
+    for i, _ in enumerate(r.iter_lines()):
+        if i in (5, 30):
+            seen.append(_headinfer_metrics(servers["headinfer"])["headinfer:host_kv_read_bytes_per_step"])
+    r.close()
+    assert any(v > 0 for v in seen), seen
+    for v in seen:
+        assert v / host_per_block == pytest.approx(round(v / host_per_block)), (v, host_per_block)

@@ -9,6 +9,7 @@ Ray process reads the same numbers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -384,7 +385,7 @@ def resolve(vllm_config: VllmConfig) -> HeadInferConfig | None:
                 "too little to offload KV after the engine's own needs",
             )
         cfg = dataclasses.replace(cfg, cpu_kv_gib=default)
-    if cfg.cpu_kv_bytes > limit:
+    if cfg.cpu_kv_bytes > limit and not _planning_elsewhere:
         raise _setting_error(
             "cpu_kv_gib",
             cfg.cpu_kv_gib,
@@ -404,6 +405,21 @@ def resolve(vllm_config: VllmConfig) -> HeadInferConfig | None:
 
         check_before_engine(vllm_config, cfg)
     return cfg
+
+
+# The planner (plan.py) plans for the machine its flags describe, which need
+# not be the one it runs on: this machine's free RAM does not bound cpu_kv_gib.
+_planning_elsewhere = False
+
+
+@contextlib.contextmanager
+def planning_elsewhere():
+    global _planning_elsewhere
+    _planning_elsewhere = True
+    try:
+        yield
+    finally:
+        _planning_elsewhere = False
 
 
 def _check_resident_counts(vllm_config: VllmConfig, cfg: HeadInferConfig) -> None:

@@ -4,7 +4,9 @@
 * offloaded heads, decode steps ("uva"): the pinned host pool read in place
   through its unified-virtual-address device view. A decode step reads each
   KV byte once, so the link is the bound and no staging is needed; addresses
-  are static, so this also runs inside captured CUDA graphs;
+  are static, so this also runs inside captured CUDA graphs. The resident
+  heads' call runs at the same time on a side stream: it reads device memory
+  while the offloaded call waits on the link;
 * offloaded heads, steps with prefill chunks ("staged"): query tiles re-read
   K/V, so the needed blocks are first gathered into device staging, one head
   group at a time on a side stream, double-buffered against the attention of
@@ -38,6 +40,16 @@ def fa_view(cache: torch.Tensor) -> torch.Tensor:
     # A single head gives a size-1 dim with a degenerate stride, which the
     # TMA loads of FA3 reject.
     return canonicalize_singleton_dim_strides(cache.transpose(1, 2))
+
+
+_overlap_streams: dict = {}
+
+
+def overlap_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per device for the resident heads of decode steps."""
+    if device not in _overlap_streams:
+        _overlap_streams[device] = torch.cuda.Stream(device=device)
+    return _overlap_streams[device]
 
 
 class CudaHeadAttention:
@@ -75,22 +87,51 @@ class CudaHeadAttention:
     def forward(self, layer, query, kv_cache, pool, m, output) -> None:
         impl = self.impl
         rq = impl.resident_q
-        if impl.num_resident:
-            k, v = device_kv(kv_cache, impl.head_size)
-            self._attend(query[:, :rq], k, v, m.block_table, m, output[:, :rq])
         if pool is None:
+            self._attend_resident(query, kv_cache, m, output, m.scheduler_metadata)
             return
         host = pool.device_layer(impl._host_layer_name(layer))
         path = self.decode_path if m.is_decode_only else self.prefill_path
+        if path == "uva" and impl.num_resident:
+            self._overlapped(query, kv_cache, host, m, output)
+            return
+        self._attend_resident(query, kv_cache, m, output, m.scheduler_metadata)
         if path == "staged" and self._staged(query[:, rq:], host, m, output[:, rq:]):
             return
         k, v = host_kv(host)
         self._attend(query[:, rq:], k, v, m.block_table, m, output[:, rq:])
 
-    def _attend(self, q, k, v, block_table, m, out) -> None:
+    def _attend_resident(self, query, kv_cache, m, output, plan) -> None:
+        impl = self.impl
+        if impl.num_resident:
+            rq = impl.resident_q
+            k, v = device_kv(kv_cache, impl.head_size)
+            self._attend(query[:, :rq], k, v, m.block_table, m, output[:, :rq], plan)
+
+    def _overlapped(self, query, kv_cache, host, m, output) -> None:
+        """Resident and offloaded heads at the same time: the offloaded call
+        waits on the link while the resident one reads device memory, so the
+        resident heads cost (almost) nothing next to it. Heads are disjoint;
+        the resident call gets its own copy of the split plan, which FA3 may
+        use as scratch (a tile counter) while a call runs. Streams fork and
+        join inside the step, so this is captured into CUDA graphs as is."""
+        rq = self.impl.resident_q
+        main = torch.cuda.current_stream()
+        plan = m.scheduler_metadata
+        side_plan = None if plan is None else plan.clone()
+        side = overlap_stream(query.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            self._attend_resident(query, kv_cache, m, output, side_plan)
+        k, v = host_kv(host)
+        self._attend(query[:, rq:], k, v, m.block_table, m, output[:, rq:])
+        main.wait_stream(side)
+
+    def _attend(self, q, k, v, block_table, m, out, plan=None) -> None:
         """Flash attention of ``q`` over paged K/V ``[blocks, heads, N, D]``,
         with the split count of FLASH_ATTN's call and the all-heads plan for
-        it, so that each head is split and reduced as in that one call."""
+        it (``m.scheduler_metadata`` unless ``plan`` is given), so that each
+        head is split and reduced as in that one call."""
         flash_attn_varlen_func(
             q=q,
             k=fa_view(k),
@@ -104,7 +145,7 @@ class CudaHeadAttention:
             causal=True,
             block_table=block_table,
             fa_version=self.fa_version,
-            scheduler_metadata=m.scheduler_metadata,
+            scheduler_metadata=m.scheduler_metadata if plan is None else plan,
             num_splits=m.num_splits,
         )
 

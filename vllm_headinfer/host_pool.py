@@ -177,10 +177,7 @@ class HostPoolRegistry:
                 and pool.spec == spec
             ):
                 return pool
-            for name in layer_names:
-                old = self._pools.pop(name, None)
-                if old is not None and old not in self._pools.values():
-                    old.release()
+            self._drop(layer_names)
             pool = HostKVPool(layer_names, spec, num_blocks, pin)
             for name in layer_names:
                 self._pools[name] = pool
@@ -193,8 +190,24 @@ class HostPoolRegistry:
             )
             return pool
 
+    def _drop(self, layer_names: list[str]) -> None:
+        for name in layer_names:
+            old = self._pools.pop(name, None)
+            if old is not None and old not in self._pools.values():
+                old.release()
+
+    def release_layers(self, layer_names: list[str]) -> None:
+        """These layers keep every head on the device now: an engine built
+        before in this process may have left pools for them."""
+        with self._lock:
+            self._drop(layer_names)
+
     def get(self, layer_name: str) -> HostKVPool | None:
         return self._pools.get(layer_name)
+
+    def total_bytes(self) -> int:
+        """Host memory this process holds for offloaded KV."""
+        return sum(pool.nbytes for pool in set(self._pools.values()))
 
     def release_all(self) -> None:
         with self._lock:

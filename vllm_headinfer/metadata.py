@@ -100,6 +100,8 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
             pool = host_pools.ensure(
                 layer_names, kv_cache_spec, num_blocks, pin=current_platform.is_cuda()
             )
+        else:
+            host_pools.release_layers(layer_names)
         layers = get_layers_from_vllm_config(vllm_config, Attention, layer_names)
         for layer in layers.values():
             layer.impl.place(kv_cache_spec, pool)

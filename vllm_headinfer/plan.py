@@ -114,16 +114,20 @@ def measure_link_gbps(nbytes: int = 2 * GIB) -> float:
 
 
 def size(nbytes: int) -> str:
+    if not nbytes:
+        return "0"
     return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB // 10 else f"{nbytes / (1 << 20):.2f} MiB"
 
 
 def rows(vllm_config, cfg, kv: policy.RankKV, budgets: policy.Budgets):
-    """The chosen placement, and the two ends for comparison."""
+    """The chosen placement, the largest pool, and the two ends."""
     from vllm_headinfer.capacity import choose
 
     chosen = choose(vllm_config, cfg, [kv], [budgets])[0]
     label = "auto" if cfg.is_auto else "resident_kv_heads"
     yield label, chosen
+    if cfg.is_auto:
+        yield "auto, largest pool (kv_pool_tokens 'max')", policy.auto(kv, budgets, None)
     everything = (kv.num_kv_heads,) * kv.num_layers
     yield "all resident (default backend)", policy.fixed(kv, everything, budgets)
     yield "none resident (R=0)", policy.fixed(kv, (0,) * kv.num_layers, budgets)
@@ -202,10 +206,11 @@ def parse(argv: list[str]):
 def main(argv: list[str] | None = None) -> int:
     args, engine_args = parse(sys.argv[1:] if argv is None else argv)
     from vllm_headinfer.capacity import model_rank_kv, offload_device_bytes
-    from vllm_headinfer.config import HeadInferConfig, HeadInferConfigError
+    from vllm_headinfer.config import HeadInferConfig, HeadInferConfigError, planning_elsewhere
 
     try:
-        vllm_config = engine_args.create_engine_config()
+        with planning_elsewhere():
+            vllm_config = engine_args.create_engine_config()
     except HeadInferConfigError as e:
         print(f"refused at startup: {e}", file=sys.stderr)
         return 2

@@ -2,9 +2,11 @@
 
 Usage: python engine_run.py '{"model": ..., "backend": "FLASH_ATTN"|"HEADINFER",
 "resident": R, "dummy": bool, "prompt_lens": [...], "max_tokens": n}'
-Optional keys: "eager" (default true), "headinfer" (more settings), "tp"
-(tensor_parallel_size, default 1), "executor" ("mp" or "ray", default vLLM's
-choice).
+"resident" is what resident_kv_heads takes (an integer, a per-layer list or
+"auto"). Optional keys: "eager" (default true), "headinfer" (more settings),
+"tp" (tensor_parallel_size, default 1), "executor" ("mp" or "ray", default
+vLLM's choice), "kv_cache_memory_bytes" (the device KV budget instead of 0.3
+of the GPU).
 """
 
 import json
@@ -28,7 +30,8 @@ def main(spec: dict) -> dict:
         skip_tokenizer_init=True,
         max_model_len=4096,
         max_num_batched_tokens=512,
-        gpu_memory_utilization=0.3,
+        **({"kv_cache_memory_bytes": spec["kv_cache_memory_bytes"]}
+           if spec.get("kv_cache_memory_bytes") else {"gpu_memory_utilization": 0.3}),
         enforce_eager=spec.get("eager", True),
         tensor_parallel_size=spec.get("tp", 1),
         distributed_executor_backend=spec.get("executor"),

@@ -36,19 +36,38 @@ def test_small_model_tokens_identical(small_model, small_reference, resident):
     print(f"R={resident}: {compare(small_reference, got, bitwise=True)}")
 
 
-@pytest.mark.parametrize("path", ["uva", "staged"])
-def test_both_offload_paths_with_cuda_graphs(small_model, path):
+@pytest.mark.parametrize("path,resident", [("uva", 0), ("uva", 2), ("staged", 0)])
+def test_both_offload_paths_with_cuda_graphs(small_model, path, resident):
     """Compiled, with CUDA graphs: full decode graphs for 'uva' decode steps,
     piecewise graphs around eager attention otherwise. The reference is
-    compiled too: compiled layers round differently from eager ones."""
+    compiled too: compiled layers round differently from eager ones. With
+    resident heads, 'uva' steps run the resident and offloaded calls on two
+    streams, captured into the graphs."""
     ref = run_engine(spec(small_model, "FLASH_ATTN", None, dummy=False, eager=False))
-    got = run_engine(spec(small_model, "HEADINFER", 0, dummy=False, eager=False,
+    got = run_engine(spec(small_model, "HEADINFER", resident, dummy=False, eager=False,
                           headinfer={"decode_path": path, "prefill_path": path}))
     # Staged decode attention runs eagerly between piecewise graphs, so it
     # splits KV by flash attention's eager count, not by the bound of
     # FLASH_ATTN's captured decode graphs: bf16 rounding may differ.
     staged = path == "staged"
     print(f"{path}: {compare(ref, got, near_ties=staged, bitwise=not staged)}")
+
+
+# A device budget that holds the 4096-token pool (257 blocks of 16 tokens)
+# with 6 of the 16 head-layers resident (2 in layers 0-1, 1 in 2-3) besides
+# 64 MiB of staging buffers: 8 KiB per head-layer and block.
+STAGING_MIB = 64
+UNEVEN_BUDGET = (STAGING_MIB << 20) + 257 * 52 * 1024
+
+
+@pytest.mark.parametrize("resident", ["auto", [4, 0, 3, 1]])
+def test_per_layer_counts(small_model, small_reference, resident):
+    """Layers with different resident counts (auto placement from a device
+    budget, and an explicit list): every call splits as FLASH_ATTN's."""
+    got = run_engine(spec(small_model, "HEADINFER", resident, dummy=False,
+                          kv_cache_memory_bytes=UNEVEN_BUDGET,
+                          headinfer={"staging_mib": STAGING_MIB, "cpu_kv_gib": 1}))
+    print(f"resident {resident}: {compare(small_reference, got, bitwise=True)}")
 
 
 def test_8b_shape_logprobs(shaped_model):
