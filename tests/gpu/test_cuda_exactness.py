@@ -60,7 +60,7 @@ STAGING_MIB = 64
 UNEVEN_BUDGET = (STAGING_MIB << 20) + 257 * 52 * 1024
 
 
-@pytest.mark.parametrize("resident", ["auto", [4, 0, 3, 1]])
+@pytest.mark.parametrize("resident", ["auto", [3, 0, 2, 1]])
 def test_per_layer_counts(small_model, small_reference, resident):
     """Layers with different resident counts (auto placement from a device
     budget, and an explicit list): every call splits as FLASH_ATTN's."""
