@@ -106,10 +106,13 @@ def choose(
             tokens = (policy.max_blocks(kvs, budgets) - 1) * kvs[0].block_size
         return [policy.auto(kv, b, tokens) for kv, b in zip(kvs, budgets)]
     except policy.PlacementError as e:
+        asked = (
+            f"={cfg.kv_pool_tokens!r}" if cfg.kv_pool_tokens is not None
+            else f" (not set: max_model_len={vllm_config.model_config.max_model_len})"
+        )
         raise HeadInferConfigError(
-            f"HEADINFER: {e}. additional_config.headinfer.kv_pool_tokens="
-            f"{cfg.kv_pool_tokens!r} (default: max_model_len="
-            f"{vllm_config.model_config.max_model_len}) asks for more than fits: "
+            f"HEADINFER: {e}. additional_config.headinfer.kv_pool_tokens{asked} "
+            "asks for more than fits: "
             "raise cpu_kv_gib or the device KV budget (--gpu-memory-utilization, "
             "--kv-cache-memory-bytes), or lower kv_pool_tokens / --max-model-len "
             "(or pass kv_pool_tokens 'max' / --max-model-len auto)."

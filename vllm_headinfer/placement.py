@@ -132,6 +132,13 @@ class Placement:
         )
 
 
+def size(nbytes: int) -> str:
+    """Bytes for people: GiB, or MiB below a tenth of one."""
+    if nbytes >= GIB // 10:
+        return f"{nbytes / GIB:.2f} GiB"
+    return f"{nbytes / (1 << 20):.2f} MiB"
+
+
 def spread(resident_head_layers: int, num_layers: int, num_kv_heads: int) -> tuple[int, ...]:
     """``resident_head_layers`` spread evenly, earlier layers taking the rest."""
     assert 0 <= resident_head_layers <= num_layers * num_kv_heads
@@ -193,8 +200,8 @@ def auto(kv: RankKV, budgets: Budgets, pool_tokens: int | None) -> Placement:
     most = auto(kv, budgets, None)
     raise PlacementError(
         f"a pool of {pool_tokens} tokens needs {need} blocks, but the device KV "
-        f"budget ({budgets.device_bytes / GIB:.3f} GiB) and cpu_kv_gib "
-        f"({budgets.host_bytes / GIB:.3f} GiB) hold at most {most.tokens} tokens "
+        f"budget ({size(budgets.device_bytes)}) and cpu_kv_gib "
+        f"({size(budgets.host_bytes)}) hold at most {most.tokens} tokens "
         f"together ({most.resident_head_layers}/{kv.head_layers} head-layers resident)"
     )
 

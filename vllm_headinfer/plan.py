@@ -114,9 +114,7 @@ def measure_link_gbps(nbytes: int = 2 * GIB) -> float:
 
 
 def size(nbytes: int) -> str:
-    if not nbytes:
-        return "0"
-    return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB // 10 else f"{nbytes / (1 << 20):.2f} MiB"
+    return policy.size(nbytes) if nbytes else "0"
 
 
 def rows(vllm_config, cfg, kv: policy.RankKV, budgets: policy.Budgets):
