@@ -50,7 +50,13 @@ import time
 import traceback
 
 RESULT_MARK = "HEADINFER_RESULT "
-METRICS = ("vllm:prefix_cache_hits", "vllm:prefix_cache_queries", "vllm:num_preemptions")
+METRICS = (
+    "vllm:prefix_cache_hits",
+    "vllm:prefix_cache_queries",
+    "vllm:num_preemptions",
+    "vllm:spec_decode_num_draft_tokens",
+    "vllm:spec_decode_num_accepted_tokens",
+)
 
 
 class _Capture:

@@ -62,6 +62,7 @@ CASES = {
     "env-resident-negative": ("gqa", {"attention_backend": "HEADINFER"}, {RIA: "-1"}, ["resident_kv_heads", RIA]),
     "env-cpu-kv-gib": ("gqa", headinfer_llm(), {GIB: "-5"}, ["cpu_kv_gib", GIB]),
     "env-decode-path": ("gqa", headinfer_llm(), {"VLLM_HEADINFER_DECODE_PATH": "x"}, ["decode_path"]),
+    "speculative-draft-model": ("gqa", {**headinfer_llm(), "speculative_config": {"method": "draft_model", "model": "MODEL:gqa", "num_speculative_tokens": 2}}, {}, ["--speculative-config", "draft_model", "ngram"]),
     "sliding-window-model": ("sliding", headinfer_llm(), {}, ["sliding-window", "backend_per_kind"]),
     "mla-model": ("mla", headinfer_llm(), {}, ["MLA"]),
 }
@@ -85,6 +86,14 @@ def _mla_config_dir(path, tokenizer_from: str) -> str:
     return str(path)
 
 
+def _with_paths(kwargs: dict, paths: dict) -> dict:
+    """``"MODEL:key"`` in a speculative config stands for that model's path."""
+    spec = kwargs.get("speculative_config")
+    if spec and str(spec.get("model", "")).startswith("MODEL:"):
+        return {**kwargs, "speculative_config": {**spec, "model": paths[spec["model"][6:]]}}
+    return kwargs
+
+
 @pytest.fixture(scope="module")
 def refusals(tiny_models, model_dir, tmp_path_factory):
     from vllm_headinfer.tiny_model import build_tiny_model
@@ -103,7 +112,7 @@ def refusals(tiny_models, model_dir, tmp_path_factory):
         "mla": _mla_config_dir(model_dir / "deepseek-v2-mla-config", gqa),
     }
     engines = [
-        {"name": name, "model": model, "llm": {**LLM, **kwargs}, "env": env}
+        {"name": name, "model": model, "llm": {**LLM, **_with_paths(kwargs, paths)}, "env": env}
         for name, (model, kwargs, env, _) in CASES.items()
     ]
     spec = {"inprocess": False, "paths": paths, "scenarios": {}, "engines": engines}

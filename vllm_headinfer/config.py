@@ -57,7 +57,8 @@ SETTINGS = {
     ),
     "decode_path": (
         "VLLM_HEADINFER_DECODE_PATH",
-        "CUDA only: how decode steps read offloaded heads: 'uva' (attention "
+        "CUDA only: how decode steps (and speculative verify steps of up to 32 "
+        "tokens per request) read offloaded heads: 'uva' (attention "
         "reads pinned host pages in place), 'staged' (blocks copied to device "
         "staging first) or 'auto' (measured best: uva). Default 'auto'.",
     ),
@@ -333,11 +334,7 @@ def _check_model(vllm_config: VllmConfig) -> None:
             f"--kv-cache-dtype {cache_dtype} is not supported with HEADINFER; "
             "accepted values: auto, float16, bfloat16."
         )
-    if vllm_config.speculative_config is not None:
-        raise HeadInferConfigError(
-            "--speculative-config is not supported with HEADINFER: draft layers "
-            "would be offloaded too. Remove the speculative config."
-        )
+    _check_speculative(vllm_config.speculative_config)
     parallel = vllm_config.parallel_config
     if parallel.decode_context_parallel_size > 1 or getattr(
         parallel, "prefill_context_parallel_size", 1
@@ -346,6 +343,21 @@ def _check_model(vllm_config: VllmConfig) -> None:
             "--decode-context-parallel-size / --prefill-context-parallel-size > 1 "
             "is not supported with HEADINFER; use tensor parallelism."
         )
+
+
+# Proposers that add no attention layers of their own: their verify steps
+# run on the target model's layers only, which HEADINFER serves as they are.
+LAYERLESS_SPECULATION = ("ngram", "suffix")
+
+
+def _check_speculative(spec) -> None:
+    if spec is None or spec.method in LAYERLESS_SPECULATION:
+        return
+    raise HeadInferConfigError(
+        f"--speculative-config method {spec.method!r} is not supported with "
+        "HEADINFER yet: its drafter's attention layers would share the target's "
+        f"KV cache group. Accepted methods: {', '.join(LAYERLESS_SPECULATION)}."
+    )
 
 
 def resolve(vllm_config: VllmConfig) -> HeadInferConfig | None:

@@ -1,7 +1,8 @@
 """The CUDA data path: vLLM's flash attention on three kinds of K/V pages.
 
 * resident heads: the layer's device pages, as vLLM's FLASH_ATTN reads them;
-* offloaded heads, decode steps ("uva"): the pinned host pool read in place
+* offloaded heads, decode and speculative verify steps ("uva"): the pinned
+  host pool read in place
   through its unified-virtual-address device view. A decode step reads each
   KV byte once, so the link is the bound and no staging is needed; addresses
   are static, so this also runs inside captured CUDA graphs. The resident
@@ -91,7 +92,7 @@ class CudaHeadAttention:
             self._attend_resident(query, kv_cache, m, output, m.scheduler_metadata)
             return
         host = pool.device_layer(impl._host_layer_name(layer))
-        path = self.decode_path if m.is_decode_only else self.prefill_path
+        path = self.decode_path if m.short_queries else self.prefill_path
         if path == "uva" and impl.num_resident:
             self._overlapped(query, kv_cache, host, m, output)
             return

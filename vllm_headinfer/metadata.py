@@ -20,6 +20,20 @@ from vllm_headinfer.spec import HeadInferAttentionSpec
 
 # Flash attention's (left, right) window of a layer without sliding window.
 FULL_ATTENTION_WINDOW = (-1, -1)
+# Query tokens per request up to which FA3 reads K/V over UVA once per step:
+# a verify step of 2 to 32 tokens took what a decode step takes on the H100
+# (10.8-11.2 ms against 11.0 ms for 128K tokens of 8 heads,
+# ../shared/reference/h100-measured.md); longer queries re-read K/V per
+# query tile and are staged.
+IN_PLACE_QUERY_TILE = 32
+
+
+def in_place_query_len(vllm_config) -> int:
+    """The longest query per request whose offloaded heads are read in place:
+    1, or 1 + the draft length when speculative decoding verifies drafts."""
+    spec = vllm_config.speculative_config
+    drafts = spec.num_speculative_tokens if spec is not None else 0
+    return min(1 + (drafts or 0), IN_PLACE_QUERY_TILE)
 
 
 @dataclass
@@ -44,10 +58,10 @@ class HeadInferMetadata:
     # itself.
     scheduler_metadata: torch.Tensor | None = None
     num_splits: int = 0
-
-    @property
-    def is_decode_only(self) -> bool:
-        return self.max_query_len == 1
+    # Whether every request's query is short enough for offloaded heads to be
+    # read in place: decode steps, and speculative verify steps (see
+    # in_place_query_len).
+    short_queries: bool = False
 
 
 class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
@@ -89,6 +103,7 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
             # only); HEADINFER layers have none.
             self.flash.aot_sliding_window = FULL_ATTENTION_WINDOW
             self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+        self.in_place_query_len = in_place_query_len(vllm_config)
         # This group's layers adopt the head split the engine core placed in
         # their spec. The real cache is planned by now (the worker sets
         # num_gpu_blocks before building backends); the memory-profiling
@@ -132,6 +147,7 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
             causal=m.causal if isinstance(m.causal, bool) else True,
             scheduler_metadata=split_plan,
             num_splits=num_splits,
+            short_queries=m.max_query_len <= self.in_place_query_len,
         )
 
     def _split_plan(self, plan, m: CommonAttentionMetadata) -> tuple[torch.Tensor | None, int]:

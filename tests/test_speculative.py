@@ -1,0 +1,114 @@
+"""Speculative decoding (prompt lookup, ``ngram``) with HEADINFER.
+
+HEADINFER + ngram is compared with the default backend + ngram, with the
+default backend without speculation and with HEADINFER without it, for R = 0, 1, H and auto (with a device
+budget that leaves layers different counts), under chunked prefill and a
+batch of mixed lengths: identical greedy tokens, logprobs within 1e-3. The
+prompts repeat short patterns, so prompt lookup proposes drafts and some are
+accepted (asserted): verify steps with several query tokens per request run
+over offloaded heads, and rejected drafts leave slots that later steps
+overwrite.
+
+vLLM 0.32 cannot start a second ngram engine in one process (its proposer's
+compiled kernels fail to load again), so each speculative engine runs in its
+own runner process.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from conftest import (
+    BASE_LLM,
+    assert_same_outputs,
+    engine_ok,
+    headinfer_llm,
+    placement_of,
+    random_tokens,
+    run_engines,
+)
+
+H = 2  # KV heads of the llama-gqa model
+LLM = {
+    **BASE_LLM,
+    "max_model_len": 1024,
+    "max_num_batched_tokens": 64,
+    "kv_cache_memory_bytes": 64 << 20,
+}
+NGRAM = {
+    "speculative_config": {
+        "method": "ngram",
+        "num_speculative_tokens": 4,
+        "prompt_lookup_max": 4,
+        "prompt_lookup_min": 2,
+    }
+}
+# llama-gqa: 2 layers x 2 KV heads, 8 KiB per head-layer and 32-token block;
+# 33 blocks hold the 1024-token pool. Room for 3 of the 4 head-layers.
+AUTO_BUDGET = 33 * 3 * 8192 + 4096
+HEADINFER = {
+    "R0": headinfer_llm(0, cpu_kv_gib=0.05),
+    "R1": headinfer_llm(1, cpu_kv_gib=0.05),
+    f"R{H}": headinfer_llm(H, cpu_kv_gib=0.05),
+    "auto": {**headinfer_llm(cpu_kv_gib=0.05), "kv_cache_memory_bytes": AUTO_BUDGET},
+}
+
+
+def scenario() -> dict:
+    rng = random.Random(5)
+    pattern = lambda n, period: (random_tokens(rng, period) * (n // period + 1))[:n]  # noqa: E731
+    batch = [
+        {"prompt_token_ids": pattern(300, 7), "max_tokens": 48},  # several prefill chunks
+        {"prompt_token_ids": pattern(40, 5), "max_tokens": 40},
+        {"prompt_token_ids": random_tokens(rng, 90), "max_tokens": 32},
+        {"prompt_token_ids": pattern(12, 3), "max_tokens": 24},
+    ]
+    return {"s": {"rounds": [batch]}}
+
+
+@pytest.fixture(scope="module")
+def results(tiny_models, tmp_path_factory):
+    work = tmp_path_factory.mktemp("speculative")
+    paths = {"m": tiny_models("llama-gqa")}
+    engine = lambda name, llm: {"name": name, "model": "m", "llm": llm, "scenarios": ["s"]}  # noqa: E731
+    runs = [[
+        engine("default", LLM),
+        engine("R0", {**LLM, **HEADINFER["R0"]}),
+        engine("default-ngram", {**LLM, **NGRAM}),
+    ]]
+    runs += [[engine(f"{name}-ngram", {**LLM, **NGRAM, **hi})] for name, hi in HEADINFER.items()]
+    merged: dict = {"engines": {}}
+    for i, engines in enumerate(runs):
+        spec = {"inprocess": True, "paths": paths, "scenarios": scenario(), "engines": engines}
+        out, _ = run_engines(spec, work, f"speculative-{i}", timeout=600)
+        merged["engines"].update(out["engines"])
+    return merged
+
+
+def _outputs(results, name):
+    return engine_ok(results, name)["scenarios"]["s"][0]
+
+
+def test_the_scenario_accepts_drafts(results):
+    metrics = _outputs(results, "default-ngram")["metrics"]
+    assert metrics["vllm:spec_decode_num_accepted_tokens"] > 0, metrics
+    assert_same_outputs(
+        _outputs(results, "default")["outputs"], _outputs(results, "default-ngram")["outputs"],
+        "default backend with and without ngram",
+    )
+
+
+@pytest.mark.parametrize("name", list(HEADINFER))
+def test_headinfer_with_ngram_matches(results, name):
+    hi = _outputs(results, f"{name}-ngram")
+    assert hi["metrics"]["vllm:spec_decode_num_accepted_tokens"] > 0, hi["metrics"]
+    for reference in ("default-ngram", "default", "R0"):
+        assert_same_outputs(
+            _outputs(results, reference)["outputs"], hi["outputs"], f"{name}+ngram vs {reference}"
+        )
+    p = placement_of(engine_ok(results, f"{name}-ngram")["headinfer_log"])
+    if name == "auto":
+        assert p["counts"] == [2, 1], p
+    else:
+        assert p["resident"] == int(name[1:])
