@@ -6,7 +6,8 @@ Usage: python engine_run.py '{"model": ..., "backend": "FLASH_ATTN"|"HEADINFER",
 "auto"). Optional keys: "eager" (default true), "headinfer" (more settings),
 "tp" (tensor_parallel_size, default 1), "executor" ("mp" or "ray", default
 vLLM's choice), "kv_cache_memory_bytes" (the device KV budget instead of 0.3
-of the GPU).
+of the GPU), "speculative" (a speculative_config), "periodic" (prompts that
+repeat a 7-token pattern, so prompt lookup finds drafts).
 """
 
 import json
@@ -35,13 +36,19 @@ def main(spec: dict) -> dict:
         enforce_eager=spec.get("eager", True),
         tensor_parallel_size=spec.get("tp", 1),
         distributed_executor_backend=spec.get("executor"),
+        speculative_config=spec.get("speculative"),
         seed=0,
         **kwargs,
     )
     rng = random.Random(1)
     vocab = spec.get("vocab", 2000)
-    prompts = [{"prompt_token_ids": [rng.randrange(3, vocab) for _ in range(n)]}
-               for n in spec["prompt_lens"]]
+    def tokens(n: int) -> list[int]:
+        if spec.get("periodic"):
+            pattern = [rng.randrange(3, vocab) for _ in range(7)]
+            return (pattern * (n // 7 + 1))[:n]
+        return [rng.randrange(3, vocab) for _ in range(n)]
+
+    prompts = [{"prompt_token_ids": tokens(n)} for n in spec["prompt_lens"]]
     # Two logprobs per step give the margin between the best two tokens;
     # prompt logprobs score every prompt position on identical inputs.
     params = SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0, logprobs=2,

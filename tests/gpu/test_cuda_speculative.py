@@ -1,0 +1,30 @@
+"""Prompt-lookup speculative decoding (ngram) with HEADINFER against FLASH_ATTN
+with the same speculative config, compiled with CUDA graphs (skipped without
+a GPU and CUDA vLLM). Prompts repeat a pattern so that drafts are proposed
+and accepted; verify steps read offloaded heads in place (uva). FLASH_ATTN
+may capture uniform verify batches in full graphs where HEADINFER runs them
+between piecewise graphs, so near-ties of the reference may flip
+(``engine_compare.compare``)."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+from engine_compare import compare, run_engine, small_model, spec  # noqa: E402, F401
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
+         "prompt_lookup_min": 2}
+
+
+@pytest.mark.parametrize("resident", [0, 2])
+def test_ngram_matches_flash_attn(small_model, resident):
+    common = dict(dummy=False, eager=False, speculative=NGRAM, periodic=True)
+    ref = run_engine(spec(small_model, "FLASH_ATTN", None, **common))
+    got = run_engine(spec(small_model, "HEADINFER", resident, **common))
+    print(f"ngram R={resident}: {compare(ref, got, near_ties=True)}")
