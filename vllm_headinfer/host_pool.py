@@ -12,9 +12,13 @@ kernels read and write directly.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import mmap
+import os
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from vllm.logger import init_logger
@@ -67,6 +71,26 @@ def _huge_page_mapping(nbytes: int) -> mmap.mmap:
     return mapping
 
 
+# Bytes one thread faults in per call: small enough to spread a pool over
+# the threads, large enough that the calls cost nothing.
+PREFAULT_CHUNK = 256 << 20
+
+
+def _prefault(address: int, nbytes: int) -> None:
+    """Writes zeros over the pool from several threads. ctypes releases the
+    GIL, so the page faults proceed in parallel where the process may use
+    several cores; a memset runs at memory speed where torch's elementwise
+    fill of the same pages measured 0.45 GB/s (8 GiB in 18 s on CPU)."""
+    starts = range(0, nbytes, PREFAULT_CHUNK)
+    threads = max(1, min(8, len(os.sched_getaffinity(0))))
+
+    def zero(start: int) -> None:
+        ctypes.memset(address + start, 0, min(PREFAULT_CHUNK, nbytes - start))
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(zero, starts))
+
+
 class HostKVPool:
     """The host KV of a group of layers that share one spec and block count."""
 
@@ -96,14 +120,21 @@ class HostKVPool:
         _check_host_memory(self.nbytes)
         self._mapping = _huge_page_mapping(self.nbytes)
         self.tensor = torch.frombuffer(self._mapping, dtype=spec.dtype).view(shape)
-        if not pin:
-            # Fault every page in now (pinning does that on CUDA), so memory
-            # that is not there fails at startup rather than mid-request.
-            self.tensor.fill_(0)
+        started = time.monotonic()
+        # Fault every page in now, so memory that is not there fails at
+        # startup rather than mid-request, and pinning finds it resident.
+        _prefault(self.tensor.data_ptr(), self.nbytes)
         self._registered = False
         self.device_view: torch.Tensor | None = None
         if pin:
             self._register()
+        logger.info(
+            "HEADINFER host pool: %.3f GiB for %d layers ready%s in %.1f s",
+            self.nbytes / (1 << 30),
+            len(layer_names),
+            " and pinned" if pin else "",
+            time.monotonic() - started,
+        )
 
     def _register(self) -> None:
         cudart = torch.cuda.cudart()
@@ -181,13 +212,6 @@ class HostPoolRegistry:
             pool = HostKVPool(layer_names, spec, num_blocks, pin)
             for name in layer_names:
                 self._pools[name] = pool
-            logger.debug(
-                "HEADINFER host pool: %d layers x %d blocks, %.3f GiB%s",
-                len(layer_names),
-                num_blocks,
-                pool.nbytes / (1 << 30),
-                " pinned" if pin else "",
-            )
             return pool
 
     def _drop(self, layer_names: list[str]) -> None:
