@@ -76,7 +76,7 @@ def generate(model: Path, dtype: str, **backend) -> tuple[list, dict | None]:
 
 
 def heads(first: int, end: int) -> str:
-    return str(first) if end - first == 1 else f"{first}..{end - 1}"
+    return f"head {first}" if end - first == 1 else f"heads {first}..{end - 1}"
 
 
 def print_placement(placement: dict) -> None:
@@ -85,8 +85,8 @@ def print_placement(placement: dict) -> None:
     print("\n=== HEADINFER placement ===")
     print(placement["summary"])
     for layer, r in zip(placement["layer_indices"], placement["counts"]):
-        resident = f"heads {heads(0, r)} in device KV pages" if r else "no head on the device"
-        offloaded = f"heads {heads(r, h)} in host memory" if r < h else "none offloaded"
+        resident = f"{heads(0, r)} in device KV pages" if r else "no head on the device"
+        offloaded = f"{heads(r, h)} in host memory" if r < h else "none offloaded"
         print(f"  layer {layer}: {resident}; {offloaded}")
     print(f"device KV: {placement['device_kv_bytes'] / mib:.2f} MiB   "
           f"host KV: {placement['host_kv_bytes'] / mib:.2f} MiB   "
