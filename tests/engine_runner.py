@@ -197,6 +197,15 @@ def run_engine(spec: dict, engine: dict, model_path: str, capture: _Capture) -> 
     finally:
         if llm is not None:
             _shutdown(llm, spec.get("inprocess", False))
+            if spec.get("inprocess", False):
+                import psutil
+
+                from vllm_headinfer.host_pool import host_pools
+
+                result["after_shutdown"] = {
+                    "host_pool_bytes": host_pools.total_bytes(),
+                    "rss_bytes": psutil.Process().memory_info().rss,
+                }
 
 
 def _chain(e: BaseException) -> list[str]:

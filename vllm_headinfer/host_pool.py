@@ -18,6 +18,7 @@ import mmap
 import os
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -184,11 +185,13 @@ class HostPoolRegistry:
     Builders are created once per KV cache group (and per micro-batch), and
     again for the profiling pass with a minimal cache; a pool is replaced
     only when the block count changes, and the old one is released first so
-    host memory never holds two generations.
+    host memory never holds two generations. The map holds pools weakly: the
+    layers that read a pool keep it alive, so an engine shut down in a
+    process that goes on (``LLM(...)`` started again) leaves no pool behind.
     """
 
     def __init__(self) -> None:
-        self._pools: dict[str, HostKVPool] = {}
+        self._pools: weakref.WeakValueDictionary[str, HostKVPool] = weakref.WeakValueDictionary()
         self._lock = threading.Lock()
 
     def ensure(
@@ -233,11 +236,6 @@ class HostPoolRegistry:
         """Host memory this process holds for offloaded KV."""
         return sum(pool.nbytes for pool in set(self._pools.values()))
 
-    def release_all(self) -> None:
-        with self._lock:
-            for pool in set(self._pools.values()):
-                pool.release()
-            self._pools.clear()
 
 
 host_pools = HostPoolRegistry()
