@@ -1,0 +1,97 @@
+"""The CPU co-attention kernel against a float64 reference over random pages.
+
+Cases cover GQA ratios 1, 4 and 8, head sizes 64 and 128, blocks of 16 and
+32 tokens, partial last blocks, many requests, contexts of 0 and 1 tokens,
+contexts long enough to split, query lengths of 1 (decode) and several
+(speculative verify, causal), and bf16, fp16 and fp32 pages.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from vllm_headinfer.cpu_coattention import BLOCKS_PER_SPLIT, decode_attention
+
+
+def reference(query, pages, table, seq_lens, starts, scale):
+    """Plain attention in float64, one query token at a time."""
+    heads, dim = pages.shape[1], pages.shape[4]
+    group = query.shape[1] // heads
+    block = pages.shape[3]
+    out = torch.zeros(query.shape, dtype=torch.float64)
+    p64 = pages.to(torch.float64)
+    for r, length in enumerate(seq_lens.tolist()):
+        q0, q1 = int(starts[r]), int(starts[r + 1])
+        if length == 0:
+            continue
+        ids = table[r, : math.ceil(length / block)]
+        k = p64[ids, :, 0].permute(1, 0, 2, 3).reshape(heads, -1, dim)[:, :length]
+        v = p64[ids, :, 1].permute(1, 0, 2, 3).reshape(heads, -1, dim)[:, :length]
+        for i, t in enumerate(range(q0, q1)):
+            visible = length - (q1 - q0) + i + 1
+            for h in range(heads):
+                qh = query[t, h * group : (h + 1) * group].to(torch.float64)
+                w = torch.softmax(qh @ k[h, :visible].T * scale, dim=-1)
+                out[t, h * group : (h + 1) * group] = w @ v[h, :visible]
+    return out
+
+
+def run_case(dtype, group, dim, block, seq_lens, query_lens, heads=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    num_blocks = sum(math.ceil(n / block) for n in seq_lens) + 3
+    pages = torch.randn(num_blocks, heads, 2, block, dim, generator=gen).to(dtype)
+    ids = list(range(1, num_blocks))
+    random.Random(seed).shuffle(ids)
+    width = max([math.ceil(n / block) for n in seq_lens] + [1])
+    table = torch.zeros(len(seq_lens), width, dtype=torch.int32)
+    used = 0
+    for r, n in enumerate(seq_lens):
+        k = math.ceil(n / block)
+        table[r, :k] = torch.tensor(ids[used : used + k])
+        used += k
+    starts = torch.tensor([0] + list(itertools_accumulate(query_lens)), dtype=torch.int32)
+    query = torch.randn(int(starts[-1]), heads * group, dim, generator=gen).to(dtype)
+    scale = dim**-0.5
+    out = torch.empty(query.shape, dtype=dtype)
+    decode_attention(query, pages, table, torch.tensor(seq_lens), starts, scale, out)
+    expected = reference(query, pages, table, torch.tensor(seq_lens), starts, scale)
+    return out.to(torch.float64), expected
+
+
+def itertools_accumulate(values):
+    total = 0
+    for v in values:
+        total += v
+        yield total
+
+
+# Rounding of the output to the page dtype bounds the difference.
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("group,dim,block", [(1, 64, 16), (4, 128, 32), (8, 64, 32), (4, 128, 16)])
+def test_decode_matches_float64(dtype, group, dim, block):
+    # Partial last blocks, a single-token context, an empty one, and many
+    # requests of mixed lengths.
+    seq_lens = [1, 0, block, block + 1, 3 * block - 5, 200, 77, 5]
+    out, expected = run_case(dtype, group, dim, block, seq_lens, [1] * len(seq_lens))
+    assert torch.allclose(out, expected, atol=TOL[dtype], rtol=TOL[dtype]), (out - expected).abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_verify_queries_are_causal(dtype):
+    seq_lens = [40, 9, 130]
+    out, expected = run_case(dtype, 4, 64, 16, seq_lens, [5, 3, 8])
+    assert torch.allclose(out, expected, atol=TOL[dtype], rtol=TOL[dtype]), (out - expected).abs().max()
+
+
+def test_long_context_splits_and_merges():
+    block = 16
+    length = block * BLOCKS_PER_SPLIT * 3 + 7  # four splits, the last partial
+    out, expected = run_case(torch.float32, 4, 64, block, [length, 50], [1, 2])
+    assert torch.allclose(out, expected, atol=1e-5, rtol=1e-5), (out - expected).abs().max()
