@@ -31,7 +31,7 @@ def apply() -> None:
             )
             configs = orig(vllm_config, specs, clamped)
             rank = min(placements)
-            final = log_placement(vllm_config, placements[rank], configs[rank].num_blocks)
+            final = log_placement(vllm_config, placements[rank], configs[rank])
             publish(vllm_config, final)
             return configs
 

@@ -30,9 +30,6 @@ LLM = {
     "kv_cache_memory_bytes": 64 << 20,
     "max_num_batched_tokens": 64,
 }
-# Per 32-token block: 16 KiB for the sliding-window layer, 8 KiB per resident
-# head of the full-attention layer; 33 blocks hold 1024 tokens.
-AUTO_BUDGET = 33 * (16 + 8 + 4) * 1024
 PER_KIND = {"attention_config": {"backend_per_kind": {"full_attention": "HEADINFER"}}}
 
 
@@ -54,10 +51,9 @@ def per_kind(model_dir, tmp_path_factory):
         {"name": "default", "model": "m", "llm": LLM, "scenarios": ["s"]},
         {"name": "R0", "model": "m", "llm": {**LLM, **PER_KIND, **settings(0)}, "scenarios": ["s"]},
         {"name": "R1", "model": "m", "llm": {**LLM, **PER_KIND, **settings(1)}, "scenarios": ["s"]},
-        # Room for one of the full-attention layer's two heads next to the
-        # sliding-window layer's pages, for a 1024-token pool.
-        {"name": "auto", "model": "m", "llm": {**LLM, **PER_KIND, **settings("auto"),
-                                               "kv_cache_memory_bytes": AUTO_BUDGET}, "scenarios": ["s"]},
+        # With layers of another kind, auto keeps every head resident.
+        {"name": "auto", "model": "m", "llm": {**LLM, **PER_KIND, **settings("auto")},
+         "scenarios": ["s"]},
         {"name": "global", "model": "m", "llm": {**LLM, **headinfer_llm(0, cpu_kv_gib=0.05)}},
     ]
     spec = {
@@ -75,10 +71,15 @@ def test_full_attention_layers_only(per_kind, resident):
     base = engine_ok(per_kind, "default")
     hi = engine_ok(per_kind, "auto" if resident == "auto" else f"R{resident}")
     if resident == "auto":
-        resident = 1  # what AUTO_BUDGET holds
+        resident = 2  # every head: see placement.RankKV.uniform_only
     p = placement_of(hi["headinfer_log"])
     # Two layers, one of them full attention: only that one is split.
     assert (p["resident"], p["heads"], p["layers"]) == (resident, 2, 1)
+    # vLLM enlarges the full-attention group's blocks to match the sliding
+    # window's pages; the host pool is sized on those blocks and stays
+    # within cpu_kv_gib.
+    assert p["host_gib"] <= 0.05 + 1e-3
+    assert hi["host_pool_bytes"] <= 0.05 * (1 << 30)
     assert_same_outputs(
         base["scenarios"]["s"][0]["outputs"], hi["scenarios"]["s"][0]["outputs"], f"R={resident}"
     )

@@ -96,10 +96,11 @@ def test_auto_is_the_best_of_all_counts_on_a_small_model():
             assert p.resident_head_layers == most
 
 
-def test_uniform_only_keeps_one_count():
+def test_uniform_only_keeps_every_head_resident():
     kv = policy.RankKV((0, 1, 2, 3), 4, 16, 1000, 10, uniform_only=True)
-    p = policy.auto(kv, policy.Budgets(50_000, 10**6), 400)
-    assert len(set(p.counts)) == 1
+    assert policy.auto(kv, policy.Budgets(10**6, 10**6), 400).counts == (4, 4, 4, 4)
+    with pytest.raises(policy.PlacementError):
+        policy.auto(kv, policy.Budgets(50_000, 10**6), 400)
 
 
 def test_summary_line():

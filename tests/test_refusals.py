@@ -62,7 +62,7 @@ CASES = {
     "env-resident-negative": ("gqa", {"attention_backend": "HEADINFER"}, {RIA: "-1"}, ["resident_kv_heads", RIA]),
     "env-cpu-kv-gib": ("gqa", headinfer_llm(), {GIB: "-5"}, ["cpu_kv_gib", GIB]),
     "env-decode-path": ("gqa", headinfer_llm(), {"VLLM_HEADINFER_DECODE_PATH": "x"}, ["decode_path"]),
-    "speculative-draft-model": ("gqa", {**headinfer_llm(), "speculative_config": {"method": "draft_model", "model": "MODEL:gqa", "num_speculative_tokens": 2}}, {}, ["--speculative-config", "draft_model", "ngram"]),
+    "speculative-eagle": ("gqa", {**headinfer_llm(), "speculative_config": {"method": "eagle", "model": "MODEL:gqa", "num_speculative_tokens": 2}}, {}, ["--speculative-config", "eagle", "draft_model"]),
     "sliding-window-model": ("sliding", headinfer_llm(), {}, ["sliding-window", "backend_per_kind"]),
     "mla-model": ("mla", headinfer_llm(), {}, ["MLA"]),
 }

@@ -9,6 +9,10 @@ accepted (asserted): verify steps with several query tokens per request run
 over offloaded heads, and rejected drafts leave slots that later steps
 overwrite.
 
+A draft model (a one-layer random Llama with the same tokenizer) likewise,
+for R = 0 and auto: its own layers keep every head on the device and do not
+enter the placement.
+
 vLLM 0.32 cannot start a second ngram engine in one process (its proposer's
 compiled kernels fail to load again), so each speculative engine runs in its
 own runner process.
@@ -68,7 +72,15 @@ def scenario() -> dict:
 
 
 @pytest.fixture(scope="module")
-def results(tiny_models, tmp_path_factory):
+def draft_path(model_dir):
+    from vllm_headinfer.tiny_model import build_tiny_model
+
+    return str(build_tiny_model(model_dir / "llama-gqa-draft", "llama", num_layers=1,
+                                num_heads=4, num_kv_heads=2, seed=3))
+
+
+@pytest.fixture(scope="module")
+def results(tiny_models, draft_path, tmp_path_factory):
     work = tmp_path_factory.mktemp("speculative")
     paths = {"m": tiny_models("llama-gqa")}
     engine = lambda name, llm: {"name": name, "model": "m", "llm": llm, "scenarios": ["s"]}  # noqa: E731
@@ -78,6 +90,16 @@ def results(tiny_models, tmp_path_factory):
         engine("default-ngram", {**LLM, **NGRAM}),
     ]]
     runs += [[engine(f"{name}-ngram", {**LLM, **NGRAM, **hi})] for name, hi in HEADINFER.items()]
+    draft = {"speculative_config": {"method": "draft_model", "model": draft_path,
+                                    "num_speculative_tokens": 3}}
+    runs += [[
+        engine("default-draft", {**LLM, **draft}),
+        engine("R0-draft", {**LLM, **draft, **HEADINFER["R0"]}),
+        # The drafter's layer (2 heads, all resident) takes its own pages
+        # from the device budget.
+        engine("auto-draft", {**LLM, **draft, **HEADINFER["auto"],
+                              "kv_cache_memory_bytes": AUTO_BUDGET + 33 * 2 * 8192}),
+    ]]
     merged: dict = {"engines": {}}
     for i, engines in enumerate(runs):
         spec = {"inprocess": True, "paths": paths, "scenarios": scenario(), "engines": engines}
@@ -112,3 +134,17 @@ def test_headinfer_with_ngram_matches(results, name):
         assert p["counts"] == [2, 1], p
     else:
         assert p["resident"] == int(name[1:])
+
+
+@pytest.mark.parametrize("name", ["R0", "auto"])
+def test_headinfer_with_a_draft_model_matches(results, name):
+    hi = _outputs(results, f"{name}-draft")
+    assert hi["metrics"]["vllm:spec_decode_num_draft_tokens"] > 0, hi["metrics"]
+    for reference in ("default-draft", "default"):
+        assert_same_outputs(
+            _outputs(results, reference)["outputs"], hi["outputs"], f"{name}+draft vs {reference}"
+        )
+    p = placement_of(engine_ok(results, f"{name}-draft")["headinfer_log"])
+    # The target's two layers are placed; the drafter's layer is not.
+    assert p["layers"] == 2
+    assert p["counts"] == ([0, 0] if name == "R0" else [2, 1]), p

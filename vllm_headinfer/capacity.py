@@ -31,23 +31,32 @@ def headinfer_specs(worker_specs: dict) -> dict[str, HeadInferAttentionSpec]:
     return {n: s for n, s in worker_specs.items() if isinstance(s, HeadInferAttentionSpec)}
 
 
-def device_bytes_per_block(vllm_config, worker_specs: dict) -> int:
-    """Device bytes of one block over all layers, as vLLM divides by."""
-    import vllm.v1.core.kv_cache_utils as kcu
-
-    groups = kcu.get_kv_cache_groups(vllm_config, copy.deepcopy(worker_specs))
-    return kcu._pool_bytes_per_block(vllm_config, groups)
-
-
 def layer_index(layer_name: str) -> int:
     from vllm.model_executor.models.utils import extract_layer_index
 
     return extract_layer_index(layer_name)
 
 
-def rank_kv(vllm_config, worker_specs: dict) -> policy.RankKV | None:
-    """The KV shape of one worker's HEADINFER layers, or None if it has none."""
+def placed_specs(vllm_config, worker_specs: dict) -> dict[str, HeadInferAttentionSpec]:
+    """The HEADINFER layers whose heads are placed: the target model's.
+
+    A drafter's attention layers (speculative ``draft_model``) register after
+    every target layer, in the same KV cache group; they are small and read
+    at every draft step, so they keep every head on the device."""
     ours = headinfer_specs(worker_specs)
+    if vllm_config.speculative_config is None:
+        return ours
+    target = set(list(worker_specs)[: vllm_config.model_config.get_num_layers(
+        vllm_config.parallel_config
+    )])
+    return {n: s for n, s in ours.items() if n in target}
+
+
+def rank_kv(vllm_config, worker_specs: dict) -> policy.RankKV | None:
+    """The KV shape of one worker's placed layers, or None if it has none."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    ours = placed_specs(vllm_config, worker_specs)
     if not ours:
         return None
     spec = next(iter(ours.values()))
@@ -64,7 +73,8 @@ def rank_kv(vllm_config, worker_specs: dict) -> policy.RankKV | None:
         head_block_bytes=spec.page_size_bytes // spec.num_kv_heads,
         placeholder_bytes=placeholder_page_bytes(spec),
         other_device_bytes=sum(s.page_size_bytes for s in others.values()),
-        uniform_only=bool(others),
+        # Layers of another attention type form other KV cache groups.
+        uniform_only=any(not isinstance(s, FullAttentionSpec) for s in others.values()),
     )
 
 
@@ -81,10 +91,12 @@ def pool_target(vllm_config, cfg: HeadInferConfig, block_size: int) -> int | Non
     override = vllm_config.cache_config.num_gpu_blocks_override
     if override is not None:
         return (override - 1) * block_size
-    if cfg.kv_pool_tokens == "max" or vllm_config.model_config.original_max_model_len == -1:
+    if cfg.kv_pool_tokens == "max":
         return None
     if cfg.kv_pool_tokens is not None:
         return cfg.kv_pool_tokens
+    if vllm_config.model_config.original_max_model_len == -1:
+        return None  # --max-model-len auto: the largest pool
     return vllm_config.model_config.max_model_len
 
 
@@ -97,6 +109,12 @@ def choose(
             policy.fixed(kv, tuple(cfg.resident_of(i, kv.num_kv_heads) for i in kv.layer_indices), b)
             for kv, b in zip(kvs, budgets)
         ]
+        if any(p.kv.uniform_only and len(set(p.counts)) > 1 for p in placements):
+            raise HeadInferConfigError(
+                "additional_config.headinfer.resident_kv_heads: this model has "
+                "layers of other attention kinds, so HEADINFER's layers need one "
+                "resident count for all (an integer 0..H)."
+            )
         for p in placements:
             check_host_holds(vllm_config, cfg, p)
         return placements
@@ -147,40 +165,91 @@ def check_host_holds(vllm_config, cfg: HeadInferConfig, p: policy.Placement) -> 
         )
 
 
-def apply(worker_specs: dict, p: policy.Placement) -> dict:
-    """The worker's specs with each HEADINFER layer split as placed."""
+def apply(vllm_config, worker_specs: dict, p: policy.Placement) -> dict:
+    """The worker's specs with each placed layer split as placed."""
     out = dict(worker_specs)
-    for name, spec in headinfer_specs(worker_specs).items():
+    for name, spec in placed_specs(vllm_config, worker_specs).items():
         out[name] = split_spec(spec, p.resident_of(layer_index(name)))
     return out
 
 
 def place_workers(vllm_config, kv_cache_specs: list[dict], available_memory: list[int]):
     """Decides every rank's placement; returns the re-split specs, the
-    budgets clamped to what the host pools hold, and the placements."""
+    budgets clamped to what the host pools hold, and the placements.
+
+    Ranks that hold the same layers (tensor parallel) must split them alike
+    (vLLM requires one spec per layer across workers): they are placed once,
+    with the smallest of their device budgets."""
     cfg = HeadInferConfig.from_vllm_config(vllm_config)
     ranks = [i for i, specs in enumerate(kv_cache_specs) if headinfer_specs(specs)]
-    kvs = [rank_kv(vllm_config, kv_cache_specs[i]) for i in ranks]
+    by_layers: dict[tuple, list[int]] = {}
+    for i in ranks:
+        by_layers.setdefault(tuple(sorted(placed_specs(vllm_config, kv_cache_specs[i]))), []).append(i)
+    groups = list(by_layers.values())
+    kvs = [rank_kv(vllm_config, kv_cache_specs[g[0]]) for g in groups]
     offload = offload_device_bytes(cfg)
     budgets = [
-        policy.Budgets(available_memory[i], cfg.cpu_kv_bytes, offload) for i in ranks
+        policy.Budgets(min(available_memory[i] for i in g), cfg.cpu_kv_bytes, offload)
+        for g in groups
     ]
-    placements = choose(vllm_config, cfg, kvs, budgets)
+    chosen = choose(vllm_config, cfg, kvs, budgets)
     specs, avail, by_rank = list(kv_cache_specs), list(available_memory), {}
-    for i, p in zip(ranks, placements):
-        specs[i] = apply(kv_cache_specs[i], p)
-        by_rank[i] = p
-        if p.offloads:
-            host_blocks = cfg.cpu_kv_bytes // p.host_bytes_per_block
-            dev_bpb = device_bytes_per_block(vllm_config, specs[i])
-            avail[i] = min(avail[i] - offload, host_blocks * dev_bpb)
+    for group, p in zip(groups, chosen):
+        for i in group:
+            specs[i] = apply(vllm_config, kv_cache_specs[i], p)
+            by_rank[i] = p
+            if p.offloads:
+                # vLLM's own bytes per block, and host bytes per block of the
+                # specs as vLLM groups them (with layers of other kinds it
+                # may enlarge a group's blocks to equalise pages).
+                dev_bpb, host_bpb = bytes_per_block(vllm_config, specs[i])
+                host_blocks = cfg.cpu_kv_bytes // host_bpb
+                avail[i] = min(avail[i] - offload, host_blocks * dev_bpb)
     return specs, avail, by_rank
 
 
-def log_placement(vllm_config, p: policy.Placement, num_blocks: int) -> policy.Placement:
-    """Logs the startup line for vLLM's final block count; returns the
-    placement with that count and what bounds it."""
+def bytes_per_block(vllm_config, worker_specs: dict) -> tuple[int, int]:
+    """Device and host bytes of one block as vLLM groups these specs."""
+    import vllm.v1.core.kv_cache_utils as kcu
+    from vllm.v1.kv_cache_interface import iter_layer_specs
+
+    groups = kcu.get_kv_cache_groups(vllm_config, copy.deepcopy(worker_specs))
+    host = 0
+    for group in groups:
+        layer_specs = iter_layer_specs(group.kv_cache_spec)
+        if len(layer_specs) == 1:  # one spec for all of the group's layers
+            layer_specs = list(layer_specs) * len(group.layer_names)
+        host += sum(
+            s.host_page_size_bytes for s in layer_specs if isinstance(s, HeadInferAttentionSpec)
+        )
+    return kcu._pool_bytes_per_block(vllm_config, groups), host
+
+
+def log_placement(vllm_config, p: policy.Placement, kv_cache_config) -> policy.Placement:
+    """Logs the startup line for vLLM's final KV cache config; returns the
+    placement with its block count, block size and what bounds it."""
+    from vllm.v1.kv_cache_interface import iter_layer_specs
+
     cfg = HeadInferConfig.from_vllm_config(vllm_config)
+    num_blocks = kv_cache_config.num_blocks
+    block_size = next(
+        s.block_size
+        for g in kv_cache_config.kv_cache_groups
+        for s in iter_layer_specs(g.kv_cache_spec)
+        if isinstance(s, HeadInferAttentionSpec)
+    )
+    # vLLM may have enlarged the group's blocks (layers of other kinds), and
+    # its bytes per block are what the device holds: the line shows those.
+    import vllm.v1.core.kv_cache_utils as kcu
+
+    scale = block_size // p.kv.block_size
+    kv = replace(
+        p.kv, block_size=block_size, head_block_bytes=p.kv.head_block_bytes * scale,
+        placeholder_bytes=p.kv.placeholder_bytes * scale, other_device_bytes=0,
+    )
+    device_bpb = kcu._pool_bytes_per_block(vllm_config, kv_cache_config.kv_cache_groups)
+    kv = replace(kv, other_device_bytes=max(0, device_bpb - kv.device_bytes_per_block(p.counts)))
+    p = replace(p, kv=kv)
     if p.offloads and num_blocks >= cfg.cpu_kv_bytes // p.host_bytes_per_block:
         limited = "host (cpu_kv_gib)"
     elif vllm_config.cache_config.num_gpu_blocks_override is not None:

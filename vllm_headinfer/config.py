@@ -118,11 +118,9 @@ class HeadInferConfig:
                 f"{', '.join(map(repr, unknown))}; accepted settings: "
                 f"{', '.join(SETTINGS)}."
             )
-        from_env = set()
         for key, (env, _) in SETTINGS.items():
             if key not in raw and os.environ.get(env, "") != "":
                 raw[key] = _from_env_text(key, os.environ[env])
-                from_env.add(key)
         kwargs: dict[str, Any] = {}
         if "resident_kv_heads" in raw:
             kwargs["resident_kv_heads"] = _resident_setting(raw["resident_kv_heads"])
@@ -345,18 +343,18 @@ def _check_model(vllm_config: VllmConfig) -> None:
         )
 
 
-# Proposers that add no attention layers of their own: their verify steps
-# run on the target model's layers only, which HEADINFER serves as they are.
-LAYERLESS_SPECULATION = ("ngram", "suffix")
+# Proposers HEADINFER serves: prompt lookup adds no attention layers; a
+# draft model's layers keep every head on the device (capacity.placed_specs).
+SPECULATION_METHODS = ("ngram", "suffix", "draft_model")
 
 
 def _check_speculative(spec) -> None:
-    if spec is None or spec.method in LAYERLESS_SPECULATION:
+    if spec is None or spec.method in SPECULATION_METHODS:
         return
     raise HeadInferConfigError(
         f"--speculative-config method {spec.method!r} is not supported with "
-        "HEADINFER yet: its drafter's attention layers would share the target's "
-        f"KV cache group. Accepted methods: {', '.join(LAYERLESS_SPECULATION)}."
+        "HEADINFER yet (its drafter layers are not verified with head "
+        f"placement). Accepted methods: {', '.join(SPECULATION_METHODS)}."
     )
 
 

@@ -19,7 +19,6 @@ from vllm_headinfer import config as hi_config
 from vllm_headinfer.host_pool import HostKVPool, host_pools
 from vllm_headinfer.layout import device_kv, host_kv
 from vllm_headinfer.metadata import HeadInferMetadata
-from vllm_headinfer.spec import HeadInferAttentionSpec
 
 
 def _unsupported(feature: str) -> NotImplementedError:
@@ -78,10 +77,10 @@ class HeadInferImpl(AttentionImpl[HeadInferMetadata]):
         else:
             self.ops = None
 
-    def place(self, spec: HeadInferAttentionSpec, pool: HostKVPool | None) -> None:
-        """Adopts this layer's head split from its KV cache spec and the host
-        pool of its offloaded heads (None when every head is resident)."""
-        self.num_offloaded = spec.num_offloaded_kv_heads
+    def place(self, offloaded: int, pool: HostKVPool | None) -> None:
+        """Adopts this layer's head split (its KV cache spec's offloaded
+        heads) and the host pool of those heads (None when none)."""
+        self.num_offloaded = offloaded
         self.num_resident = self.num_kv_heads - self.num_offloaded
         self.resident_q = self.num_resident * self.group
         self.host_pool = pool

@@ -108,8 +108,10 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
         # their spec. The real cache is planned by now (the worker sets
         # num_gpu_blocks before building backends); the memory-profiling
         # pass builds from the workers' own all-resident specs.
+        # A drafter's layers come as plain full-attention specs: all resident.
+        offloaded = getattr(kv_cache_spec, "num_offloaded_kv_heads", 0)
         pool = None
-        if kv_cache_spec.num_offloaded_kv_heads > 0:
+        if offloaded > 0:
             num_blocks = vllm_config.cache_config.num_gpu_blocks
             assert num_blocks, "heads are placed off the device only with a planned cache"
             pool = host_pools.ensure(
@@ -119,7 +121,7 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
             host_pools.release_layers(layer_names)
         layers = get_layers_from_vllm_config(vllm_config, Attention, layer_names)
         for layer in layers.values():
-            layer.impl.place(kv_cache_spec, pool)
+            layer.impl.place(offloaded, pool)
 
     def build(
         self,

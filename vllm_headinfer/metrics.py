@@ -28,11 +28,14 @@ import json
 import os
 import tempfile
 
+from vllm.logger import init_logger
 from vllm.v1.metrics.loggers import AggregateStatLoggerBase
 
 from vllm_headinfer.placement import Placement
 
-CHANNEL_DIR = os.path.join(tempfile.gettempdir(), "vllm-headinfer")
+# Per user: another user's directory of the same name must not stop a start.
+logger = init_logger("vllm.headinfer")
+CHANNEL_DIR = os.path.join(tempfile.gettempdir(), f"vllm-headinfer-{os.getuid()}")
 
 
 def channel_path(vllm_config, engine_index: int) -> str:
@@ -56,11 +59,15 @@ def publish(vllm_config, p: Placement) -> None:
         "summary": p.summary(),
     }
     path = channel_path(vllm_config, vllm_config.parallel_config.data_parallel_rank)
-    os.makedirs(CHANNEL_DIR, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(record, f)
-    os.replace(tmp, path)
+    try:
+        os.makedirs(CHANNEL_DIR, mode=0o700, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(record, f)
+        os.replace(tmp, path)
+    except OSError as e:  # metrics are not worth a failed start
+        logger.warning("HEADINFER: placement not published for /metrics: %s", e)
+        return
     atexit.register(_remove, path)
 
 
@@ -96,17 +103,7 @@ class HeadInferStatLogger(AggregateStatLoggerBase):
         self.vllm_config = vllm_config
         self.engine_indexes = list(engine_indexes or [0])
         self.placements: dict[int, dict] = {}
-        self.gauges: dict = {}
         self.enabled = is_selected(vllm_config)
-
-    def _gauge(self, name: str, doc: str):
-        import prometheus_client
-
-        if name not in self.gauges:
-            self.gauges[name] = prometheus_client.Gauge(
-                f"headinfer:{name}", doc, ["engine"], multiprocess_mode="mostrecent"
-            )
-        return self.gauges[name]
 
     def log_engine_initialized(self) -> None:
         if not self.enabled:
@@ -117,17 +114,32 @@ class HeadInferStatLogger(AggregateStatLoggerBase):
                 continue
             self.placements[engine] = record
             for name, doc in STATIC.items():
-                self._gauge(name, doc).labels(engine=str(engine)).set(record[name])
-            self._gauge(LINK_LOAD, _LINK_DOC).labels(engine=str(engine)).set(0)
+                _gauge(name, doc).labels(engine=str(engine)).set(record[name])
+            _gauge(LINK_LOAD, _LINK_DOC).labels(engine=str(engine)).set(0)
 
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
         record = self.placements.get(engine_idx)
         if record is None or scheduler_stats is None:
             return
         in_use = round(scheduler_stats.kv_cache_usage * (record["num_blocks"] - 1))
-        self._gauge(LINK_LOAD, _LINK_DOC).labels(engine=str(engine_idx)).set(
+        _gauge(LINK_LOAD, _LINK_DOC).labels(engine=str(engine_idx)).set(
             in_use * record["host_bytes_per_block"]
         )
+
+
+_GAUGES: dict = {}
+
+
+def _gauge(name: str, doc: str):
+    """One gauge per series and process: prometheus refuses a second
+    registration, and a process may build several engine clients."""
+    import prometheus_client
+
+    if name not in _GAUGES:
+        _GAUGES[name] = prometheus_client.Gauge(
+            f"headinfer:{name}", doc, ["engine"], multiprocess_mode="mostrecent"
+        )
+    return _GAUGES[name]
 
 
 _LINK_DOC = (

@@ -37,8 +37,11 @@ class RankKV:
     head_block_bytes: int  # one head's K+V of one block
     placeholder_bytes: int  # device page of a layer with no resident head
     other_device_bytes: int = 0  # per block, layers HEADINFER does not serve
-    # With layers of other kinds in the model, vLLM cannot lay out pages of
-    # different sizes per layer (several KV cache groups): one count for all.
+    # With layers of other attention kinds in the model, vLLM cannot lay out
+    # pages of different sizes per layer (several KV cache groups), and it
+    # equalises the groups' pages by enlarging blocks, which this arithmetic
+    # does not model: explicit counts must be one for all layers, and auto
+    # keeps every head resident.
     uniform_only: bool = False
 
     @property
@@ -149,7 +152,7 @@ def spread(resident_head_layers: int, num_layers: int, num_kv_heads: int) -> tup
 def candidate_counts(kv: RankKV) -> list[tuple[int, ...]]:
     """Placements auto chooses from, fewest resident head-layers first."""
     if kv.uniform_only:
-        return [(r,) * kv.num_layers for r in range(kv.num_kv_heads + 1)]
+        return [(kv.num_kv_heads,) * kv.num_layers]
     return [spread(n, kv.num_layers, kv.num_kv_heads) for n in range(kv.head_layers + 1)]
 
 

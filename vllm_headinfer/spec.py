@@ -41,7 +41,8 @@ class HeadInferAttentionSpec(FullAttentionSpec):
     def merge(cls, specs):
         # FullAttentionSpec.merge rebuilds from its own field list and would
         # drop num_offloaded_kv_heads.
-        offloaded = {s.num_offloaded_kv_heads for s in specs}
+        # A drafter's layers may come as plain full-attention specs.
+        offloaded = {getattr(s, "num_offloaded_kv_heads", 0) for s in specs}
         assert len(offloaded) == 1, (
             "All HeadInfer layers of a KV cache group must offload the same "
             f"number of heads, got {sorted(offloaded)}"
