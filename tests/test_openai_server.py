@@ -198,7 +198,8 @@ def test_metrics_show_placement_and_link_load(servers):
     )  # fmt: skip
     seen = []
     for i, _ in enumerate(r.iter_lines()):
-        if i in (5, 30):
+        # Poll while the request decodes (stats follow the tokens a step late).
+        if i >= 4 and i % 4 == 0 and not any(v > 0 for v in seen):
             seen.append(_headinfer_metrics(servers["headinfer"])["headinfer:host_kv_read_bytes_per_step"])
     r.close()
     assert any(v > 0 for v in seen), seen
