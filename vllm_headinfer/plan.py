@@ -24,7 +24,6 @@ pinned host memory over UVA on this machine's GPU.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import os
 import sys
