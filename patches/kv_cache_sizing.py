@@ -30,9 +30,13 @@ def apply() -> None:
                 vllm_config, kv_cache_specs, available_memory
             )
             configs = orig(vllm_config, specs, clamped)
-            rank = min(placements)
-            final = log_placement(vllm_config, placements[rank], configs[rank])
-            publish(vllm_config, final)
+            # One line per distinct placement: tensor-parallel ranks share
+            # one, pipeline stages each have their own layers.
+            logged: dict[int, object] = {}
+            for rank, placement in sorted(placements.items()):
+                if id(placement) not in logged:
+                    logged[id(placement)] = log_placement(vllm_config, placement, configs[rank])
+            publish(vllm_config, logged[id(placements[min(placements)])])
             return configs
 
         return get_kv_cache_configs
