@@ -27,6 +27,7 @@ import contextlib
 import json
 import os
 import tempfile
+import time
 
 from vllm.logger import init_logger
 from vllm.v1.metrics.loggers import AggregateStatLoggerBase
@@ -61,6 +62,7 @@ def publish(vllm_config, p: Placement) -> None:
     path = channel_path(vllm_config, vllm_config.parallel_config.data_parallel_rank)
     try:
         os.makedirs(CHANNEL_DIR, mode=0o700, exist_ok=True)
+        sweep_stale()
         tmp = f"{path}.{os.getpid()}"
         with open(tmp, "w") as f:
             json.dump(record, f)
@@ -69,6 +71,20 @@ def publish(vllm_config, p: Placement) -> None:
         logger.warning("HEADINFER: placement not published for /metrics: %s", e)
         return
     atexit.register(_remove, path)
+
+
+# A forked engine core ends with os._exit, which skips atexit: its file
+# stays. Files this old belong to engines that have ended.
+STALE_SECONDS = 7 * 24 * 3600
+
+
+def sweep_stale(now: float | None = None) -> None:
+    now = time.time() if now is None else now
+    for name in os.listdir(CHANNEL_DIR):
+        path = os.path.join(CHANNEL_DIR, name)
+        with contextlib.suppress(OSError):
+            if now - os.path.getmtime(path) > STALE_SECONDS:
+                os.remove(path)
 
 
 def _remove(path: str) -> None:
