@@ -66,15 +66,24 @@ def rank_kv(vllm_config, worker_specs: dict) -> policy.RankKV | None:
             "serves; this model's layers differ. Use the default backend."
         )
     others = {n: s for n, s in worker_specs.items() if n not in ours}
+    return kv_shape(
+        spec,
+        tuple(sorted(layer_index(n) for n in ours)),
+        other_device_bytes=sum(s.page_size_bytes for s in others.values()),
+        # Layers of another attention type form other KV cache groups.
+        uniform_only=any(not isinstance(s, FullAttentionSpec) for s in others.values()),
+    )
+
+
+def kv_shape(spec, layer_indices: tuple[int, ...], **extra) -> policy.RankKV:
+    """The policy's view of layers shaped like ``spec`` (all heads resident)."""
     return policy.RankKV(
-        layer_indices=tuple(sorted(layer_index(n) for n in ours)),
+        layer_indices=layer_indices,
         num_kv_heads=spec.num_kv_heads,
         block_size=spec.block_size,
         head_block_bytes=spec.page_size_bytes // spec.num_kv_heads,
         placeholder_bytes=placeholder_page_bytes(spec),
-        other_device_bytes=sum(s.page_size_bytes for s in others.values()),
-        # Layers of another attention type form other KV cache groups.
-        uniform_only=any(not isinstance(s, FullAttentionSpec) for s in others.values()),
+        **extra,
     )
 
 
@@ -83,7 +92,7 @@ def offload_device_bytes(cfg: HeadInferConfig) -> int:
     allocated only where some head is offloaded and a path stages."""
     from vllm.platforms import current_platform
 
-    return cfg.staging_mib << 20 if current_platform.is_cuda() and cfg.stages else 0
+    return cfg.staging_bytes if current_platform.is_cuda() else 0
 
 
 def pool_target(vllm_config, cfg: HeadInferConfig, block_size: int) -> int | None:
@@ -264,20 +273,20 @@ def log_placement(vllm_config, p: policy.Placement, kv_cache_config) -> policy.P
 def model_rank_kv(vllm_config) -> policy.RankKV:
     """The KV shape of one rank from the model config alone (every layer
     HEADINFER's), before any engine process starts."""
-    model, parallel = vllm_config.model_config, vllm_config.parallel_config
-    heads = model.get_num_kv_heads(parallel)
-    block_size = vllm_config.cache_config.block_size
-    dtype_size = model.dtype.itemsize if vllm_config.cache_config.cache_dtype == "auto" else (
-        2 if "16" in vllm_config.cache_config.cache_dtype else 1
+    import torch
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    model, parallel, cache = vllm_config.model_config, vllm_config.parallel_config, vllm_config.cache_config
+    # The KV dtypes HEADINFER accepts: auto (the model's), float16, bfloat16.
+    dtype = model.dtype if cache.cache_dtype == "auto" else getattr(torch, cache.cache_dtype)
+    spec = FullAttentionSpec(
+        block_size=cache.block_size,
+        num_kv_heads=model.get_num_kv_heads(parallel),
+        head_size=model.get_head_size(),
+        dtype=dtype,
     )
     start, end = model.get_layers_start_end_indices(parallel)
-    return policy.RankKV(
-        layer_indices=tuple(range(start, end)),
-        num_kv_heads=heads,
-        block_size=block_size,
-        head_block_bytes=block_size * 2 * model.get_head_size() * dtype_size,
-        placeholder_bytes=block_size * dtype_size,
-    )
+    return kv_shape(spec, tuple(range(start, end)))
 
 
 def check_before_engine(vllm_config, cfg: HeadInferConfig) -> None:

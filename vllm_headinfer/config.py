@@ -176,6 +176,11 @@ class HeadInferConfig:
         """Whether offloaded heads need device staging buffers (CUDA)."""
         return "staged" in (self.resolved_decode_path, self.resolved_prefill_path)
 
+    @property
+    def staging_bytes(self) -> int:
+        """Device staging buffers a rank with offloaded heads takes (CUDA)."""
+        return self.staging_mib << 20 if self.stages else 0
+
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         if isinstance(self.resident_kv_heads, tuple):

@@ -59,7 +59,7 @@ class CudaHeadAttention:
         self.fa_version = get_flash_attn_version(head_size=impl.head_size)
         self.decode_path = cfg.resolved_decode_path
         self.prefill_path = cfg.resolved_prefill_path
-        self.staging_bytes = cfg.staging_mib << 20 if cfg.stages else 0
+        self.staging_bytes = cfg.staging_bytes
         self.staging = None
 
     def placed(self) -> None:

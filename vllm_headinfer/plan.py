@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     kv = model_rank_kv(vllm_config)
     dev = device_budget(vllm_config, args.gpu_memory_gib)
     gpu = args.gpu_memory_gib is not None or dev.how != "--kv-cache-memory-bytes"
-    staging = (cfg.staging_mib << 20) if cfg.stages and gpu else offload_device_bytes(cfg)
+    staging = cfg.staging_bytes if gpu else offload_device_bytes(cfg)
     budgets = policy.Budgets(dev.bytes, cfg.cpu_kv_bytes, staging)
     if args.measure:
         link, how = measure_link_gbps(), "measured here over UVA"
