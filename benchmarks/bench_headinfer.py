@@ -51,7 +51,7 @@ LLAMA3_8B = dict(
     bos_token_id=128000,
     eos_token_id=128001,
 )
-KV_BYTES_PER_TOKEN_LAYER_HEAD = 2 * 128 * 2  # K and V, head_dim 128, bf16
+KV_BYTES_PER_TOKEN_LAYER_HEAD = 2 * 128 * 2  # K and V, head_dim 128, bf16 (fp8: half)
 GIB = 1 << 30
 
 
@@ -104,6 +104,7 @@ def worker(spec: dict) -> dict:
         tensor_parallel_size=spec.get("tp", 1),
         distributed_executor_backend=spec.get("executor"),
         seed=0,
+        kv_cache_dtype=spec.get("kv_cache_dtype", "auto"),
         **({"compilation_config": {"cudagraph_mode": spec["cudagraph_mode"]}}
            if spec.get("cudagraph_mode") else {}),
         **kwargs,
@@ -181,7 +182,8 @@ def summarise(spec: dict, res: dict, h2d_gbs: float) -> list[dict]:
         offloaded = step_bytes > 0
         device_kv = res.get("device_kv_gib")
         if cfg == "FLASH_ATTN" and res.get("kv_capacity_tokens"):
-            device_kv = res["kv_capacity_tokens"] * layers * 8 // tp * KV_BYTES_PER_TOKEN_LAYER_HEAD / GIB
+            per_head = KV_BYTES_PER_TOKEN_LAYER_HEAD // (2 if spec.get("kv_cache_dtype", "auto") != "auto" else 1)
+            device_kv = res["kv_capacity_tokens"] * layers * 8 // tp * per_head / GIB
         gbs = step_bytes / row["decode_s_per_token"] / 1e9 if offloaded else None
         rows.append({
             "config": cfg, "layers": layers, "tp": tp, **row,
@@ -235,6 +237,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=600)
     ap.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
     ap.add_argument("--executor", default=None, help="distributed executor: mp (default) or ray")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's bf16) or fp8")
     args = ap.parse_args()
     if args.worker:
         res = worker(json.loads(args.worker))
@@ -248,8 +251,9 @@ def main() -> None:
     contexts = [int(c) for c in args.contexts.split(",") if c]
     h2d = measure_h2d_gbs()
     report = {"h2d_gbs": h2d, "layers": args.layers, "chunk": args.chunk, "tp": args.tp,
+              "kv_cache_dtype": args.kv_cache_dtype,
               "executor": args.executor, "rows": [], "capacity": [], "runs": {}}
-    parallel = {"tp": args.tp, "executor": args.executor}
+    parallel = {"tp": args.tp, "executor": args.executor, "kv_cache_dtype": args.kv_cache_dtype}
     print(f"pinned H2D: {h2d:.1f} GB/s", flush=True)
     for cfg in args.configs.split(",") if contexts else []:
         spec = {"config": cfg, "model": str(model), "layers": args.layers, "contexts": contexts,

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Stages of a GPU-host session (see ../shared/gpu/README.md for the wheel kit).
 # Usage: bash benchmarks/gpu_host.sh install|check|ray-example|bench|bench-long|bench-tp|capacity
-#                                   |place-short|place-512k|place-capacity
+#                                   |place-short|place-512k|place-capacity|fp8|spec|cpu-attn
 #        bash benchmarks/gpu_host.sh background "STAGE [STAGE...]"   (returns at once)
 #        bash benchmarks/gpu_host.sh wait SECONDS   (until the background stages end)
 # Logs and results go to $OUT (or ./gpu-out). A device command may run 10
@@ -119,6 +119,32 @@ case "$1" in
     timeout 300 python3 benchmarks/bench_headinfer.py --out "$out/place_1m.json" --layers 32 \
       --contexts 4096 --max-model-len 1048576 --configs auto --cpu-kv-gib 90 --eager \
       --decode-tokens 8 --timeout 290 2>&1 | tail -6
+    ;;
+  fp8)
+    # An fp8 KV cache: 128K on 32 layers, FLASH_ATTN and R0; then the largest
+    # pool at gpu_memory_utilization 0.9 and cpu_kv_gib 90 with auto placement
+    # (its log has the host pool's allocation and pinning time).
+    reinstall
+    timeout 420 python3 benchmarks/bench_headinfer.py --out "$out/fp8_128k.json" --layers 32 \
+      --contexts 131072 --configs FLASH_ATTN,R0 --kv-cache-dtype fp8 --decode-tokens 8 --timeout 200 2>&1 | tail -8
+    timeout 290 python3 benchmarks/bench_headinfer.py --out "$out/fp8_capacity.json" --layers 32 \
+      --contexts "" --configs auto --kv-cache-dtype fp8 --capacity-util 0.9 --capacity-cpu-kv-gib 90 \
+      --timeout 280 2>&1 | tail -3
+    grep -h "HEADINFER host pool" "$out"/fp8_*.log | tee "$out/pool_allocation.txt"
+    ;;
+  spec)
+    # Prompt-lookup speculative decoding at 128K, 32 layers: R0 and
+    # FLASH_ATTN, each with and without ngram (k = 4).
+    reinstall
+    timeout 1100 python3 benchmarks/bench_speculative.py --out "$out/spec_128k.json" \
+      --configs "${SPEC_CONFIGS:-R0,R0+ngram4,FLASH_ATTN,FLASH_ATTN+ngram4}" --decode-tokens 64 \
+      --timeout 280 2>&1 | tail -12
+    ;;
+  cpu-attn)
+    # The CPU decode-attention kernel's K/V read rate by thread count, alone
+    # and with the link busy.
+    reinstall
+    timeout 300 python3 benchmarks/cpu_attention_bandwidth.py --out "$out/cpu_attn_bw.json" 2>&1 | tail -24
     ;;
   capacity)
     # R0 at the largest budget HEADINFER accepts at startup on this host; if

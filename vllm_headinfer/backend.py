@@ -9,6 +9,7 @@ from vllm.v1.attention.backend import AttentionBackend, AttentionType, MultipleO
 from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
 
 from vllm_headinfer import BACKEND_NAME
+from vllm_headinfer.kv_quant import FP8_KV_DTYPES, PLAIN_KV_DTYPES
 from vllm_headinfer.spec import HeadInferAttentionSpec, split_spec
 
 
@@ -19,7 +20,8 @@ class HeadInferBackend(AttentionBackend):
         torch.bfloat16,
         torch.float32,
     ]
-    supported_kv_cache_dtypes: ClassVar[list] = ["auto", "float16", "bfloat16"]
+    # fp8_e5m2 only on CPU: config.py refuses it on CUDA, as FLASH_ATTN does.
+    supported_kv_cache_dtypes: ClassVar[list] = [*PLAIN_KV_DTYPES, *FP8_KV_DTYPES]
     # K/V are written by do_kv_cache_update (vLLM's separate custom op), to
     # both halves with the same slot mapping, before forward reads them.
     forward_includes_kv_cache_update: bool = False

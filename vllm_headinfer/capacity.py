@@ -273,12 +273,12 @@ def log_placement(vllm_config, p: policy.Placement, kv_cache_config) -> policy.P
 def model_rank_kv(vllm_config) -> policy.RankKV:
     """The KV shape of one rank from the model config alone (every layer
     HEADINFER's), before any engine process starts."""
-    import torch
+    from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
     model, parallel, cache = vllm_config.model_config, vllm_config.parallel_config, vllm_config.cache_config
-    # The KV dtypes HEADINFER accepts: auto (the model's), float16, bfloat16.
-    dtype = model.dtype if cache.cache_dtype == "auto" else getattr(torch, cache.cache_dtype)
+    # vLLM's storage dtype: one byte per element for fp8 caches.
+    dtype = kv_cache_dtype_str_to_dtype(cache.cache_dtype, model)
     spec = FullAttentionSpec(
         block_size=cache.block_size,
         num_kv_heads=model.get_num_kv_heads(parallel),

@@ -16,6 +16,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from vllm_headinfer import BACKEND_NAME
+from vllm_headinfer.kv_quant import accepted_kv_dtypes
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -332,10 +333,13 @@ def _check_model(vllm_config: VllmConfig) -> None:
             "move only the resident heads. Remove the connector setting."
         )
     cache_dtype = vllm_config.cache_config.cache_dtype
-    if cache_dtype not in ("auto", "float16", "bfloat16"):
+    from vllm.platforms import current_platform
+
+    accepted = accepted_kv_dtypes(current_platform.is_cuda())
+    if cache_dtype not in accepted:
         raise HeadInferConfigError(
-            f"--kv-cache-dtype {cache_dtype} is not supported with HEADINFER; "
-            "accepted values: auto, float16, bfloat16."
+            f"--kv-cache-dtype {cache_dtype} is not supported with HEADINFER on "
+            f"this platform; accepted values: {', '.join(accepted)}."
         )
     _check_speculative(vllm_config.speculative_config)
     parallel = vllm_config.parallel_config

@@ -15,20 +15,26 @@
 
 New K/V are written by ``reshape_and_cache_flash`` to the device pages and,
 through the UVA view, straight into the host pool: no host sync, and the
-writes are ordered before this step's attention on the same stream.
+writes are ordered before this step's attention on the same stream. With an
+fp8 cache every kind of page holds fp8 bytes: the write quantises with the
+layer's K/V scales and each call passes FLASH_ATTN's descales, sliced to the
+call's heads.
 """
 
 from __future__ import annotations
 
 import torch
 from vllm.logger import init_logger
+from vllm.platforms import current_platform
 from vllm.utils.math_utils import cdiv
 from vllm.utils.torch_utils import canonicalize_singleton_dim_strides
 from vllm.v1.attention.backends.fa_utils import (
+    flash_attn_supports_quant_query_input,
     flash_attn_varlen_func,
     get_flash_attn_version,
 )
 
+from vllm_headinfer.kv_quant import fp8_dtype
 from vllm_headinfer.layout import device_kv, host_kv
 from vllm_headinfer.staging import gather_pages, plan_head_groups, shared_staging
 
@@ -61,6 +67,16 @@ class CudaHeadAttention:
         self.prefill_path = cfg.resolved_prefill_path
         self.staging_bytes = cfg.staging_bytes
         self.staging = None
+        # An fp8 cache is read as FLASH_ATTN reads it: pages viewed as the
+        # platform's fp8 type, queries quantised by the layer where flash
+        # attention takes fp8 queries (all but FA4's SM90 dequantising path).
+        quantized = fp8_dtype(impl.kv_cache_dtype) is not None
+        self.fp8 = current_platform.fp8_dtype() if quantized else None
+        self.supports_quant_query_input = flash_attn_supports_quant_query_input() and not (
+            self.fa_version == 4
+            and current_platform.is_device_capability_family(90)
+            and impl.kv_cache_dtype in ("fp8", "fp8_e4m3")
+        )
 
     def placed(self) -> None:
         """Takes the process's staging buffers once this layer offloads heads
@@ -87,52 +103,69 @@ class CudaHeadAttention:
 
     def forward(self, layer, query, kv_cache, pool, m, output) -> None:
         impl = self.impl
-        rq = impl.resident_q
+        r, rq = impl.num_resident, impl.resident_q
         if pool is None:
-            self._attend_resident(query, kv_cache, m, output, m.scheduler_metadata)
+            self._attend_resident(layer, query, kv_cache, m, output, m.scheduler_metadata)
             return
         host = pool.device_layer(impl._host_layer_name(layer))
         path = self.decode_path if m.short_queries else self.prefill_path
         if path == "uva" and impl.num_resident:
-            self._overlapped(query, kv_cache, host, m, output)
+            self._overlapped(layer, query, kv_cache, host, m, output)
             return
-        self._attend_resident(query, kv_cache, m, output, m.scheduler_metadata)
-        if path == "staged" and self._staged(query[:, rq:], host, m, output[:, rq:]):
+        self._attend_resident(layer, query, kv_cache, m, output, m.scheduler_metadata)
+        if path == "staged" and self._staged(layer, query[:, rq:], host, m, output[:, rq:]):
             return
         k, v = host_kv(host)
-        self._attend(query[:, rq:], k, v, m.block_table, m, output[:, rq:])
+        self._attend(layer, slice(r, None), query[:, rq:], k, v, m.block_table, m, output[:, rq:])
 
-    def _attend_resident(self, query, kv_cache, m, output, plan) -> None:
+    def _attend_resident(self, layer, query, kv_cache, m, output, plan) -> None:
         impl = self.impl
         if impl.num_resident:
-            rq = impl.resident_q
+            r, rq = impl.num_resident, impl.resident_q
             k, v = device_kv(kv_cache, impl.head_size)
-            self._attend(query[:, :rq], k, v, m.block_table, m, output[:, :rq], plan)
+            self._attend(layer, slice(0, r), query[:, :rq], k, v, m.block_table, m,
+                         output[:, :rq], plan)
 
-    def _overlapped(self, query, kv_cache, host, m, output) -> None:
+    def _overlapped(self, layer, query, kv_cache, host, m, output) -> None:
         """Resident and offloaded heads at the same time: the offloaded call
         waits on the link while the resident one reads device memory, so the
         resident heads cost (almost) nothing next to it. Heads are disjoint;
         the resident call gets its own copy of the split plan, which FA3 may
         use as scratch (a tile counter) while a call runs. Streams fork and
         join inside the step, so this is captured into CUDA graphs as is."""
-        rq = self.impl.resident_q
+        r, rq = self.impl.num_resident, self.impl.resident_q
         main = torch.cuda.current_stream()
         plan = m.scheduler_metadata
         side_plan = None if plan is None else plan.clone()
         side = overlap_stream(query.device)
         side.wait_stream(main)
         with torch.cuda.stream(side):
-            self._attend_resident(query, kv_cache, m, output, side_plan)
+            self._attend_resident(layer, query, kv_cache, m, output, side_plan)
         k, v = host_kv(host)
-        self._attend(query[:, rq:], k, v, m.block_table, m, output[:, rq:])
+        self._attend(layer, slice(r, None), query[:, rq:], k, v, m.block_table, m, output[:, rq:])
         main.wait_stream(side)
 
-    def _attend(self, q, k, v, block_table, m, out, plan=None) -> None:
-        """Flash attention of ``q`` over paged K/V ``[blocks, heads, N, D]``,
-        with the split count of FLASH_ATTN's call and the all-heads plan for
-        it (``m.scheduler_metadata`` unless ``plan`` is given), so that each
+    def _descales(self, layer, kv_heads: slice, m) -> dict:
+        """FLASH_ATTN's q/k/v descales (``[requests, KV heads]``) for the KV
+        heads ``kv_heads`` of the layer; none for a plain cache."""
+        if self.fp8 is None:
+            return {}
+        shape = (m.query_start_loc.shape[0] - 1, self.impl.num_kv_heads)
+        q = layer._q_scale.expand(shape)[:, kv_heads] if self.supports_quant_query_input else None
+        return {
+            "q_descale": q,
+            "k_descale": layer._k_scale.expand(shape)[:, kv_heads],
+            "v_descale": layer._v_scale.expand(shape)[:, kv_heads],
+        }
+
+    def _attend(self, layer, kv_heads, q, k, v, block_table, m, out, plan=None) -> None:
+        """Flash attention of ``q`` over paged K/V ``[blocks, heads, N, D]``
+        (the layer's KV heads ``kv_heads``), with the split count of
+        FLASH_ATTN's call and the all-heads plan for it
+        (``m.scheduler_metadata`` unless ``plan`` is given), so that each
         head is split and reduced as in that one call."""
+        if self.fp8 is not None:
+            k, v = k.view(self.fp8), v.view(self.fp8)
         flash_attn_varlen_func(
             q=q,
             k=fa_view(k),
@@ -148,9 +181,10 @@ class CudaHeadAttention:
             fa_version=self.fa_version,
             scheduler_metadata=m.scheduler_metadata if plan is None else plan,
             num_splits=m.num_splits,
+            **self._descales(layer, kv_heads, m),
         )
 
-    def _staged(self, q, host, m, out) -> bool:
+    def _staged(self, layer, q, host, m, out) -> bool:
         """Attention of the offloaded heads over staged copies; False when a
         single head's blocks exceed a staging buffer (then UVA serves it)."""
         impl, staging = self.impl, self.staging
@@ -196,6 +230,8 @@ class CudaHeadAttention:
             main.wait_event(staging.ready[buf])
             k, v = host_kv(staging.view(buf, shape(group), host.dtype))
             heads = slice(group[0] * g, group[1] * g)
-            self._attend(q[:, heads], k, v, remapped, m, out[:, heads])
+            r = impl.num_resident
+            self._attend(layer, slice(r + group[0], r + group[1]), q[:, heads], k, v,
+                         remapped, m, out[:, heads])
             staging.free[buf].record(main)
         return True

@@ -17,6 +17,7 @@ from vllm.v1.attention.backend import AttentionImpl, AttentionType
 
 from vllm_headinfer import config as hi_config
 from vllm_headinfer.host_pool import HostKVPool, host_pools
+from vllm_headinfer.kv_quant import Fp8Scales
 from vllm_headinfer.layout import device_kv, host_kv
 from vllm_headinfer.metadata import HeadInferMetadata
 
@@ -69,11 +70,16 @@ class HeadInferImpl(AttentionImpl[HeadInferMetadata]):
         self.num_offloaded = 0
         self.resident_q = num_heads
         self.host_pool: HostKVPool | None = None
+        # Whether the layer hands fp8 queries over an fp8 cache (the attention
+        # layer reads this after building the impl): as FLASH_ATTN on CUDA;
+        # the CPU path attends dequantised K/V with the model's queries.
+        self.supports_quant_query_input = False
         if current_platform.is_cuda():
             from vllm_headinfer.cuda_attention import CudaHeadAttention
 
             cfg = hi_config.HeadInferConfig.from_vllm_config(get_current_vllm_config())
             self.ops = CudaHeadAttention(self, cfg)
+            self.supports_quant_query_input = self.ops.supports_quant_query_input
         else:
             self.ops = None
 
@@ -128,7 +134,10 @@ class HeadInferImpl(AttentionImpl[HeadInferMetadata]):
         from vllm_headinfer.torch_attention import write_paged
 
         for k_cache, v_cache, kv_heads, _ in self.kv_parts(layer, kv_cache, pool, uva=False):
-            write_paged(k_cache, v_cache, key[:, kv_heads], value[:, kv_heads], slot_mapping)
+            write_paged(
+                k_cache, v_cache, key[:, kv_heads], value[:, kv_heads], slot_mapping,
+                Fp8Scales.of(layer, self.kv_cache_dtype, kv_heads),
+            )
 
     def forward(
         self,
@@ -155,7 +164,7 @@ class HeadInferImpl(AttentionImpl[HeadInferMetadata]):
         from vllm_headinfer.torch_attention import paged_attention
 
         m = attn_metadata
-        for k_cache, v_cache, _, heads in self.kv_parts(layer, kv_cache, pool, uva=False):
+        for k_cache, v_cache, kv_heads, heads in self.kv_parts(layer, kv_cache, pool, uva=False):
             paged_attention(
                 query[:n, heads],
                 k_cache,
@@ -165,5 +174,6 @@ class HeadInferImpl(AttentionImpl[HeadInferMetadata]):
                 m.seq_lens_cpu if m.seq_lens_cpu is not None else m.seq_lens.cpu(),
                 self.scale,
                 output[:n, heads],
+                Fp8Scales.of(layer, self.kv_cache_dtype, kv_heads),
             )
         return output

@@ -16,6 +16,7 @@ from vllm.v1.attention.backend import (
 
 from vllm_headinfer.flash_splits import all_heads_num_splits, covers
 from vllm_headinfer.host_pool import host_pools
+from vllm_headinfer.kv_quant import fp8_dtype
 from vllm_headinfer.spec import HeadInferAttentionSpec
 
 # Flash attention's (left, right) window of a layer without sliding window.
@@ -67,16 +68,21 @@ class HeadInferMetadata:
 class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
     @classmethod
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
-        """Decode steps read resident pages and the host pool in place: static
-        addresses, no host work, so they run inside full CUDA graphs. Steps
-        with prefill stage copies planned per step and run eagerly between
-        captured pieces (PIECEWISE)."""
+        """Decode steps, and the uniform verify steps of speculative decoding
+        (1 + k query tokens per request), read resident pages and the host
+        pool in place: static addresses, no host work, so they run inside
+        full CUDA graphs. Steps with prefill stage copies planned per step
+        and run eagerly between captured pieces (PIECEWISE)."""
         from vllm_headinfer.config import HeadInferConfig
 
         cfg = HeadInferConfig.from_vllm_config(vllm_config)
-        if current_platform.is_cuda() and cfg.decode_path in ("auto", "uva"):
-            return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
-        return AttentionCGSupport.NEVER
+        if not current_platform.is_cuda() or cfg.decode_path not in ("auto", "uva"):
+            return AttentionCGSupport.NEVER
+        spec = vllm_config.speculative_config
+        drafts = (spec.num_speculative_tokens or 0) if spec is not None else 0
+        if drafts and 1 + drafts <= in_place_query_len(vllm_config):
+            return AttentionCGSupport.UNIFORM_BATCH
+        return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 
     def __init__(
         self,
@@ -103,6 +109,7 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
             # only); HEADINFER layers have none.
             self.flash.aot_sliding_window = FULL_ATTENTION_WINDOW
             self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+        self.fp8 = fp8_dtype(vllm_config.cache_config.cache_dtype) is not None
         self.in_place_query_len = in_place_query_len(vllm_config)
         # This group's layers adopt the head split the engine core placed in
         # their spec. The real cache is planned by now (the worker sets
@@ -162,17 +169,18 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
         that count, not taken from FLASH_ATTN: the same plan when the count
         is FA3's own (FA3 computes it from the same inputs), and one that
         fits the buffers if it were not. One split leaves nothing to plan.
-        Without a plan, or for a head size ``flash_splits`` does not cover,
-        the count is 0 and each call plans for itself (head-split calls then
-        round within bf16 of FLASH_ATTN): a plan with more splits than a
-        call chooses would overrun its buffers."""
+        Without a plan, for a head size ``flash_splits`` does not cover, or
+        over an fp8 cache (FA3 tiles fp8 K/V otherwise), the count is 0 and
+        each call plans for itself (head-split calls then round within bf16
+        of FLASH_ATTN): a plan with more splits than a call chooses would
+        overrun its buffers."""
         if plan is None:
             return None, 0
         if plan.max_num_splits > 0:
             bound = plan.max_num_splits
             return (plan.scheduler_metadata if bound > 1 else None), bound
         flash = self.flash
-        if plan.scheduler_metadata is None or not covers(flash.headdim):
+        if plan.scheduler_metadata is None or self.fp8 or not covers(flash.headdim):
             return None, 0
         num_splits = all_heads_num_splits(
             num_heads=flash.num_heads_q,

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vllm_headinfer.kv_quant import Fp8Scales, dequantize, quantize
+
 
 def write_paged(
     k_cache: torch.Tensor,
@@ -17,17 +19,22 @@ def write_paged(
     key: torch.Tensor,
     value: torch.Tensor,
     slot_mapping: torch.Tensor,
+    fp8: Fp8Scales | None = None,
 ) -> None:
-    """Stores token t's ``key[t]``/``value[t]`` at slot ``slot_mapping[t]``
-    (block = slot // block_size, offset = slot % block_size); slot -1 is
-    padding and is skipped."""
+    """Stores token t's ``key[t]``/``value[t]`` (``[T, heads, D]``) at slot
+    ``slot_mapping[t]`` (block = slot // block_size, offset = slot %
+    block_size), quantised with ``fp8``'s scales if given; slot -1 is padding
+    and is skipped."""
     n = slot_mapping.shape[0]
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
     block_size = k_cache.shape[2]
     blocks, offsets = slots // block_size, slots % block_size
-    k_cache[blocks, :, offsets] = key[:n][valid].to(k_cache.dtype)
-    v_cache[blocks, :, offsets] = value[:n][valid].to(v_cache.dtype)
+    key, value = key[:n][valid], value[:n][valid]
+    if fp8 is not None:
+        key, value = quantize(key, fp8.k, fp8.dtype, 1), quantize(value, fp8.v, fp8.dtype, 1)
+    k_cache[blocks, :, offsets] = key.to(k_cache.dtype)
+    v_cache[blocks, :, offsets] = value.to(v_cache.dtype)
 
 
 def _gather(cache: torch.Tensor, block_ids: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -39,6 +46,14 @@ def _gather(cache: torch.Tensor, block_ids: torch.Tensor, num_tokens: int) -> to
     return seq[:, :, :num_tokens]
 
 
+def _gather_kv(k_cache, v_cache, block_ids, num_tokens, dtype, fp8: Fp8Scales | None):
+    """K and V of those tokens in ``dtype``, fp8 pages dequantised."""
+    k, v = _gather(k_cache, block_ids, num_tokens), _gather(v_cache, block_ids, num_tokens)
+    if fp8 is None:
+        return k.to(dtype), v.to(dtype)
+    return dequantize(k, fp8.k, fp8.dtype, 1, dtype), dequantize(v, fp8.v, fp8.dtype, 1, dtype)
+
+
 def paged_attention(
     query: torch.Tensor,
     k_cache: torch.Tensor,
@@ -48,9 +63,11 @@ def paged_attention(
     seq_lens: torch.Tensor,
     scale: float,
     output: torch.Tensor,
+    fp8: Fp8Scales | None = None,
 ) -> None:
-    """Causal attention of ``query`` ``[T, Hq, D]`` over the paged caches;
-    writes ``output`` ``[T, Hq, Dv]``. Request r owns query rows
+    """Causal attention of ``query`` ``[T, Hq, D]`` over the paged caches
+    (fp8 pages dequantised with ``fp8``'s scales); writes ``output``
+    ``[T, Hq, Dv]``. Request r owns query rows
     ``query_start_loc[r]:query_start_loc[r+1]``, the last rows of its
     ``seq_lens[r]`` tokens (bottom-right aligned causal mask)."""
     block_size = k_cache.shape[2]
@@ -66,11 +83,11 @@ def paged_attention(
         kv_len = max(lens[r] for r in decodes)
         n_blocks = -(-kv_len // block_size)
         ids = block_table[idx, :n_blocks]
-        k, v = _gather(k_cache, ids, kv_len), _gather(v_cache, ids, kv_len)
+        k, v = _gather_kv(k_cache, v_cache, ids, kv_len, query.dtype, fp8)
         mask = torch.arange(kv_len)[None, :] < torch.tensor([lens[r] for r in decodes])[:, None]
         q = query[rows].unsqueeze(2)  # [batch, Hq, 1, D]
         out = F.scaled_dot_product_attention(
-            q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask[:, None, None, :],
+            q, k, v, attn_mask=mask[:, None, None, :],
             scale=scale, enable_gqa=True,
         )
         output[rows] = out.squeeze(2).to(output.dtype)
@@ -83,12 +100,12 @@ def paged_attention(
         kv_len = lens[r]
         n_blocks = -(-kv_len // block_size)
         ids = block_table[r : r + 1, :n_blocks]
-        k, v = _gather(k_cache, ids, kv_len), _gather(v_cache, ids, kv_len)
+        k, v = _gather_kv(k_cache, v_cache, ids, kv_len, query.dtype, fp8)
         q = query[starts[r] : starts[r + 1]].transpose(0, 1).unsqueeze(0)
         # Row i of the chunk sees the context before the chunk and rows <= i.
         q_pos = torch.arange(kv_len - q_len, kv_len)[:, None]
         mask = torch.arange(kv_len)[None, :] <= q_pos
         out = F.scaled_dot_product_attention(
-            q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale, enable_gqa=True
+            q, k, v, attn_mask=mask, scale=scale, enable_gqa=True
         )
         output[starts[r] : starts[r + 1]] = out[0].transpose(0, 1).to(output.dtype)

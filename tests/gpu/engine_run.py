@@ -6,7 +6,7 @@ Usage: python engine_run.py '{"model": ..., "backend": "FLASH_ATTN"|"HEADINFER",
 "auto"). Optional keys: "eager" (default true), "headinfer" (more settings),
 "tp" (tensor_parallel_size, default 1), "executor" ("mp" or "ray", default
 vLLM's choice), "kv_cache_memory_bytes" (the device KV budget instead of 0.3
-of the GPU), "speculative" (a speculative_config), "periodic" (prompts that
+of the GPU), "speculative" (a speculative_config), "kv_cache_dtype", "periodic" (prompts that
 repeat a 7-token pattern, so prompt lookup finds drafts).
 """
 
@@ -37,6 +37,7 @@ def main(spec: dict) -> dict:
         tensor_parallel_size=spec.get("tp", 1),
         distributed_executor_backend=spec.get("executor"),
         speculative_config=spec.get("speculative"),
+        kv_cache_dtype=spec.get("kv_cache_dtype", "auto"),
         seed=0,
         **kwargs,
     )

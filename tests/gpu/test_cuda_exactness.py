@@ -70,6 +70,19 @@ def test_per_layer_counts(small_model, small_reference, resident):
     print(f"resident {resident}: {compare(small_reference, got, bitwise=True)}")
 
 
+@pytest.mark.parametrize("resident", [0, 2, [3, 0, 2, 1]])
+def test_fp8_cache(small_model, resident):
+    """An fp8 KV cache against FLASH_ATTN's fp8 cache, compiled with CUDA
+    graphs: pages on the device, in the host pool and staged hold fp8 bytes
+    quantised with the layer's scales. Eager steps (prefill chunks) plan
+    their KV splits per call over fp8 (flash_splits covers bf16 only), so
+    near-ties of the reference may flip."""
+    common = dict(dummy=False, eager=False, kv_cache_dtype="fp8")
+    ref = run_engine(spec(small_model, "FLASH_ATTN", None, **common))
+    got = run_engine(spec(small_model, "HEADINFER", resident, **common))
+    print(f"fp8 R={resident}: {compare(ref, got, near_ties=True)}")
+
+
 def test_8b_shape_logprobs(shaped_model):
     ref = run_engine(spec(shaped_model, "FLASH_ATTN", None, dummy=True))
     compare_each([

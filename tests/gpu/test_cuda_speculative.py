@@ -1,10 +1,11 @@
 """Prompt-lookup speculative decoding (ngram) with HEADINFER against FLASH_ATTN
 with the same speculative config, compiled with CUDA graphs (skipped without
 a GPU and CUDA vLLM). Prompts repeat a pattern so that drafts are proposed
-and accepted; verify steps read offloaded heads in place (uva). FLASH_ATTN
-may capture uniform verify batches in full graphs where HEADINFER runs them
-between piecewise graphs, so near-ties of the reference may flip
-(``engine_compare.compare``)."""
+and accepted; uniform verify batches read offloaded heads in place (uva)
+inside full CUDA graphs, as FLASH_ATTN's run in its graphs. Prefill chunks
+and mixed batches run between piecewise graphs; where vLLM batches a verify
+step with a prefill chunk the two backends may split KV differently, so
+near-ties of the reference may flip (``engine_compare.compare``)."""
 
 from __future__ import annotations
 

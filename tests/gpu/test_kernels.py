@@ -8,7 +8,11 @@
 * HEADINFER's split calls, with FLASH_ATTN's KV-split plan and split count,
   equal one FLASH_ATTN call over all heads bit for bit (prefill and decode
   batches, under a fixed split bound and eager);
-* the split count computed on the host equals the one flash attention picks.
+* the split count computed on the host equals the one flash attention picks;
+* an fp8 cache: K/V quantised through the UVA view land as on the device and
+  as the torch path quantises them; flash attention over fp8 host pages (all
+  heads, and one-head slices) equals the same call over a device copy bit for
+  bit, and the torch reference within fp8 rounding.
 
 Also the small case for ``compute-sanitizer --tool racecheck``:
 ``python tests/gpu/test_kernels.py`` runs every check once without pytest.
@@ -29,13 +33,13 @@ pytestmark = [
 BLOCK, HEADS, D, Q_PER_KV = 16, 4, 128, 4
 
 
-def _pool(num_blocks: int):
+def _pool(num_blocks: int, dtype=torch.bfloat16):
     from vllm_headinfer.host_pool import HostKVPool
     from vllm_headinfer.spec import split_spec
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
     spec = split_spec(
-        FullAttentionSpec(block_size=BLOCK, num_kv_heads=HEADS, head_size=D, dtype=torch.bfloat16), 0
+        FullAttentionSpec(block_size=BLOCK, num_kv_heads=HEADS, head_size=D, dtype=dtype), 0
     )
     return HostKVPool(["layer.0"], spec, num_blocks, pin=True)
 
@@ -122,6 +126,71 @@ def check_all(seed: int = 0) -> None:
     assert torch.equal(out_staged[:, :Q_PER_KV], torch.zeros_like(out_staged[:, :Q_PER_KV])), (
         "a head-slice write leaked outside its slice"
     )
+    pool.release()
+
+
+def check_fp8(seed: int = 2) -> None:
+    from vllm._custom_ops import reshape_and_cache_flash
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func, get_flash_attn_version
+    from vllm_headinfer.cuda_attention import fa_view
+    from vllm_headinfer.kv_quant import Fp8Scales, dequantize
+    from vllm_headinfer.layout import host_kv
+    from vllm_headinfer.torch_attention import paged_attention, write_paged
+
+    gen = torch.Generator().manual_seed(seed)
+    num_blocks = 96
+    seq_lens, q_lens = [300, 17, 611, 1], [300, 1, 77, 1]
+    table, slots = _batch(seq_lens, q_lens, num_blocks, gen)
+    pool = _pool(num_blocks, torch.uint8)
+    host, dev = pool.layer("layer.0"), pool.device_layer("layer.0")
+    on_device = torch.zeros(host.shape, dtype=torch.uint8, device="cuda")
+    # Every slot of the requests, as if earlier steps had written them.
+    all_slots = torch.tensor([int(table[r, p // BLOCK]) * BLOCK + p % BLOCK
+                              for r, n in enumerate(seq_lens) for p in range(n)])
+    t = all_slots.numel()
+    key = (torch.randn(t, HEADS, D, generator=gen) * 2).to(torch.bfloat16)
+    value = torch.randn(t, HEADS, D, generator=gen).to(torch.bfloat16)
+    k_scale = torch.tensor(0.5, device="cuda")
+    v_scale = torch.tensor(0.25, device="cuda")
+    for pages in (dev, on_device):
+        k_cache, v_cache = host_kv(pages)
+        reshape_and_cache_flash(key.cuda(), value.cuda(), k_cache.transpose(1, 2),
+                                v_cache.transpose(1, 2), all_slots.cuda(), "fp8", k_scale, v_scale)
+    torch.cuda.synchronize()
+    assert torch.equal(host, on_device.cpu()), "fp8 UVA write differs from the device write"
+    scales = Fp8Scales(torch.float8_e4m3fn, k_scale.cpu(), v_scale.cpu())
+    expect_pages = torch.zeros_like(host)
+    write_paged(*host_kv(expect_pages), key.float(), value.float(), all_slots, scales)
+    assert torch.equal(host, expect_pages), "fp8 bytes differ from the torch path's quantisation"
+
+    qsl = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32)
+    sl = torch.tensor(seq_lens, dtype=torch.int32)
+    query = torch.randn(int(sum(q_lens)), HEADS * Q_PER_KV, D, generator=gen).to(torch.bfloat16)
+    fp8 = current_platform.fp8_dtype()
+    q = query.cuda().to(fp8)  # as the layer quantises queries (q scale 1)
+    expect = torch.zeros(q.shape[0], HEADS * Q_PER_KV, D)
+    paged_attention(dequantize(q.cpu().view(torch.uint8), torch.tensor(1.0), fp8, 1, torch.float32),
+                    *host_kv(host), table, qsl, sl, D**-0.5, expect, scales)
+    fa = get_flash_attn_version(head_size=D)
+    common = dict(cu_seqlens_q=qsl.cuda(), max_seqlen_q=max(q_lens), seqused_k=sl.cuda(),
+                  max_seqlen_k=max(seq_lens), softmax_scale=D**-0.5, causal=True, fa_version=fa,
+                  block_table=table.cuda())
+    for kv_heads in (slice(0, HEADS), slice(2, 3), slice(1, 3)):
+        heads = kv_heads.stop - kv_heads.start
+        hq = slice(kv_heads.start * Q_PER_KV, kv_heads.stop * Q_PER_KV)
+        shape = (len(seq_lens), heads)
+        descale = dict(q_descale=torch.ones((), device="cuda").expand(shape),
+                       k_descale=k_scale.expand(shape), v_descale=v_scale.expand(shape))
+        outs = []
+        for pages in (dev, on_device):
+            k, v = (fa_view(x.view(fp8)) for x in host_kv(pages[:, kv_heads]))
+            out = torch.zeros(q.shape[0], HEADS * Q_PER_KV, D, dtype=torch.bfloat16, device="cuda")
+            flash_attn_varlen_func(q=q[:, hq], k=k, v=v, out=out[:, hq], **descale, **common)
+            outs.append(out)
+        torch.cuda.synchronize()
+        assert torch.equal(outs[0], outs[1]), f"fp8 over host pages differs from device, heads {kv_heads}"
+        torch.testing.assert_close(outs[0][:, hq].float().cpu(), expect[:, hq], atol=3e-2, rtol=3e-2)
     pool.release()
 
 
@@ -306,6 +375,14 @@ def test_uva_write_gather_and_attention():
     check_all()
 
 
+def test_fp8_pages_in_host_memory_read_as_on_device():
+    from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+
+    if get_flash_attn_version(head_size=D) != 3:
+        pytest.skip("fp8 attention needs flash attention 3")
+    check_fp8()
+
+
 def test_split_count_matches_flash_attention():
     from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
 
@@ -316,5 +393,6 @@ def test_split_count_matches_flash_attention():
 
 if __name__ == "__main__":
     check_all()
+    check_fp8()
     check_split_count()
     print("kernel checks passed")
