@@ -1,7 +1,7 @@
 #!/bin/bash
 # Stages of a GPU-host session (see ../shared/gpu/README.md for the wheel kit).
 # Usage: bash benchmarks/gpu_host.sh install|check|ray-example|bench|bench-long|bench-tp|capacity
-#                                   |place-short|place-512k|place-capacity|fp8|spec|cpu-attn
+#                                   |place-short|place-512k|place-capacity|fp8|fp8-capacity|spec|cpu-attn
 #        bash benchmarks/gpu_host.sh background "STAGE [STAGE...]"   (returns at once)
 #        bash benchmarks/gpu_host.sh wait SECONDS   (until the background stages end)
 # Logs and results go to $OUT (or ./gpu-out). A device command may run 10
@@ -121,16 +121,20 @@ case "$1" in
       --decode-tokens 8 --timeout 290 2>&1 | tail -6
     ;;
   fp8)
-    # An fp8 KV cache: 128K on 32 layers, FLASH_ATTN and R0; then the largest
-    # pool at gpu_memory_utilization 0.9 and cpu_kv_gib 90 with auto placement
-    # (its log has the host pool's allocation and pinning time).
+    # An fp8 KV cache: 128K on 32 layers, FLASH_ATTN and R0.
     reinstall
     timeout 420 python3 benchmarks/bench_headinfer.py --out "$out/fp8_128k.json" --layers 32 \
       --contexts 131072 --configs FLASH_ATTN,R0 --kv-cache-dtype fp8 --decode-tokens 8 --timeout 200 2>&1 | tail -8
+    ;;
+  fp8-capacity)
+    # The largest fp8 pool at gpu_memory_utilization 0.9 and cpu_kv_gib 90
+    # with auto placement (its log has the host pool's allocation and
+    # pinning time).
+    reinstall
     timeout 290 python3 benchmarks/bench_headinfer.py --out "$out/fp8_capacity.json" --layers 32 \
       --contexts "" --configs auto --kv-cache-dtype fp8 --capacity-util 0.9 --capacity-cpu-kv-gib 90 \
       --timeout 280 2>&1 | tail -3
-    grep -h "HEADINFER host pool" "$out"/fp8_*.log | tee "$out/pool_allocation.txt"
+    grep -h "HEADINFER host pool" "$out"/fp8_capacity.log | tee "$out/pool_allocation.txt"
     ;;
   spec)
     # Prompt-lookup speculative decoding at 128K, 32 layers: R0 and

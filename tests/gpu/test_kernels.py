@@ -12,7 +12,8 @@
 * an fp8 cache: K/V quantised through the UVA view land as on the device and
   as the torch path quantises them; flash attention over fp8 host pages (all
   heads, and one-head slices) equals the same call over a device copy bit for
-  bit, and the torch reference within fp8 rounding.
+  bit, and the torch reference within fp8 rounding (of the probabilities
+  too, which FA3 multiplies with V in fp8).
 
 Also the small case for ``compute-sanitizer --tool racecheck``:
 ``python tests/gpu/test_kernels.py`` runs every check once without pytest.
@@ -190,7 +191,8 @@ def check_fp8(seed: int = 2) -> None:
             outs.append(out)
         torch.cuda.synchronize()
         assert torch.equal(outs[0], outs[1]), f"fp8 over host pages differs from device, heads {kv_heads}"
-        torch.testing.assert_close(outs[0][:, hq].float().cpu(), expect[:, hq], atol=3e-2, rtol=3e-2)
+        # FA3 also rounds the softmax probabilities to fp8 for the PV product.
+        torch.testing.assert_close(outs[0][:, hq].float().cpu(), expect[:, hq], atol=0.1, rtol=0.05)
     pool.release()
 
 
