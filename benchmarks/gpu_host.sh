@@ -1,7 +1,7 @@
 #!/bin/bash
 # Stages of a GPU-host session (see ../shared/gpu/README.md for the wheel kit).
 # Usage: bash benchmarks/gpu_host.sh install|check|ray-example|bench|bench-long|bench-tp|capacity
-#                                   |place-short|place-512k|place-capacity|fp8|fp8-capacity|spec|cpu-attn
+#                                   |place-short|place-512k|place-capacity|fp8|fp8-capacity|spec|spec-steps|cpu-attn
 #        bash benchmarks/gpu_host.sh background "STAGE [STAGE...]"   (returns at once)
 #        bash benchmarks/gpu_host.sh wait SECONDS   (until the background stages end)
 # Logs and results go to $OUT (or ./gpu-out). A device command may run 10
@@ -143,6 +143,15 @@ case "$1" in
     timeout 1100 python3 benchmarks/bench_speculative.py --out "$out/spec_128k.json" \
       --configs "${SPEC_CONFIGS:-R0,R0+ngram4,FLASH_ATTN,FLASH_ATTN+ngram4}" --decode-tokens 64 \
       --timeout 280 2>&1 | tail -12
+    ;;
+  spec-steps)
+    # Verify steps of k = 1, 3, 7 drafts against decode steps, every head
+    # offloaded: 512K on 4 layers, then 128K on 32 layers.
+    reinstall
+    timeout 1100 python3 benchmarks/bench_speculative.py --out "$out/spec_512k_4l.json" --layers 4 \
+      --context 524288 --configs R0,R0+ngram1,R0+ngram3,R0+ngram7 --decode-tokens 64 --timeout 260 2>&1 | tail -10
+    timeout 1100 python3 benchmarks/bench_speculative.py --out "$out/spec_128k_steps.json" \
+      --configs R0,R0+ngram1,R0+ngram3,R0+ngram7 --decode-tokens 64 --timeout 260 2>&1 | tail -10
     ;;
   cpu-attn)
     # The CPU decode-attention kernel's K/V read rate by thread count, alone

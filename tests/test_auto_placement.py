@@ -170,6 +170,7 @@ def _plan(model_path: str, llm: dict) -> str:
         "--kv-cache-memory-bytes", str(llm["kv_cache_memory_bytes"]),
         "--attention-backend", "HEADINFER",
         "--additional-config", json.dumps(llm["additional_config"]),
+        "--kv-cache-dtype", llm.get("kv_cache_dtype", "auto"),
     ]  # fmt: skip
     out = subprocess.run(
         [sys.executable, "-m", "vllm_headinfer.plan", model_path, *flags],

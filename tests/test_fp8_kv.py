@@ -13,7 +13,8 @@ FLASH_ATTN's fp8 cache. So here:
 * engines: HEADINFER fp8 with R = 0, 1, H and auto give the same tokens and
   logprobs (within 1e-3) as each other, so the host pool holds what the
   device pages hold; their outputs are not float32's; the placement counts
-  one byte per element (a quarter of float32).
+  one byte per element (a quarter of float32), and the planner prints the
+  engine's own placement line.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from conftest import (
     random_tokens,
     run_engines,
 )
+from test_auto_placement import _plan
 from test_torch_attention import make_batch, naive_attention
 
 from vllm_headinfer.kv_quant import Fp8Scales, dequantize, quantize
@@ -153,6 +155,10 @@ def test_fp8_is_in_effect(results):
     assert p8["link_mib_per_1k"] * 4 == pytest.approx(p32["link_mib_per_1k"], rel=1e-3)
 
 
-def test_auto_places_by_fp8_bytes(results):
+def test_auto_places_by_fp8_bytes(results, tiny_models):
     p = placement_of(engine_ok(results, "auto")["headinfer_log"])
     assert p["counts"] == [2, 1], p
+    printed = _plan(tiny_models("llama-gqa"), ENGINES["auto"])
+    (line,) = [ln for ln in printed.splitlines() if ln.startswith("startup line: ")]
+    engine_line = [ln for ln in engine_ok(results, "auto")["headinfer_log"] if "HEADINFER placement" in ln][-1]
+    assert line.removeprefix("startup line: ") == engine_line

@@ -11,7 +11,9 @@ overwrite.
 
 A draft model (a one-layer random Llama with the same tokenizer) likewise,
 for R = 0 and auto: its own layers keep every head on the device and do not
-enter the placement.
+enter the placement. An EAGLE head (vLLM builds it from the same one-layer
+checkpoint) likewise, with dummy weights for target and drafter: its drafts
+are all rejected, so every verify step leaves rejected slots behind.
 
 vLLM 0.32 cannot start a second ngram engine in one process (its proposer's
 compiled kernels fail to load again), so each speculative engine runs in its
@@ -100,6 +102,15 @@ def results(tiny_models, draft_path, tmp_path_factory):
         engine("auto-draft", {**LLM, **draft, **HEADINFER["auto"],
                               "kv_cache_memory_bytes": AUTO_BUDGET + 33 * 2 * 8192}),
     ]]
+    eagle = {"speculative_config": {"method": "eagle", "model": draft_path,
+                                    "num_speculative_tokens": 2}, "load_format": "dummy"}
+    runs += [[
+        engine("default-eagle-plain", {**LLM, "load_format": "dummy"}),
+        engine("default-eagle", {**LLM, **eagle}),
+        engine("R0-eagle", {**LLM, **eagle, **HEADINFER["R0"]}),
+        engine("auto-eagle", {**LLM, **eagle, **HEADINFER["auto"],
+                              "kv_cache_memory_bytes": AUTO_BUDGET + 33 * 2 * 8192}),
+    ]]
     merged: dict = {"engines": {}}
     for i, engines in enumerate(runs):
         spec = {"inprocess": True, "paths": paths, "scenarios": scenario(), "engines": engines}
@@ -146,5 +157,18 @@ def test_headinfer_with_a_draft_model_matches(results, name):
         )
     p = placement_of(engine_ok(results, f"{name}-draft")["headinfer_log"])
     # The target's two layers are placed; the drafter's layer is not.
+    assert p["layers"] == 2
+    assert p["counts"] == ([0, 0] if name == "R0" else [2, 1]), p
+
+
+@pytest.mark.parametrize("name", ["R0", "auto"])
+def test_headinfer_with_eagle_matches(results, name):
+    hi = _outputs(results, f"{name}-eagle")
+    assert hi["metrics"]["vllm:spec_decode_num_draft_tokens"] > 0, hi["metrics"]
+    for reference in ("default-eagle", "default-eagle-plain"):
+        assert_same_outputs(
+            _outputs(results, reference)["outputs"], hi["outputs"], f"{name}+eagle vs {reference}"
+        )
+    p = placement_of(engine_ok(results, f"{name}-eagle")["headinfer_log"])
     assert p["layers"] == 2
     assert p["counts"] == ([0, 0] if name == "R0" else [2, 1]), p

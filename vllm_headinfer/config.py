@@ -352,9 +352,11 @@ def _check_model(vllm_config: VllmConfig) -> None:
         )
 
 
-# Proposers HEADINFER serves: prompt lookup adds no attention layers; a
-# draft model's layers keep every head on the device (capacity.placed_specs).
-SPECULATION_METHODS = ("ngram", "suffix", "draft_model")
+# Proposers HEADINFER serves: prompt lookup adds no attention layers; the
+# layers of a draft model or an EAGLE head keep every head on the device
+# (capacity.placed_specs). MTP layers live inside the target model and are
+# not verified with head placement.
+SPECULATION_METHODS = ("ngram", "suffix", "draft_model", "eagle", "eagle3")
 
 
 def _check_speculative(spec) -> None:
@@ -362,7 +364,7 @@ def _check_speculative(spec) -> None:
         return
     raise HeadInferConfigError(
         f"--speculative-config method {spec.method!r} is not supported with "
-        "HEADINFER yet (its drafter layers are not verified with head "
+        "HEADINFER yet (its draft layers are not verified with head "
         f"placement). Accepted methods: {', '.join(SPECULATION_METHODS)}."
     )
 

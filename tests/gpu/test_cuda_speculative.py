@@ -17,7 +17,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
 ]
 
-from engine_compare import compare, run_engine, small_model, spec  # noqa: E402, F401
+from engine_compare import SMALL_KV_HEADS, compare, run_engine, small_model, spec  # noqa: E402, F401
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
          "prompt_lookup_min": 2}
@@ -29,3 +29,24 @@ def test_ngram_matches_flash_attn(small_model, resident):
     ref = run_engine(spec(small_model, "FLASH_ATTN", None, **common))
     got = run_engine(spec(small_model, "HEADINFER", resident, **common))
     print(f"ngram R={resident}: {compare(ref, got, near_ties=True)}")
+
+
+@pytest.fixture(scope="module")
+def eagle_head(tmp_path_factory):
+    """A one-layer checkpoint of the small model's shape; vLLM builds an EAGLE
+    head from it (dummy weights: every draft is rejected)."""
+    from vllm_headinfer.tiny_model import build_tiny_model
+
+    return str(build_tiny_model(
+        tmp_path_factory.mktemp("eagle") / "llama", "llama", num_layers=1, num_heads=8,
+        num_kv_heads=SMALL_KV_HEADS, head_dim=128, vocab_size=2048, dtype="bfloat16", seed=3,
+    ))
+
+
+@pytest.mark.parametrize("resident", [0, 2])
+def test_eagle_matches_flash_attn(small_model, eagle_head, resident):
+    eagle = {"method": "eagle", "model": eagle_head, "num_speculative_tokens": 2}
+    common = dict(dummy=True, eager=False, speculative=eagle)
+    ref = run_engine(spec(small_model, "FLASH_ATTN", None, **common))
+    got = run_engine(spec(small_model, "HEADINFER", resident, **common))
+    print(f"eagle R={resident}: {compare(ref, got, near_ties=True)}")
