@@ -3,7 +3,8 @@
 Cases cover GQA ratios 1, 4 and 8, head sizes 64 and 128, blocks of 16 and
 32 tokens, partial last blocks, many requests, contexts of 0 and 1 tokens,
 contexts long enough to split, query lengths of 1 (decode) and several
-(speculative verify, causal), and bf16, fp16 and fp32 pages.
+(speculative verify, causal), and bf16, fp16, fp32 and fp8 pages (the
+reference reads fp8 pages as value times scale).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from vllm_headinfer.cpu_coattention import BLOCKS_PER_SPLIT, decode_attention
+from vllm_headinfer.kv_quant import dequantize, quantize
 
 
 def reference(query, pages, table, seq_lens, starts, scale):
@@ -95,3 +97,26 @@ def test_long_context_splits_and_merges():
     length = block * BLOCKS_PER_SPLIT * 3 + 7  # four splits, the last partial
     out, expected = run_case(torch.float32, 4, 64, block, [length, 50], [1, 2])
     assert torch.allclose(out, expected, atol=1e-5, rtol=1e-5), (out - expected).abs().max()
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_pages_read_with_their_scales(fp8):
+    gen = torch.Generator().manual_seed(4)
+    heads, group, dim, block = 2, 4, 64, 16
+    seq_lens, query_lens = [1, 40, 130], [1, 1, 3]
+    num_blocks = sum(math.ceil(n / block) for n in seq_lens) + 2
+    k_scale, v_scale = 0.5, 0.125
+    values = torch.randn(num_blocks, heads, 2, block, dim, generator=gen)
+    pages = torch.empty(values.shape, dtype=torch.uint8)
+    pages[:, :, 0] = quantize(values[:, :, 0], torch.tensor(k_scale), fp8, 1)
+    pages[:, :, 1] = quantize(values[:, :, 1], torch.tensor(v_scale), fp8, 1)
+    table = torch.arange(1, num_blocks, dtype=torch.int32)[: 9 + 1].view(1, -1).repeat(3, 1)
+    starts = torch.tensor([0, 1, 2, 5], dtype=torch.int32)
+    query = torch.randn(5, heads * group, dim, generator=gen)
+    out = torch.empty_like(query)
+    decode_attention(query, pages, table, torch.tensor(seq_lens), starts, dim**-0.5, out,
+                     fp8=fp8, k_scale=k_scale, v_scale=v_scale)
+    read = torch.stack([dequantize(pages[:, :, 0], torch.tensor(k_scale), fp8, 1, torch.float64),
+                        dequantize(pages[:, :, 1], torch.tensor(v_scale), fp8, 1, torch.float64)], 2)
+    expected = reference(query, read, table, torch.tensor(seq_lens), starts, dim**-0.5)
+    assert torch.allclose(out.double(), expected, atol=1e-5, rtol=1e-5), (out.double() - expected).abs().max()

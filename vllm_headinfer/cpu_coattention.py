@@ -5,7 +5,9 @@ the PCIe link, CPU threads attend a share of the offloaded heads in place
 while the GPU reads the rest. This module is the kernel: exact attention of
 short queries (decode steps, and speculative verify steps of a few tokens per
 request) over one layer's host pages ``[blocks, H_off, 2, N, D]`` (layout.py),
-for bf16, fp16 and fp32 pages.
+for bf16, fp16, fp32 and fp8 (e4m3, e5m2; with the layer's K/V scales)
+pages. It releases the GIL, so a Python thread can run it while the
+calling thread goes on.
 
 It is written with numba (a dependency of vLLM itself, so nothing to compile
 at install time): per (request, KV head, KV split) a thread reads each K and V
@@ -24,8 +26,10 @@ import numba
 import numpy as np
 import torch
 
-# Pages are read as raw 16-bit words for bf16 and fp16 (numpy has no bf16).
+# Pages are read as raw 16-bit words for bf16 and fp16 (numpy has no bf16),
+# fp8 pages as bytes through a table of their 256 values.
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+FP8 = 3
 # Blocks of context per split: long contexts spread over threads, short
 # ones stay in one split (a split costs a merge).
 BLOCKS_PER_SPLIT = 64
@@ -45,10 +49,14 @@ def _half_to_float(bits):
 
 
 @numba.njit(inline="always")
-def _load_row(pages, block, head, plane, token, code, row, bits):
+def _load_row(pages, block, head, plane, token, code, row, bits, fp8_values, scales):
     """One K or V row of the pool as float32 into ``row``."""
     d = row.shape[0]
-    if code == 0:
+    if code == FP8:
+        scale = scales[plane]
+        for i in range(d):
+            row[i] = fp8_values[np.uint8(pages[block, head, plane, token, i])] * scale
+    elif code == 0:
         for i in range(d):
             row[i] = pages[block, head, plane, token, i]
     elif code == 1:
@@ -64,8 +72,9 @@ def _load_row(pages, block, head, plane, token, code, row, bits):
 
 # Reassociation lets the dot products vectorise (2x measured); -inf and
 # NaN keep their meaning (masked positions and empty splits rely on -inf).
-@numba.njit(parallel=True, fastmath={"reassoc", "contract", "nsz"}, cache=True)
-def _attend(q, pages, code, block_table, seq_lens, query_start, scale, splits, m_out, l_out, acc_out):
+@numba.njit(parallel=True, fastmath={"reassoc", "contract", "nsz"}, cache=True, nogil=True)
+def _attend(q, pages, code, fp8_values, scales, block_table, seq_lens, query_start, scale, splits,
+            m_out, l_out, acc_out):
     """Partial softmax state of every (request, head, split): running max
     ``m_out[item, qi, g]``, sum ``l_out`` and unnormalised output ``acc_out``."""
     num_reqs = seq_lens.shape[0]
@@ -100,7 +109,7 @@ def _attend(q, pages, code, block_table, seq_lens, query_start, scale, splits, m
             # Scores of this block's tokens for every query, then one
             # rescale of the running state per block.
             for t in range(in_block):
-                _load_row(pages, block, h, 0, t, code, k_row, bits)
+                _load_row(pages, block, h, 0, t, code, k_row, bits, fp8_values, scales)
                 pos = b * block_size + t
                 for qi in range(nq):
                     visible = pos < length - nq + qi + 1
@@ -129,7 +138,7 @@ def _attend(q, pages, code, block_table, seq_lens, query_start, scale, splits, m
                         scores[t, qi, g] = math.exp(scores[t, qi, g] - new_max)
                         l_sum[qi, g] += scores[t, qi, g]
             for t in range(in_block):
-                _load_row(pages, block, h, 1, t, code, v_row, bits)
+                _load_row(pages, block, h, 1, t, code, v_row, bits, fp8_values, scales)
                 for qi in range(nq):
                     for g in range(group):
                         w = scores[t, qi, g]
@@ -138,7 +147,7 @@ def _attend(q, pages, code, block_table, seq_lens, query_start, scale, splits, m
                                 acc[qi, g, i] += w * v_row[i]
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _merge(m_part, l_part, acc_part, seq_lens, query_start, heads, splits, out):
     """Combines the splits of every (request, head) into ``out``."""
     num_reqs = seq_lens.shape[0]
@@ -170,9 +179,17 @@ def _merge(m_part, l_part, acc_part, seq_lens, query_start, heads, splits, out):
 
 
 def _raw(pages: torch.Tensor) -> np.ndarray:
-    if pages.dtype == torch.float32:
+    if pages.dtype in (torch.float32, torch.uint8):
         return pages.numpy()
     return pages.view(torch.int16).numpy()
+
+
+_NO_TABLE = np.zeros(1, np.float32)
+
+
+def _fp8_values(fp8: torch.dtype) -> np.ndarray:
+    """The value of every byte in the fp8 format ``fp8``."""
+    return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(fp8).float().numpy()
 
 
 def decode_attention(
@@ -183,6 +200,9 @@ def decode_attention(
     query_start_loc: torch.Tensor,
     scale: float,
     out: torch.Tensor,
+    fp8: torch.dtype | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """Exact attention of short queries over one layer's host pages.
 
@@ -191,10 +211,17 @@ def decode_attention(
     ``block_table`` ``[requests, max_blocks]``, ``seq_lens`` ``[requests]``
     (context including this step's tokens), ``query_start_loc``
     ``[requests + 1]``; writes ``out`` ``[tokens, H_off * G, D]``. All on the
-    CPU.
+    CPU. Pages of an fp8 cache are ``uint8`` bytes in the format ``fp8``,
+    read as value times ``k_scale`` (K) or ``v_scale`` (V).
     """
-    if pages.dtype not in _CODES:
-        raise TypeError(f"CPU co-attention reads fp32, bf16 or fp16 pages, not {pages.dtype}")
+    if fp8 is not None:
+        if pages.dtype != torch.uint8:
+            raise TypeError(f"fp8 pages are uint8 bytes, not {pages.dtype}")
+        code, values = FP8, _fp8_values(fp8)
+    elif pages.dtype in _CODES:
+        code, values = _CODES[pages.dtype], _NO_TABLE
+    else:
+        raise TypeError(f"CPU co-attention reads fp32, bf16, fp16 or fp8 pages, not {pages.dtype}")
     heads, dim = pages.shape[1], pages.shape[4]
     tokens = query.shape[0]
     group = query.shape[1] // heads
@@ -210,7 +237,8 @@ def decode_attention(
     m_part = np.empty((items, max_q, group), np.float32)
     l_part = np.empty((items, max_q, group), np.float32)
     acc_part = np.empty((items, max_q, group, dim), np.float32)
-    _attend(q, _raw(pages), _CODES[pages.dtype], table, seqs, starts, np.float32(scale),
+    scales = np.array([k_scale, v_scale], np.float32)
+    _attend(q, _raw(pages), code, values, scales, table, seqs, starts, np.float32(scale),
             splits, m_part, l_part, acc_part)
     result = np.empty((tokens, heads, group, dim), np.float32)
     _merge(m_part, l_part, acc_part, seqs, starts, heads, splits, result)
