@@ -1,7 +1,7 @@
 #!/bin/bash
 # Stages of a GPU-host session (see ../shared/gpu/README.md for the wheel kit).
 # Usage: bash benchmarks/gpu_host.sh install|check|ray-example|bench|bench-long|bench-tp|capacity
-#                                   |place-short|place-512k|place-capacity|fp8|fp8-capacity|spec|spec-steps|cpu-attn
+#                                   |place-short|place-512k|place-capacity|fp8|fp8-capacity|spec|spec-steps|serve-load|cpu-attn
 #        bash benchmarks/gpu_host.sh background "STAGE [STAGE...]"   (returns at once)
 #        bash benchmarks/gpu_host.sh wait SECONDS   (until the background stages end)
 # Logs and results go to $OUT (or ./gpu-out). A device command may run 10
@@ -152,6 +152,12 @@ case "$1" in
       --context 524288 --configs R0,R0+ngram1,R0+ngram3,R0+ngram7 --decode-tokens 64 --timeout 260 2>&1 | tail -10
     timeout 1100 python3 benchmarks/bench_speculative.py --out "$out/spec_128k_steps.json" \
       --configs R0,R0+ngram1,R0+ngram3,R0+ngram7 --decode-tokens 64 --timeout 260 2>&1 | tail -10
+    ;;
+  serve-load)
+    # vllm bench serve against vllm serve: FLASH_ATTN, auto and R0 over the
+    # three load workloads (longer than a device command: run in background).
+    reinstall
+    timeout 3000 python3 benchmarks/serve_load.py --out "$out/serve_load.json" 2>&1 | tail -20
     ;;
   cpu-attn)
     # The CPU decode-attention kernel's K/V read rate by thread count, alone
