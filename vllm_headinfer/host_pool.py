@@ -119,6 +119,13 @@ class HostKVPool:
         )
         self.nbytes = math.prod(shape) * spec.dtype.itemsize
         _check_host_memory(self.nbytes)
+        # Tens of GiB take seconds to fault in and pin: say so before.
+        logger.info(
+            "HEADINFER host pool: allocating %.3f GiB for %d layers%s",
+            self.nbytes / (1 << 30),
+            len(layer_names),
+            " (pinned)" if pin else "",
+        )
         self._mapping = _huge_page_mapping(self.nbytes)
         self.tensor = torch.frombuffer(self._mapping, dtype=spec.dtype).view(shape)
         started = time.monotonic()
