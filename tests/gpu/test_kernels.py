@@ -51,14 +51,36 @@ def _batch(seq_lens, q_lens, num_blocks, gen):
     max_blocks = max(-(-s // BLOCK) for s in seq_lens)
     table = torch.zeros(len(seq_lens), max_blocks, dtype=torch.int32)
     start = 0
-    slots = []
-    for r, (s, q) in enumerate(zip(seq_lens, q_lens)):
+    for r, s in enumerate(seq_lens):
         n = -(-s // BLOCK)
         table[r, :n] = perm[start : start + n]
         start += n
-        for pos in range(s - q, s):
-            slots.append(int(table[r, pos // BLOCK]) * BLOCK + pos % BLOCK)
-    return table, torch.tensor(slots, dtype=torch.int64)
+    return table, _slots(table, seq_lens, q_lens)
+
+
+def _slots(table, seq_lens, q_lens):
+    """Slots of the last ``q_lens[r]`` tokens of each request."""
+    return torch.tensor([int(table[r, pos // BLOCK]) * BLOCK + pos % BLOCK
+                         for r, (s, q) in enumerate(zip(seq_lens, q_lens))
+                         for pos in range(s - q, s)], dtype=torch.int64)
+
+
+# One batch for the UVA and fp8 checks: a prefill, decodes and a chunk with
+# context.
+SEQ_LENS, Q_LENS = [300, 17, 611, 1], [300, 1, 77, 1]
+
+
+def _flash_args(table, seq_lens, q_lens):
+    """Query starts and sequence lengths (host), and the flash attention
+    arguments every call over this batch shares."""
+    from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+
+    qsl = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32)
+    sl = torch.tensor(seq_lens, dtype=torch.int32)
+    common = dict(cu_seqlens_q=qsl.cuda(), max_seqlen_q=max(q_lens), seqused_k=sl.cuda(),
+                  max_seqlen_k=max(seq_lens), softmax_scale=D**-0.5, causal=True,
+                  fa_version=get_flash_attn_version(head_size=D), block_table=table.cuda())
+    return qsl, sl, common
 
 
 def check_all(seed: int = 0) -> None:
@@ -71,7 +93,7 @@ def check_all(seed: int = 0) -> None:
 
     gen = torch.Generator().manual_seed(seed)
     num_blocks = 96
-    seq_lens, q_lens = [300, 17, 611, 1], [300, 1, 77, 1]
+    seq_lens, q_lens = SEQ_LENS, Q_LENS
     table, slots = _batch(seq_lens, q_lens, num_blocks, gen)
     pool = _pool(num_blocks)
     host = pool.layer("layer.0")
@@ -96,25 +118,22 @@ def check_all(seed: int = 0) -> None:
     torch.cuda.synchronize()
     assert torch.equal(staged.cpu(), ref[table.reshape(-1).long(), 1:3]), "gather differs"
 
-    qsl = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32)
-    sl = torch.tensor(seq_lens, dtype=torch.int32)
+    qsl, sl, common = _flash_args(table, seq_lens, q_lens)
     query = torch.randn(t, HEADS * Q_PER_KV, D, generator=gen).to(torch.bfloat16)
     expect = torch.zeros(t, HEADS * Q_PER_KV, D)
     paged_attention(query.float(), *host_kv(ref.float()), table, qsl, sl, D**-0.5, expect)
 
-    fa = get_flash_attn_version(head_size=D)
-    common = dict(cu_seqlens_q=qsl.cuda(), max_seqlen_q=max(q_lens), seqused_k=sl.cuda(),
-                  max_seqlen_k=max(seq_lens), softmax_scale=D**-0.5, causal=True, fa_version=fa)
     q = query.cuda()
     out_uva = torch.empty_like(q)
     k, v = map(fa_view, host_kv(dev))
-    flash_attn_varlen_func(q=q, k=k, v=v, out=out_uva, block_table=table.cuda(), **common)
+    flash_attn_varlen_func(q=q, k=k, v=v, out=out_uva, **common)
     # Staged: heads 1..2 only, compact copy, remapped table, strided q/out slices.
     out_staged = torch.zeros_like(q)
     remapped = torch.arange(ids.numel(), dtype=torch.int32, device="cuda").view(table.shape)
     k, v = map(fa_view, host_kv(staged))
     hq = slice(1 * Q_PER_KV, 3 * Q_PER_KV)
-    flash_attn_varlen_func(q=q[:, hq], k=k, v=v, out=out_staged[:, hq], block_table=remapped, **common)
+    flash_attn_varlen_func(q=q[:, hq], k=k, v=v, out=out_staged[:, hq],
+                           **{**common, "block_table": remapped})
     distinct = check_long_decode_split_plan()
     for batch in (slice(None), slice(1, 2)):  # the mixed batch; one decode request
         distinct += check_split_plan(q, dev, table, qsl, sl, q_lens, seq_lens, batch)
@@ -133,7 +152,7 @@ def check_all(seed: int = 0) -> None:
 def check_fp8(seed: int = 2) -> None:
     from vllm._custom_ops import reshape_and_cache_flash
     from vllm.platforms import current_platform
-    from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func, get_flash_attn_version
+    from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
     from vllm_headinfer.cuda_attention import fa_view
     from vllm_headinfer.kv_quant import Fp8Scales, dequantize
     from vllm_headinfer.layout import host_kv
@@ -141,14 +160,13 @@ def check_fp8(seed: int = 2) -> None:
 
     gen = torch.Generator().manual_seed(seed)
     num_blocks = 96
-    seq_lens, q_lens = [300, 17, 611, 1], [300, 1, 77, 1]
-    table, slots = _batch(seq_lens, q_lens, num_blocks, gen)
+    seq_lens, q_lens = SEQ_LENS, Q_LENS
+    table, _ = _batch(seq_lens, q_lens, num_blocks, gen)
     pool = _pool(num_blocks, torch.uint8)
     host, dev = pool.layer("layer.0"), pool.device_layer("layer.0")
     on_device = torch.zeros(host.shape, dtype=torch.uint8, device="cuda")
     # Every slot of the requests, as if earlier steps had written them.
-    all_slots = torch.tensor([int(table[r, p // BLOCK]) * BLOCK + p % BLOCK
-                              for r, n in enumerate(seq_lens) for p in range(n)])
+    all_slots = _slots(table, seq_lens, seq_lens)
     t = all_slots.numel()
     key = (torch.randn(t, HEADS, D, generator=gen) * 2).to(torch.bfloat16)
     value = torch.randn(t, HEADS, D, generator=gen).to(torch.bfloat16)
@@ -165,18 +183,13 @@ def check_fp8(seed: int = 2) -> None:
     write_paged(*host_kv(expect_pages), key.float(), value.float(), all_slots, scales)
     assert torch.equal(host, expect_pages), "fp8 bytes differ from the torch path's quantisation"
 
-    qsl = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32)
-    sl = torch.tensor(seq_lens, dtype=torch.int32)
+    qsl, sl, common = _flash_args(table, seq_lens, q_lens)
     query = torch.randn(int(sum(q_lens)), HEADS * Q_PER_KV, D, generator=gen).to(torch.bfloat16)
     fp8 = current_platform.fp8_dtype()
     q = query.cuda().to(fp8)  # as the layer quantises queries (q scale 1)
     expect = torch.zeros(q.shape[0], HEADS * Q_PER_KV, D)
     paged_attention(dequantize(q.cpu().view(torch.uint8), torch.tensor(1.0), fp8, 1, torch.float32),
                     *host_kv(host), table, qsl, sl, D**-0.5, expect, scales)
-    fa = get_flash_attn_version(head_size=D)
-    common = dict(cu_seqlens_q=qsl.cuda(), max_seqlen_q=max(q_lens), seqused_k=sl.cuda(),
-                  max_seqlen_k=max(seq_lens), softmax_scale=D**-0.5, causal=True, fa_version=fa,
-                  block_table=table.cuda())
     for kv_heads in (slice(0, HEADS), slice(2, 3), slice(1, 3)):
         heads = kv_heads.stop - kv_heads.start
         hq = slice(kv_heads.start * Q_PER_KV, kv_heads.stop * Q_PER_KV)
