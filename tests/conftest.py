@@ -219,6 +219,27 @@ def placement_of(lines: list[str]) -> dict:
     }
 
 
+def planned_line(model_path: str, llm: dict) -> str:
+    """The startup line vllm-headinfer-plan predicts for the engine ``llm``
+    (LLM(...) kwargs)."""
+    flags = [
+        "--dtype", llm["dtype"], "--block-size", str(llm["block_size"]),
+        "--max-model-len", str(llm["max_model_len"]),
+        "--max-num-batched-tokens", str(llm["max_num_batched_tokens"]),
+        "--kv-cache-memory-bytes", str(llm["kv_cache_memory_bytes"]),
+        "--attention-backend", "HEADINFER",
+        "--additional-config", json.dumps(llm["additional_config"]),
+        "--kv-cache-dtype", llm.get("kv_cache_dtype", "auto"),
+    ]  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "vllm_headinfer.plan", model_path, *flags],
+        capture_output=True, text=True, cwd=str(REPO), timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    (line,) = [ln for ln in out.stdout.splitlines() if ln.startswith("startup line: ")]
+    return line.removeprefix("startup line: ")
+
+
 def cpu_thread_binding(ranks: int) -> str:
     """VLLM_CPU_OMP_THREADS_BIND with one core per tensor-parallel worker:
     vLLM's automatic binding wants a NUMA node per rank, which a small

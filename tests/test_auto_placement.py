@@ -16,18 +16,14 @@ placement line for the same flags.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 from conftest import (
     BASE_LLM,
-    REPO,
     assert_same_outputs,
     engine_ok,
     headinfer_llm,
     placement_of,
+    planned_line,
     run_engines,
 )
 from test_equivalence import ENGINE_SETTINGS, SCENARIOS_OF, make_scenarios
@@ -162,28 +158,9 @@ def test_max_pool_reaches_both_budgets(results, name):
         assert longest - 32 < hi["config"]["max_model_len"] <= longest
 
 
-def _plan(model_path: str, llm: dict) -> str:
-    flags = [
-        "--dtype", llm["dtype"], "--block-size", str(llm["block_size"]),
-        "--max-model-len", str(llm["max_model_len"]),
-        "--max-num-batched-tokens", str(llm["max_num_batched_tokens"]),
-        "--kv-cache-memory-bytes", str(llm["kv_cache_memory_bytes"]),
-        "--attention-backend", "HEADINFER",
-        "--additional-config", json.dumps(llm["additional_config"]),
-        "--kv-cache-dtype", llm.get("kv_cache_dtype", "auto"),
-    ]  # fmt: skip
-    out = subprocess.run(
-        [sys.executable, "-m", "vllm_headinfer.plan", model_path, *flags],
-        capture_output=True, text=True, cwd=str(REPO), timeout=300,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout
-
-
 @pytest.mark.parametrize("name", ["auto-pc", "list-pc", "all-resident-pc"])
 def test_planner_prints_the_engine_placement(results, model_path, name):
     setting, extra = ENGINES[name]
-    printed = _plan(model_path, {**BASE_LLM, **ENGINE_SETTINGS[setting], **extra})
-    (line,) = [ln for ln in printed.splitlines() if ln.startswith("startup line: ")]
+    line = planned_line(model_path, {**BASE_LLM, **ENGINE_SETTINGS[setting], **extra})
     engine_line = [ln for ln in engine_ok(results, name)["headinfer_log"] if "HEADINFER placement" in ln][-1]
-    assert line.removeprefix("startup line: ") == engine_line
+    assert line == engine_line

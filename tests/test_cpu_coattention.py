@@ -110,9 +110,11 @@ def test_fp8_pages_read_with_their_scales(fp8):
     pages = torch.empty(values.shape, dtype=torch.uint8)
     pages[:, :, 0] = quantize(values[:, :, 0], torch.tensor(k_scale), fp8, 1)
     pages[:, :, 1] = quantize(values[:, :, 1], torch.tensor(v_scale), fp8, 1)
-    table = torch.arange(1, num_blocks, dtype=torch.int32)[: 9 + 1].view(1, -1).repeat(3, 1)
-    starts = torch.tensor([0, 1, 2, 5], dtype=torch.int32)
-    query = torch.randn(5, heads * group, dim, generator=gen)
+    # Every request reads the same blocks (one more than the longest needs).
+    width = math.ceil(max(seq_lens) / block) + 1
+    table = torch.arange(1, width + 1, dtype=torch.int32).repeat(len(seq_lens), 1)
+    starts = torch.tensor([0, *itertools_accumulate(query_lens)], dtype=torch.int32)
+    query = torch.randn(int(starts[-1]), heads * group, dim, generator=gen)
     out = torch.empty_like(query)
     decode_attention(query, pages, table, torch.tensor(seq_lens), starts, dim**-0.5, out,
                      fp8=fp8, k_scale=k_scale, v_scale=v_scale)

@@ -29,10 +29,10 @@ from conftest import (
     engine_ok,
     headinfer_llm,
     placement_of,
+    planned_line,
     random_tokens,
     run_engines,
 )
-from test_auto_placement import _plan
 from test_torch_attention import make_batch, naive_attention
 
 from vllm_headinfer.kv_quant import Fp8Scales, dequantize, quantize
@@ -158,7 +158,6 @@ def test_fp8_is_in_effect(results):
 def test_auto_places_by_fp8_bytes(results, tiny_models):
     p = placement_of(engine_ok(results, "auto")["headinfer_log"])
     assert p["counts"] == [2, 1], p
-    printed = _plan(tiny_models("llama-gqa"), ENGINES["auto"])
-    (line,) = [ln for ln in printed.splitlines() if ln.startswith("startup line: ")]
+    line = planned_line(tiny_models("llama-gqa"), ENGINES["auto"])
     engine_line = [ln for ln in engine_ok(results, "auto")["headinfer_log"] if "HEADINFER placement" in ln][-1]
-    assert line.removeprefix("startup line: ") == engine_line
+    assert line == engine_line

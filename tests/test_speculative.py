@@ -147,28 +147,21 @@ def test_headinfer_with_ngram_matches(results, name):
         assert p["resident"] == int(name[1:])
 
 
+# Drafter -> references: the default backend with that drafter, and without
+# speculation (dummy weights for EAGLE's engines).
+DRAFTERS = {"draft": ("default-draft", "default"), "eagle": ("default-eagle", "default-eagle-plain")}
+
+
 @pytest.mark.parametrize("name", ["R0", "auto"])
-def test_headinfer_with_a_draft_model_matches(results, name):
-    hi = _outputs(results, f"{name}-draft")
+@pytest.mark.parametrize("drafter", list(DRAFTERS))
+def test_headinfer_with_a_drafter_matches(results, drafter, name):
+    hi = _outputs(results, f"{name}-{drafter}")
     assert hi["metrics"]["vllm:spec_decode_num_draft_tokens"] > 0, hi["metrics"]
-    for reference in ("default-draft", "default"):
+    for reference in DRAFTERS[drafter]:
         assert_same_outputs(
-            _outputs(results, reference)["outputs"], hi["outputs"], f"{name}+draft vs {reference}"
+            _outputs(results, reference)["outputs"], hi["outputs"], f"{name}+{drafter} vs {reference}"
         )
-    p = placement_of(engine_ok(results, f"{name}-draft")["headinfer_log"])
+    p = placement_of(engine_ok(results, f"{name}-{drafter}")["headinfer_log"])
     # The target's two layers are placed; the drafter's layer is not.
-    assert p["layers"] == 2
-    assert p["counts"] == ([0, 0] if name == "R0" else [2, 1]), p
-
-
-@pytest.mark.parametrize("name", ["R0", "auto"])
-def test_headinfer_with_eagle_matches(results, name):
-    hi = _outputs(results, f"{name}-eagle")
-    assert hi["metrics"]["vllm:spec_decode_num_draft_tokens"] > 0, hi["metrics"]
-    for reference in ("default-eagle", "default-eagle-plain"):
-        assert_same_outputs(
-            _outputs(results, reference)["outputs"], hi["outputs"], f"{name}+eagle vs {reference}"
-        )
-    p = placement_of(engine_ok(results, f"{name}-eagle")["headinfer_log"])
     assert p["layers"] == 2
     assert p["counts"] == ([0, 0] if name == "R0" else [2, 1]), p
