@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -134,26 +135,35 @@ def worker(spec: dict) -> dict:
     return result
 
 
-def run_config(spec: dict, log: Path, timeout: int) -> dict:
-    name = f"{spec['config']}-{spec['layers']}l" + ("-capacity" if spec.get("capacity_only") else "")
+def run_worker(script: str, spec: dict, log: Path, name: str, timeout: int) -> tuple[dict, str]:
+    """Runs ``script --worker SPEC`` (one engine) in a fresh process of its
+    own process group, so a timeout also ends its engine core; appends its
+    output to ``log``. Returns ``ok``, ``wall_s``, the worker's ``RESULT``
+    line and, on failure, the output's tail; and the output."""
     t0 = time.time()
+    proc = subprocess.Popen([sys.executable, script, "--worker", json.dumps(spec)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(
-            [sys.executable, __file__, "--worker", json.dumps(spec)],
-            capture_output=True, text=True, timeout=timeout,
-        )
-        text = proc.stdout + proc.stderr
+        text, _ = proc.communicate(timeout=timeout)
         ok = proc.returncode == 0
-    except subprocess.TimeoutExpired as e:
-        text = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        text += "\nTIMEOUT"
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        text = (proc.communicate()[0] or "") + "\nTIMEOUT"
         ok = False
     with log.open("a") as f:
         f.write(f"\n===== {name} =====\n{text}")
     parsed = {"ok": ok, "wall_s": round(time.time() - t0, 1)}
-    m = re.search(r"^RESULT (.*)$", text, re.M)
-    if m:
-        parsed.update(json.loads(m.group(1)))
+    for line in re.findall(r"^RESULT (.*)$", text, re.MULTILINE)[-1:]:
+        parsed.update(json.loads(line))
+    if not ok:
+        parsed["error_tail"] = text[-3000:]
+    return parsed, text
+
+
+def run_config(spec: dict, log: Path, timeout: int) -> dict:
+    name = f"{spec['config']}-{spec['layers']}l" + ("-capacity" if spec.get("capacity_only") else "")
+    parsed, text = run_worker(__file__, spec, log, name, timeout)
     cap = re.findall(r"GPU KV cache size: ([\d,]+) tokens", text)
     if cap:
         parsed["kv_capacity_tokens"] = int(cap[-1].replace(",", ""))
@@ -168,8 +178,6 @@ def run_config(spec: dict, log: Path, timeout: int) -> dict:
         parsed["placement"] = f"{resident}/{total} resident: {counts}"
         parsed["device_kv_gib"], parsed["host_kv_gib"] = float(dev), float(host)
         parsed["link_bytes_per_token"] = float(mib) * (1 << 20) / 1024
-    if not ok:
-        parsed["error_tail"] = text[-3000:]
     return parsed
 
 

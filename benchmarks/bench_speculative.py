@@ -40,8 +40,6 @@ import json
 import os
 import random
 import re
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -50,7 +48,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_headinfer as base_bench  # model shape, config kwargs, H2D probe
 
 PASSAGE, CUE, PASSAGE_START = 2048, 32, 1024
-KV_HEAD_BYTES_PER_TOKEN = 2 * base_bench.LLAMA3_8B["head_dim"] * 2  # K and V, bf16
 SPEC_COUNTERS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens",
                  "vllm:spec_decode_num_accepted_tokens")
 STEP_HISTOGRAM = "vllm:inter_token_latency_seconds"
@@ -143,27 +140,11 @@ def worker(spec: dict) -> dict:
 
 
 def run_child(spec: dict, log: Path, timeout: int) -> dict:
-    """One config in its own process group, so a timeout also ends the engine core."""
-    t0 = time.time()
-    proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        text, _ = proc.communicate(timeout=timeout)
-        ok = proc.returncode == 0
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        text = (proc.communicate()[0] or "") + "\nTIMEOUT"
-        ok = False
-    with log.open("a") as f:
-        f.write(f"\n===== {spec['config']} =====\n{text}")
-    res = {"config": spec["config"], "ok": ok, "wall_s": round(time.time() - t0, 1)}
-    for line in re.findall(r"^RESULT (.*)$", text, re.MULTILINE)[-1:]:
-        res.update(json.loads(line))
+    """One config in its own process (and process group)."""
+    res, text = base_bench.run_worker(__file__, spec, log, spec["config"], timeout)
+    res = {"config": spec["config"], **res}
     for line in re.findall(r"HEADINFER placement: (.*)", text)[-1:]:
         res["placement"] = line.strip()
-    if not ok:
-        res["error_tail"] = text[-3000:]
     return res
 
 
@@ -174,7 +155,7 @@ def kv_read_gbs(name: str, res: dict, layers: int, context: int) -> float | None
         return None
     heads = base_bench.LLAMA3_8B["num_key_value_heads"] - int(base[1:])
     mean_len = context + res["generated"] / 2  # the KV grows during decode
-    return mean_len * layers * heads * KV_HEAD_BYTES_PER_TOKEN / res["step_s"] / 1e9
+    return mean_len * layers * heads * base_bench.KV_BYTES_PER_TOKEN_LAYER_HEAD / res["step_s"] / 1e9
 
 
 def pairs(runs: dict) -> list[dict]:

@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # runs from a checkout
 from vllm_headinfer.cpu_coattention import decode_attention  # noqa: E402
+from vllm_headinfer.host_pool import huge_page_mapping  # noqa: E402
 from vllm_headinfer.layout import host_page_shape  # noqa: E402
 
 DIM, GROUP, BLOCK, POOL_HEADS = 128, 4, 16, 8
@@ -58,9 +59,7 @@ def host_pages(context: int, heads: int) -> tuple[torch.Tensor, mmap.mmap]:
     """One layer's pages, allocated like the host pool (anonymous mapping
     with transparent huge pages: fewer TLB misses for the CPU too)."""
     shape = host_page_shape(math.ceil(context / BLOCK), heads, BLOCK, DIM)
-    mapping = mmap.mmap(-1, math.prod(shape) * 2, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        mapping.madvise(mmap.MADV_HUGEPAGE)
+    mapping = huge_page_mapping(math.prod(shape) * 2)
     pages = torch.frombuffer(mapping, dtype=torch.bfloat16).view(shape)
     pages.normal_()  # real values (and every page faulted in before timing)
     return pages, mapping

@@ -73,9 +73,7 @@ class CudaHeadAttention:
         quantized = fp8_dtype(impl.kv_cache_dtype) is not None
         self.fp8 = current_platform.fp8_dtype() if quantized else None
         self.supports_quant_query_input = flash_attn_supports_quant_query_input() and not (
-            self.fa_version == 4
-            and current_platform.is_device_capability_family(90)
-            and impl.kv_cache_dtype in ("fp8", "fp8_e4m3")
+            self.fa_version == 4 and current_platform.is_device_capability_family(90) and quantized
         )
 
     def placed(self) -> None:

@@ -58,7 +58,7 @@ def _check_host_memory(nbytes: int) -> None:
         )
 
 
-def _huge_page_mapping(nbytes: int) -> mmap.mmap:
+def huge_page_mapping(nbytes: int) -> mmap.mmap:
     """Anonymous memory (zero-filled) backed by transparent huge pages.
 
     The GPU reads host pages through the IOMMU; with 4 KiB pages, decode reads
@@ -126,7 +126,7 @@ class HostKVPool:
             len(layer_names),
             " (pinned)" if pin else "",
         )
-        self._mapping = _huge_page_mapping(self.nbytes)
+        self._mapping = huge_page_mapping(self.nbytes)
         self.tensor = torch.frombuffer(self._mapping, dtype=spec.dtype).view(shape)
         started = time.monotonic()
         # Fault every page in now, so memory that is not there fails at

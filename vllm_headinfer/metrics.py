@@ -34,8 +34,8 @@ from vllm.v1.metrics.loggers import AggregateStatLoggerBase
 
 from vllm_headinfer.placement import Placement
 
-# Per user: another user's directory of the same name must not stop a start.
 logger = init_logger("vllm.headinfer")
+# Per user: another user's directory of the same name must not stop a start.
 CHANNEL_DIR = os.path.join(tempfile.gettempdir(), f"vllm-headinfer-{os.getuid()}")
 
 
