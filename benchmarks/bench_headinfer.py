@@ -73,16 +73,16 @@ def config_kwargs(name: str, cpu_kv_gib: float | None) -> dict:
     return {"attention_backend": "HEADINFER", "additional_config": {"headinfer": extra}}
 
 
-def gpu_memory_used_mib() -> int:
+def gpu_memory_used_mib() -> list[int]:
+    """MiB in use on each visible GPU (a tensor-parallel engine uses several)."""
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
             capture_output=True, text=True,
         )
     except FileNotFoundError:
-        return -1
-    # Summed over the GPUs: a tensor-parallel engine uses several.
-    return sum(map(int, out.stdout.split())) if out.returncode == 0 else -1
+        return []
+    return list(map(int, out.stdout.split())) if out.returncode == 0 else []
 
 
 def worker(spec: dict) -> dict:
@@ -115,7 +115,8 @@ def worker(spec: dict) -> dict:
         cfg = llm.llm_engine.vllm_config
         result["max_model_len"] = cfg.model_config.max_model_len
         return result
-    result["gpu_mem_used_mib"] = gpu_memory_used_mib()
+    result["gpu_mem_used_mib_per_gpu"] = gpu_memory_used_mib()
+    result["gpu_mem_used_mib"] = sum(result["gpu_mem_used_mib_per_gpu"])
     params = SamplingParams(max_tokens=spec["decode_tokens"] + 1, temperature=0.0, ignore_eos=True)
     import random
 

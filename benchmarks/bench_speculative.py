@@ -132,7 +132,7 @@ def worker(spec: dict) -> dict:
               max_num_batched_tokens=spec["chunk"], gpu_memory_utilization=spec["gpu_util"],
               enable_prefix_caching=False, disable_log_stats=False, enforce_eager=spec["eager"],
               seed=0, **engine_kwargs(spec["config"], spec["cpu_kv_gib"]))
-    result = {"startup_s": round(time.time() - t0, 1), "gpu_mem_used_mib": base_bench.gpu_memory_used_mib()}
+    result = {"startup_s": round(time.time() - t0, 1), "gpu_mem_used_mib": sum(base_bench.gpu_memory_used_mib())}
     # Warm-up: the first steps of each shape (and the proposer) are slow.
     result["warmup"] = timed_request(llm, build_prompt(256, seed=1), 32)
     result.update(timed_request(llm, build_prompt(spec["context"]), spec["decode_tokens"]))

@@ -2,6 +2,7 @@
 # Stages of a GPU-host session (see ../shared/gpu/README.md for the wheel kit).
 # Usage: bash benchmarks/gpu_host.sh install|check|ray-example|bench|bench-long|bench-tp|capacity
 #                                   |place-short|place-512k|place-capacity|fp8|fp8-capacity|spec|spec-steps|serve-load|cpu-attn
+#                                   |long-tp4|x4
 #        bash benchmarks/gpu_host.sh background "STAGE [STAGE...]"   (returns at once)
 #        bash benchmarks/gpu_host.sh wait SECONDS   (until the background stages end)
 # Logs and results go to $OUT (or ./gpu-out). A device command may run 10
@@ -12,9 +13,18 @@
 set -uo pipefail
 out="${OUT:-$PWD/gpu-out}"; mkdir -p "$out"
 export PYTHONPATH=/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
-reinstall() {  # the project as it is now, next to the vLLM stack
-  python3 -m pip install -q --no-deps --no-index --no-build-isolation --upgrade --target /tmp/site . 2>&1 | grep -vi warning
-  rm -rf build
+reinstall() {  # the project as it is now, next to the vLLM stack (once per source state:
+  # lanes running side by side must not replace files another one imports)
+  local sum; sum=$(cat pyproject.toml $(find vllm_headinfer patches -name "*.py" | sort) | md5sum | cut -c1-32)
+  ( flock 9
+    if [ "$(cat /tmp/site/.headinfer-src 2>/dev/null)" != "$sum" ]; then
+      python3 -m pip install -q --no-deps --no-index --no-build-isolation --upgrade --target /tmp/site . 2>&1 | grep -vi warning
+      rm -rf build; echo "$sum" > /tmp/site/.headinfer-src
+    fi ) 9>/tmp/headinfer-reinstall.lock
+}
+lane() {  # lane GPUS NAME STAGE [VAR=VALUE...]: a stage on some GPUs, in the background
+  local gpus=$1 name=$2 stage=$3; shift 3; mkdir -p "$out/$name"
+  env CUDA_VISIBLE_DEVICES="$gpus" OUT="$out/$name" "$@" bash "$0" "$stage" > "$out/$name/lane.log" 2>&1 &
 }
 accepted_gib() {  # per-rank cpu_kv_gib startup accepts now for $1 ranks, times $2, less $3 GiB
   python3 -c "from vllm_headinfer.config import available_host_bytes as a, host_limit_per_rank as l; print(round(l(a(), $1) / 2**30 * $2 - $3, 2))"
@@ -34,7 +44,7 @@ case "$1" in
     reinstall
     # Kernels alone, then (RACECHECK=1) under racecheck, then the engines:
     # T = test node ids in the order to run (default: all of tests/gpu).
-    timeout 120 python3 tests/gpu/test_kernels.py 2>&1 | tail -20 | tee "$out/kernels.log"
+    [ "${KERNELS:-1}" = 1 ] && timeout 120 python3 tests/gpu/test_kernels.py 2>&1 | tail -20 | tee "$out/kernels.log"
     cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
     if [ "${RACECHECK:-0}" = 1 ] && [ -z "$cs" ]; then
       echo "compute-sanitizer not found" | tee "$out/racecheck.log"
@@ -147,11 +157,48 @@ case "$1" in
   spec-steps)
     # Verify steps of k = 1, 3, 7 drafts against decode steps, every head
     # offloaded: 512K on 4 layers, then 128K on 32 layers.
+    # SHAPES="4l" or "32l" runs one of the two.
     reinstall
-    timeout 1100 python3 benchmarks/bench_speculative.py --out "$out/spec_512k_4l.json" --layers 4 \
-      --context 524288 --configs R0,R0+ngram1,R0+ngram3,R0+ngram7 --decode-tokens 64 --timeout 260 2>&1 | tail -10
-    timeout 1100 python3 benchmarks/bench_speculative.py --out "$out/spec_128k_steps.json" \
-      --configs R0,R0+ngram1,R0+ngram3,R0+ngram7 --decode-tokens 64 --timeout 260 2>&1 | tail -10
+    if [[ " ${SHAPES:-4l 32l} " == *" 4l "* ]]; then
+      timeout 1100 python3 benchmarks/bench_speculative.py --out "$out/spec_512k_4l.json" --layers 4 \
+        --context 524288 --configs R0,R0+ngram1,R0+ngram3,R0+ngram7 --decode-tokens 64 --timeout 260 2>&1 | tail -10
+    fi
+    if [[ " ${SHAPES:-4l 32l} " == *" 32l "* ]]; then
+      timeout 1100 python3 benchmarks/bench_speculative.py --out "$out/spec_128k_steps.json" \
+        --configs R0,R0+ngram1,R0+ngram3,R0+ngram7 --decode-tokens 64 --timeout 260 2>&1 | tail -10
+    fi
+    ;;
+  long-tp4)
+    # The 8B shape (32 layers) at TP = 4 with max_model_len 4,194,304: FLASH_ATTN
+    # at that length (refused), then auto placement with a host budget of
+    # up to 80 GiB per rank: a 4K prompt, then 1,048,576 tokens prefilled and
+    # decoded (longer than a device command: run in background).
+    reinstall
+    gib=$(python3 -c "print(min(80, $(accepted_gib 4 0.95 0)))")
+    { echo "cpu_kv_gib per rank: $gib"; free -g; } | tee "$out/long_tp4_host.txt"
+    timeout 300 python3 benchmarks/bench_headinfer.py --out "$out/fa_4m_tp4.json" --layers 32 \
+      --contexts 4096 --max-model-len 4194304 --configs FLASH_ATTN --tp 4 --eager \
+      --decode-tokens 1 --timeout 290 2>&1 | tail -3
+    ( while sleep 20; do echo "$(date +%T) $(free -g | awk '/Mem:/{print "host used GiB", $3}') \
+        gpu MiB $(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | tr '\n' ' ')"; done \
+      ) > "$out/long_tp4_memory.txt" 2>&1 &
+    sampler=$!
+    timeout 1500 python3 benchmarks/bench_headinfer.py --out "$out/long_tp4.json" --layers 32 \
+      --contexts 4096,1048576 --max-model-len 4194304 --configs auto --cpu-kv-gib "$gib" --tp 4 \
+      --decode-tokens 8 --timeout 1490 2>&1 | tail -8
+    kill $sampler
+    ;;
+  x4)
+    # A four-GPU host: pipeline-parallel checks on GPUs 0-1 beside the
+    # EAGLE and fp8 kernel checks on GPU 2 and 512K verify steps on GPU 3,
+    # then the four-GPU checks (TP = 4, TP x PP).
+    reinstall
+    lane 0,1 pp check T=tests/gpu/test_cuda_pipeline_parallel.py K=test_pp2 KERNELS=0
+    lane 2 eagle check T=tests/gpu/test_cuda_speculative.py K=eagle
+    lane 3 steps spec-steps SHAPES=4l
+    wait
+    T="tests/gpu/test_cuda_tensor_parallel.py tests/gpu/test_cuda_pipeline_parallel.py" \
+      K="tp4 or tp2_pp2" KERNELS=0 bash "$0" check
     ;;
   serve-load)
     # vllm bench serve against vllm serve: FLASH_ATTN, auto and R0 over the

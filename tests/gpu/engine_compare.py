@@ -11,6 +11,7 @@ to 3000 tokens) and one batch of mixed lengths.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -25,6 +26,32 @@ SMALL_KV_HEADS = 4
 # (0.0625 for a logit of 8-16), so the tolerance grows with the logprob.
 BF16_LOGPROB_ATOL, BF16_LOGPROB_RTOL = 0.1, 0.02
 NEAR_TIE = 0.1
+
+
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def needs_gpus(n: int):
+    return pytest.mark.skipif(gpu_count() < n, reason=f"needs {n} GPUs, this host has {gpu_count()}")
+
+
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs ray")
+# Both of vLLM's distributed executors, Ray's where ray is installed.
+EXECUTORS = ["mp", pytest.param("ray", marks=needs_ray)]
+
+# A device budget (kv_cache_memory_bytes) that keeps ``head_layers`` of a
+# rank's head-layers resident for the 4096-token pool (257 blocks of 16
+# tokens, 8 KiB per head-layer and block at head size 128 in bf16) besides
+# STAGING_MIB of staging buffers (the setting staging_mib), so that auto
+# placement leaves layers with different counts.
+STAGING_MIB = 64
+
+
+def uneven_budget(head_layers: int) -> int:
+    return (STAGING_MIB << 20) + 257 * (8 * head_layers + 4) * 1024
 
 
 def close(a: float, b: float) -> bool:

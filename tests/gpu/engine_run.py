@@ -4,7 +4,8 @@ Usage: python engine_run.py '{"model": ..., "backend": "FLASH_ATTN"|"HEADINFER",
 "resident": R, "dummy": bool, "prompt_lens": [...], "max_tokens": n}'
 "resident" is what resident_kv_heads takes (an integer, a per-layer list or
 "auto"). Optional keys: "eager" (default true), "headinfer" (more settings),
-"tp" (tensor_parallel_size, default 1), "executor" ("mp" or "ray", default
+"tp" (tensor_parallel_size, default 1), "pp" (pipeline_parallel_size,
+default 1), "executor" ("mp" or "ray", default
 vLLM's choice), "kv_cache_memory_bytes" (the device KV budget instead of 0.3
 of the GPU), "speculative" (a speculative_config), "kv_cache_dtype", "periodic" (prompts that
 repeat a 7-token pattern, so prompt lookup finds drafts).
@@ -35,6 +36,7 @@ def main(spec: dict) -> dict:
            if spec.get("kv_cache_memory_bytes") else {"gpu_memory_utilization": 0.3}),
         enforce_eager=spec.get("eager", True),
         tensor_parallel_size=spec.get("tp", 1),
+        pipeline_parallel_size=spec.get("pp", 1),
         distributed_executor_backend=spec.get("executor"),
         speculative_config=spec.get("speculative"),
         kv_cache_dtype=spec.get("kv_cache_dtype", "auto"),

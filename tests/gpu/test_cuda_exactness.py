@@ -16,12 +16,14 @@ pytestmark = [
 
 from engine_compare import (  # noqa: E402
     SMALL_KV_HEADS,
+    STAGING_MIB,
     compare,
     compare_each,
     run_engine,
     shaped_model,  # noqa: F401 - fixture
     small_model,  # noqa: F401 - fixture
     spec,
+    uneven_budget,
 )
 
 
@@ -53,19 +55,13 @@ def test_both_offload_paths_with_cuda_graphs(small_model, path, resident):
     print(f"{path}: {compare(ref, got, near_ties=staged, bitwise=not staged)}")
 
 
-# A device budget that holds the 4096-token pool (257 blocks of 16 tokens)
-# with 6 of the 16 head-layers resident (2 in layers 0-1, 1 in 2-3) besides
-# 64 MiB of staging buffers: 8 KiB per head-layer and block.
-STAGING_MIB = 64
-UNEVEN_BUDGET = (STAGING_MIB << 20) + 257 * 52 * 1024
-
-
 @pytest.mark.parametrize("resident", ["auto", [3, 0, 2, 1]])
 def test_per_layer_counts(small_model, small_reference, resident):
     """Layers with different resident counts (auto placement from a device
-    budget, and an explicit list): every call splits as FLASH_ATTN's."""
+    budget that holds 6 of the 16 head-layers: 2 in layers 0-1, 1 in 2-3;
+    and an explicit list): every call splits as FLASH_ATTN's."""
     got = run_engine(spec(small_model, "HEADINFER", resident, dummy=False,
-                          kv_cache_memory_bytes=UNEVEN_BUDGET,
+                          kv_cache_memory_bytes=uneven_budget(6),
                           headinfer={"staging_mib": STAGING_MIB, "cpu_kv_gib": 1}))
     print(f"resident {resident}: {compare(small_reference, got, bitwise=True)}")
 
