@@ -80,7 +80,10 @@ def _run_engine_process(spec_json: str) -> dict:
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
-    raise AssertionError(f"engine failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    # A worker's own error can lie far above the engine's final traceback.
+    errors = [line for line in proc.stderr.splitlines() if "Error:" in line]
+    raise AssertionError(f"engine failed ({proc.returncode}); error lines:\n"
+                         + "\n".join(errors[-20:]) + f"\nlast output:\n{proc.stderr[-4000:]}")
 
 
 @pytest.fixture(scope="module")

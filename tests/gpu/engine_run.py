@@ -22,9 +22,11 @@ def main(spec: dict) -> dict:
 
     kwargs = {"attention_backend": spec["backend"]}
     if spec["backend"] == "HEADINFER":
-        kwargs["additional_config"] = {
-            "headinfer": {"resident_kv_heads": spec["resident"], **spec.get("headinfer", {})}
-        }
+        # A host budget of a few GiB holds these prompts many times over; the
+        # default (half the free RAM) would pin far more and leave less for
+        # engines that run beside this one.
+        kwargs["additional_config"] = {"headinfer": {
+            "resident_kv_heads": spec["resident"], "cpu_kv_gib": 4, **spec.get("headinfer", {})}}
     llm = LLM(
         spec["model"],
         dtype="bfloat16",
