@@ -4,9 +4,10 @@ Llama-3-8B shape (head_dim 128, GQA 4: 32 query heads over 8 KV heads),
 16-token blocks, bf16, one request decoding one token over 131,072 tokens of
 one layer's host pages ``[blocks, H, 2, 16, 128]`` (layout.py), blocks in
 random order. A call attends 4 or 8 KV heads: all of a pool of that many
-("own"), and for 4 also half of an 8-head pool ("slice": a strided view, which
-numba compiles to slower code). GB/s = K and V bytes of the attended tokens /
-wall time of one ``decode_attention`` call (median of reps). Each thread
+("own"), and for 4 also half of an 8-head pool ("slice": the heads CPU
+threads would take from a layer whose other offloaded heads the GPU reads).
+GB/s = K and V bytes of the attended tokens / wall time of one
+``decode_attention`` call (median of reps). Each thread
 count runs (a) alone and, with CUDA, (b) "link busy": pinned host -> GPU
 copies run during the call, as the GPU reads host KV over PCIe while the CPU
 attends and the DMA reads compete for host memory; the H2D GB/s achieved

@@ -25,6 +25,9 @@ import math
 import numba
 import numpy as np
 import torch
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic
 
 # Pages are read as raw 16-bit words for bf16 and fp16 (numpy has no bf16),
 # fp8 pages as bytes through a table of their 256 values.
@@ -48,40 +51,65 @@ def _half_to_float(bits):
     return sign * (1.0 + mantissa / 1024.0) * 2.0 ** (exponent - 15)
 
 
+@intrinsic
+def _prefetch(typingctx, array, index):
+    """A hint to fetch ``array[index]``'s cache line: the next block of
+    context is a random page of the pool, so the hardware prefetcher cannot
+    guess it, while the current block's arithmetic leaves the memory idle."""
+
+    def codegen(context, builder, signature, args):
+        array_type = signature.args[0]
+        array_value = context.make_array(array_type)(context, builder, args[0])
+        pointer = cgutils.get_item_pointer(context, builder, array_type, array_value, [args[1]],
+                                           wraparound=False)
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        function = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0")
+        # read, high locality, data cache
+        builder.call(function, [builder.bitcast(pointer, i8p), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return types.void(array, index), codegen
+
+
 @numba.njit(inline="always")
-def _load_row(pages, block, head, plane, token, code, row, bits, fp8_values, scales):
-    """One K or V row of the pool as float32 into ``row``."""
-    d = row.shape[0]
+def _to_float(raw, code, fp8_values, scale, bits, values):
+    """``raw`` (one K or V page of a block: contiguous) as float32 into
+    ``values`` (``bits`` is its uint32 view). The loops index slices from 0,
+    which lets them vectorise (an offset index into the whole pool does not)."""
+    n = raw.shape[0]
     if code == FP8:
-        scale = scales[plane]
-        for i in range(d):
-            row[i] = fp8_values[np.uint8(pages[block, head, plane, token, i])] * scale
+        for i in range(n):
+            values[i] = fp8_values[np.uint8(raw[i])] * scale
     elif code == 0:
-        for i in range(d):
-            row[i] = pages[block, head, plane, token, i]
+        for i in range(n):
+            values[i] = raw[i]
     elif code == 1:
-        for i in range(d):
-            bits[i] = np.uint32(np.uint16(pages[block, head, plane, token, i])) << np.uint32(16)
-        as_float = bits.view(np.float32)
-        for i in range(d):
-            row[i] = as_float[i]
+        for i in range(n):
+            bits[i] = np.uint32(np.uint16(raw[i])) << np.uint32(16)
     else:
-        for i in range(d):
-            row[i] = _half_to_float(np.int64(np.uint16(pages[block, head, plane, token, i])))
+        for i in range(n):
+            values[i] = _half_to_float(np.int64(np.uint16(raw[i])))
 
 
-# Reassociation lets the dot products vectorise (2x measured); -inf and
-# NaN keep their meaning (masked positions and empty splits rely on -inf).
+# Reassociation lets the dot products vectorise; -inf and NaN keep their
+# meaning (masked positions and empty splits rely on -inf).
 @numba.njit(parallel=True, fastmath={"reassoc", "contract", "nsz"}, cache=True, nogil=True)
-def _attend(q, pages, code, fp8_values, scales, block_table, seq_lens, query_start, scale, splits,
-            m_out, l_out, acc_out):
+def _attend(q, flat, heads, block_stride, head_stride, block_size, code, fp8_values, scales,
+            block_table, seq_lens, query_start, scale, splits, m_out, l_out, acc_out):
     """Partial softmax state of every (request, head, split): running max
-    ``m_out[item, qi, g]``, sum ``l_out`` and unnormalised output ``acc_out``."""
+    ``m_out[item, qi, g]``, sum ``l_out`` and unnormalised output ``acc_out``.
+    ``flat`` holds the pages ``[blocks, heads, 2, block_size, dim]`` from the
+    first one on, a block and a head ``block_stride`` and ``head_stride``
+    elements apart (the heads may be a slice of the pool's). Per block: K and V pages to float32 once, then the scores of
+    every query row, one rescale of the running state, and the weighted V
+    rows. Query rows go four at a time where the GQA group allows, so each
+    K and V element loaded feeds four multiply-adds."""
     num_reqs = seq_lens.shape[0]
-    heads = pages.shape[1]
-    block_size = pages.shape[3]
-    dim = pages.shape[4]
     group = q.shape[2]
+    dim = q.shape[3]
+    page = block_size * dim
+    by_four = group % 4 == 0
     for item in numba.prange(num_reqs * heads * splits):
         r = item // (heads * splits)
         h = (item // splits) % heads
@@ -89,62 +117,139 @@ def _attend(q, pages, code, fp8_values, scales, block_table, seq_lens, query_sta
         length = seq_lens[r]
         q0 = query_start[r]
         nq = query_start[r + 1] - q0
+        rows = nq * group
         num_blocks = (length + block_size - 1) // block_size
         per_split = (num_blocks + splits - 1) // splits
         b_first = s * per_split
         b_end = min(num_blocks, b_first + per_split)
-        k_row = np.empty(dim, np.float32)
-        v_row = np.empty(dim, np.float32)
-        bits = np.empty(dim, np.uint32)
-        scores = np.empty((block_size, nq, group), np.float32)
-        m = m_out[item]
-        l_sum = l_out[item]
-        acc = acc_out[item]
-        m[:] = -np.inf
-        l_sum[:] = 0.0
-        acc[:] = 0.0
+        queries = np.empty((rows, dim), np.float32)
+        for qi in range(nq):
+            for g in range(group):
+                src = q[q0 + qi, h, g]
+                dst = queries[qi * group + g]
+                for i in range(dim):
+                    dst[i] = src[i] * scale
+        k_bits = np.zeros(page, np.uint32)
+        v_bits = np.zeros(page, np.uint32)
+        k_flat = k_bits.view(np.float32)
+        v_flat = v_bits.view(np.float32)
+        k_rows = k_flat.reshape((block_size, dim))
+        v_rows = v_flat.reshape((block_size, dim))
+        scores = np.empty((rows, block_size), np.float32)
+        m = np.full(rows, -np.inf, np.float32)
+        l_sum = np.zeros(rows, np.float32)
+        acc = np.zeros((rows, dim), np.float32)
         for b in range(b_first, b_end):
-            block = block_table[r, b]
+            if b + 1 < b_end:
+                ahead = block_table[r, b + 1] * block_stride + h * head_stride
+                for off in range(0, 2 * page, 32):
+                    _prefetch(flat, ahead + off)
+            base = block_table[r, b] * block_stride + h * head_stride
             in_block = min(block_size, length - b * block_size)
-            # Scores of this block's tokens for every query, then one
-            # rescale of the running state per block.
+            n = in_block * dim
+            _to_float(flat[base:base + n], code, fp8_values, scales[0], k_bits, k_flat)
+            _to_float(flat[base + page:base + page + n], code, fp8_values, scales[1], v_bits, v_flat)
+            first_pos = b * block_size
             for t in range(in_block):
-                _load_row(pages, block, h, 0, t, code, k_row, bits, fp8_values, scales)
-                pos = b * block_size + t
-                for qi in range(nq):
-                    visible = pos < length - nq + qi + 1
-                    for g in range(group):
-                        if visible:
-                            dot = np.float32(0.0)
+                krow = k_rows[t]
+                # Query qi sits at position length - nq + qi and sees
+                # positions up to its own: the first query that sees t.
+                seen_from = first_pos + t - (length - nq)
+                j = 0
+                while j < rows:
+                    qi = j // group
+                    if by_four and qi >= seen_from:
+                        a0 = queries[j]
+                        a1 = queries[j + 1]
+                        a2 = queries[j + 2]
+                        a3 = queries[j + 3]
+                        d0 = np.float32(0.0)
+                        d1 = np.float32(0.0)
+                        d2 = np.float32(0.0)
+                        d3 = np.float32(0.0)
+                        for i in range(dim):
+                            x = krow[i]
+                            d0 += a0[i] * x
+                            d1 += a1[i] * x
+                            d2 += a2[i] * x
+                            d3 += a3[i] * x
+                        scores[j, t] = d0
+                        scores[j + 1, t] = d1
+                        scores[j + 2, t] = d2
+                        scores[j + 3, t] = d3
+                        j += 4
+                    elif by_four:
+                        for jj in range(j, j + 4):
+                            scores[jj, t] = -np.inf
+                        j += 4
+                    else:
+                        if qi >= seen_from:
+                            a0 = queries[j]
+                            d0 = np.float32(0.0)
                             for i in range(dim):
-                                dot += q[q0 + qi, h, g, i] * k_row[i]
-                            scores[t, qi, g] = dot * scale
+                                d0 += a0[i] * krow[i]
+                            scores[j, t] = d0
                         else:
-                            scores[t, qi, g] = -np.inf
-            for qi in range(nq):
-                for g in range(group):
-                    block_max = -np.inf
+                            scores[j, t] = -np.inf
+                        j += 1
+            # Online softmax: rescale each row's state once per block; the
+            # block's weights replace its scores.
+            for j in range(rows):
+                row = scores[j]
+                block_max = -np.inf
+                for t in range(in_block):
+                    block_max = max(block_max, row[t])
+                if block_max == -np.inf:
                     for t in range(in_block):
-                        block_max = max(block_max, scores[t, qi, g])
-                    if block_max == -np.inf:
-                        continue
-                    new_max = max(m[qi, g], block_max)
-                    correction = math.exp(m[qi, g] - new_max)
-                    l_sum[qi, g] *= correction
-                    for i in range(dim):
-                        acc[qi, g, i] *= correction
-                    m[qi, g] = new_max
+                        row[t] = 0.0
+                    continue
+                new_max = max(m[j], block_max)
+                correction = math.exp(m[j] - new_max)
+                l_sum[j] *= correction
+                m[j] = new_max
+                out_row = acc[j]
+                for i in range(dim):
+                    out_row[i] *= correction
+                for t in range(in_block):
+                    row[t] = math.exp(row[t] - new_max)
+                    l_sum[j] += row[t]
+            j = 0
+            while j < rows:
+                if by_four:
+                    o0 = acc[j]
+                    o1 = acc[j + 1]
+                    o2 = acc[j + 2]
+                    o3 = acc[j + 3]
                     for t in range(in_block):
-                        scores[t, qi, g] = math.exp(scores[t, qi, g] - new_max)
-                        l_sum[qi, g] += scores[t, qi, g]
-            for t in range(in_block):
-                _load_row(pages, block, h, 1, t, code, v_row, bits, fp8_values, scales)
-                for qi in range(nq):
-                    for g in range(group):
-                        w = scores[t, qi, g]
-                        if w > 0.0:
-                            for i in range(dim):
-                                acc[qi, g, i] += w * v_row[i]
+                        w0 = scores[j, t]
+                        w1 = scores[j + 1, t]
+                        w2 = scores[j + 2, t]
+                        w3 = scores[j + 3, t]
+                        vrow = v_rows[t]
+                        for i in range(dim):
+                            y = vrow[i]
+                            o0[i] += w0 * y
+                            o1[i] += w1 * y
+                            o2[i] += w2 * y
+                            o3[i] += w3 * y
+                    j += 4
+                else:
+                    o0 = acc[j]
+                    for t in range(in_block):
+                        w0 = scores[j, t]
+                        vrow = v_rows[t]
+                        for i in range(dim):
+                            o0[i] += w0 * vrow[i]
+                    j += 1
+        for qi in range(nq):
+            for g in range(group):
+                j = qi * group + g
+                m_out[item, qi, g] = m[j]
+                l_out[item, qi, g] = l_sum[j]
+                dst = acc_out[item, qi, g]
+                src = acc[j]
+                for i in range(dim):
+                    dst[i] = src[i]
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -178,10 +283,19 @@ def _merge(m_part, l_part, acc_part, seq_lens, query_start, heads, splits, out):
                     out[q0 + qi, h, g, i] /= total
 
 
-def _raw(pages: torch.Tensor) -> np.ndarray:
-    if pages.dtype in (torch.float32, torch.uint8):
-        return pages.numpy()
-    return pages.view(torch.int16).numpy()
+def _flat(pages: torch.Tensor) -> tuple[np.ndarray, int, int]:
+    """The pages as one flat array from their first element (raw 16-bit
+    words for bf16 and fp16), and the strides of a block and of a head in
+    it. Each K and V page must be contiguous; the heads may be a slice."""
+    blocks, heads, _, block_size, dim = pages.shape
+    if pages.stride()[2:] != (block_size * dim, dim, 1):
+        raise ValueError(f"K and V pages must be contiguous, got strides {pages.stride()}")
+    block_stride, head_stride = pages.stride()[:2]
+    span = (blocks - 1) * block_stride + (heads - 1) * head_stride + 2 * block_size * dim
+    flat = pages.as_strided((span,), (1,))
+    if pages.dtype not in (torch.float32, torch.uint8):
+        flat = flat.view(torch.int16)
+    return flat.numpy(), block_stride, head_stride
 
 
 _NO_TABLE = np.zeros(1, np.float32)
@@ -238,8 +352,9 @@ def decode_attention(
     l_part = np.empty((items, max_q, group), np.float32)
     acc_part = np.empty((items, max_q, group, dim), np.float32)
     scales = np.array([k_scale, v_scale], np.float32)
-    _attend(q, _raw(pages), code, values, scales, table, seqs, starts, np.float32(scale),
-            splits, m_part, l_part, acc_part)
+    flat, block_stride, head_stride = _flat(pages)
+    _attend(q, flat, heads, block_stride, head_stride, pages.shape[3], code, values, scales, table,
+            seqs, starts, np.float32(scale), splits, m_part, l_part, acc_part)
     result = np.empty((tokens, heads, group, dim), np.float32)
     _merge(m_part, l_part, acc_part, seqs, starts, heads, splits, result)
     out.copy_(torch.from_numpy(result).reshape(tokens, heads * group, dim))
