@@ -145,11 +145,12 @@ def _tail(path: Path, n: int = 80) -> str:
 
 def engine_ok(results: dict, name: str) -> dict:
     res = results["engines"][name]
-    if res["error"] is not None:
-        raise AssertionError(
-            f"engine {name} failed to start: {res['error']['type']}: {res['error']['message']}\n"
-            + "\n".join(res["error"].get("chain", []))
-        )
+    for key, what in (("error", "failed to start"), ("scenario_error", "failed while generating")):
+        if res.get(key) is not None:
+            raise AssertionError(
+                f"engine {name} {what}: {res[key]['type']}: {res[key]['message']}\n"
+                + "\n".join(res[key].get("chain", []))
+            )
     return res
 
 

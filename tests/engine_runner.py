@@ -31,7 +31,8 @@ Each round is one ``generate`` call with all its requests (greedy,
 prefix cache filled by an earlier one. For each engine the result holds either
 ``error`` (an exception raised while building it: type and message) or the
 per-round outputs (token ids, the sampled tokens' logprobs, text) with the
-change of vLLM's prefix-cache and preemption counters per round, the
+change of vLLM's prefix-cache and preemption counters per round (and
+``scenario_error`` if a ``generate`` call raised; earlier rounds are kept), the
 log messages mentioning HEADINFER (``headinfer_log``, in-process only), the
 host memory held by HEADINFER's pools (``host_pool_bytes``, in-process only)
 and a few resolved config values.
@@ -128,7 +129,7 @@ def _config_summary(cfg) -> dict:
 
 
 def run_engine(spec: dict, engine: dict, model_path: str, capture: _Capture) -> dict:
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
     result: dict = {"error": None}
     saved_env = {k: os.environ.get(k) for k in engine.get("env", {})}
@@ -166,32 +167,11 @@ def run_engine(spec: dict, engine: dict, model_path: str, capture: _Capture) -> 
             result["host_pool_bytes"] = host_pools.total_bytes()
         result["config"] = _config_summary(llm.llm_engine.vllm_config)
         result["scenarios"] = {}
-        for name in engine.get("scenarios", []):
-            rounds = []
-            for reqs in spec["scenarios"][name]["rounds"]:
-                params = [
-                    SamplingParams(
-                        temperature=0.0,
-                        max_tokens=r["max_tokens"],
-                        logprobs=1,
-                        prompt_logprobs=1 if engine.get("prompt_logprobs") else None,
-                        ignore_eos=True,
-                    )
-                    for r in reqs
-                ]
-                before = _metrics(llm)
-                t1 = time.monotonic()
-                outs = llm.generate([_prompt(r) for r in reqs], params, use_tqdm=False)
-                seconds = round(time.monotonic() - t1, 2)
-                after = _metrics(llm)
-                rounds.append(
-                    {
-                        "outputs": [_completion(o) for o in outs],
-                        "metrics": {k: after[k] - before[k] for k in METRICS},
-                        "seconds": seconds,
-                    }
-                )
-            result["scenarios"][name] = rounds
+        try:
+            _run_scenarios(spec, engine, llm, result["scenarios"])
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            result["scenario_error"] = {"type": type(e).__name__, "message": str(e),
+                                        "chain": _chain(e)}
         result["headinfer_log"] = list(capture.lines)
         return result
     finally:
@@ -206,6 +186,39 @@ def run_engine(spec: dict, engine: dict, model_path: str, capture: _Capture) -> 
                     "host_pool_bytes": host_pools.total_bytes(),
                     "rss_bytes": psutil.Process().memory_info().rss,
                 }
+
+
+def _run_scenarios(spec: dict, engine: dict, llm, results: dict) -> None:
+    """Each scenario's rounds into ``results``; an exception propagates (the
+    caller reports it, with the rounds that finished)."""
+    from vllm import SamplingParams
+
+    for name in engine.get("scenarios", []):
+        rounds = []
+        for reqs in spec["scenarios"][name]["rounds"]:
+            params = [
+                SamplingParams(
+                    temperature=0.0,
+                    max_tokens=r["max_tokens"],
+                    logprobs=1,
+                    prompt_logprobs=1 if engine.get("prompt_logprobs") else None,
+                    ignore_eos=True,
+                )
+                for r in reqs
+            ]
+            before = _metrics(llm)
+            t1 = time.monotonic()
+            outs = llm.generate([_prompt(r) for r in reqs], params, use_tqdm=False)
+            seconds = round(time.monotonic() - t1, 2)
+            after = _metrics(llm)
+            rounds.append(
+                {
+                    "outputs": [_completion(o) for o in outs],
+                    "metrics": {k: after[k] - before[k] for k in METRICS},
+                    "seconds": seconds,
+                }
+            )
+        results[name] = rounds
 
 
 def _chain(e: BaseException) -> list[str]:
