@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -154,6 +155,18 @@ def engine_ok(results: dict, name: str) -> dict:
     return res
 
 
+def engine_log(output: str, name: str) -> list[str]:
+    """The log lines printed while engine ``name`` ran (the runner marks the
+    end of each engine)."""
+    ends = [(m.group(1), m.end()) for m in re.finditer(r"engine_runner: (\S+) done", output)]
+    start = 0
+    for engine, end in ends:
+        if engine == name:
+            return output[start:end].splitlines()
+        start = end
+    raise AssertionError(f"no output of engine {name}")
+
+
 def assert_same_outputs(expected: list[dict], actual: list[dict], what: str) -> None:
     """Identical token ids; sampled-token (and prompt) logprobs within 1e-3."""
     assert len(expected) == len(actual), what
@@ -177,8 +190,6 @@ def assert_same_outputs(expected: list[dict], actual: list[dict], what: str) -> 
 
 def expand_counts(text: str) -> list[int]:
     """``3 in layers 0-1, 2 in 2`` -> ``[3, 3, 2]``."""
-    import re
-
     counts = []
     for count, first, last in re.findall(r"(\d+) in (?:layers? )?(\d+)(?:-(\d+))?", text):
         counts += [int(count)] * (int(last or first) - int(first) + 1)
@@ -188,8 +199,6 @@ def expand_counts(text: str) -> list[int]:
 def placement_of(lines: list[str]) -> dict:
     """Parses the (last) HEADINFER placement log line. ``resident`` and
     ``offloaded`` are per layer where every layer has the same count."""
-    import re
-
     pat = re.compile(
         r"HEADINFER placement: (\d+)/(\d+) KV head-layers resident per rank "
         r"\((\d+) KV heads x (\d+) layers: ([^)]*)\); device KV ([\d.]+) GiB, "

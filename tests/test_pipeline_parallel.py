@@ -24,6 +24,7 @@ from conftest import (
     BASE_LLM,
     assert_same_outputs,
     cpu_thread_binding,
+    engine_log,
     engine_ok,
     headinfer_llm,
     placement_of,
@@ -84,15 +85,9 @@ def test_each_stage_places_and_pools_its_own_layers(pp_run):
 def _worker_errors(output: str, engine: str) -> set[str]:
     """The distinct error lines the workers of ``engine`` logged (traceback
     text without process ids and times; a failure may be logged more than
-    once); the runner marks where each engine's output ends."""
-    start = 0
-    for m in re.finditer(r"engine_runner: (\S+) done", output):
-        if m[1] == engine:
-            section = output[start:m.start()]
-            return set(re.findall(r"^\(Worker\S* pid=\d+\) ERROR [\d-]+ [\d:]+ \[[^]]*\] (.*)$",
-                                  section, re.MULTILINE))
-        start = m.end()
-    raise AssertionError(f"no output of engine {engine}")
+    once)."""
+    pattern = re.compile(r"^\(Worker\S* pid=\d+\) ERROR [\d-]+ [\d:]+ \[[^]]*\] (.*)$")
+    return {m[1] for m in map(pattern.match, engine_log(output, engine)) if m}
 
 
 def test_outputs_match_the_default_backend(pp_run):

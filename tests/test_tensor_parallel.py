@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 
 import pytest
 from conftest import (
@@ -30,6 +29,7 @@ from conftest import (
     MODEL_SHAPES,
     assert_same_outputs,
     cpu_thread_binding,
+    engine_log,
     engine_ok,
     headinfer_llm,
     placement_of,
@@ -111,18 +111,6 @@ def tp_run(tiny_models, tmp_path_factory):
         os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
 
 
-def _engine_log(output: str, name: str) -> list[str]:
-    """The log lines printed while engine ``name`` ran (the runner marks the
-    end of each engine)."""
-    ends = [(m.group(1), m.end()) for m in re.finditer(r"engine_runner: (\S+) done", output)]
-    start = 0
-    for engine, end in ends:
-        if engine == name:
-            return output[start:end].splitlines()
-        start = end
-    raise AssertionError(f"no output of engine {name}")
-
-
 @pytest.mark.parametrize("name", [n for n, (_, r) in ENGINES.items() if r is not None])
 def test_same_outputs_as_default_backend_at_tp2(tp_run, name):
     results, output = tp_run
@@ -130,7 +118,7 @@ def test_same_outputs_as_default_backend_at_tp2(tp_run, name):
     reference = engine_ok(results, f"{shape.split('-')[1]}-default")["scenarios"]
     got = engine_ok(results, name)
     heads_per_rank = MODEL_SHAPES[shape]["num_kv_heads"] // TP
-    placement = placement_of(_engine_log(output, name))
+    placement = placement_of(engine_log(output, name))
     assert (placement["resident"], placement["heads"]) == (resident, heads_per_rank), placement
     if resident < heads_per_rank:
         # Each rank's cpu_kv_gib holds only that rank's offloaded heads, so T

@@ -20,6 +20,7 @@ context sees positions ``< L - q + i + 1``.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numba
@@ -101,10 +102,11 @@ def _attend(q, flat, heads, block_stride, head_stride, block_size, code, fp8_val
     ``m_out[item, qi, g]``, sum ``l_out`` and unnormalised output ``acc_out``.
     ``flat`` holds the pages ``[blocks, heads, 2, block_size, dim]`` from the
     first one on, a block and a head ``block_stride`` and ``head_stride``
-    elements apart (the heads may be a slice of the pool's). Per block: K and V pages to float32 once, then the scores of
-    every query row, one rescale of the running state, and the weighted V
-    rows. Query rows go four at a time where the GQA group allows, so each
-    K and V element loaded feeds four multiply-adds."""
+    elements apart (the heads may be a slice of the pool's). Per block: K and
+    V pages to float32 once, then the scores of every query row, one rescale
+    of the running state, and the weighted V rows. Query rows go four at a
+    time where the GQA group allows, so each K and V element loaded feeds
+    four multiply-adds."""
     num_reqs = seq_lens.shape[0]
     group = q.shape[2]
     dim = q.shape[3]
@@ -301,8 +303,10 @@ def _flat(pages: torch.Tensor) -> tuple[np.ndarray, int, int]:
 _NO_TABLE = np.zeros(1, np.float32)
 
 
+@functools.cache
 def _fp8_values(fp8: torch.dtype) -> np.ndarray:
-    """The value of every byte in the fp8 format ``fp8``."""
+    """The value of every byte in the fp8 format ``fp8`` (once per format:
+    every layer's call of every step reads it)."""
     return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(fp8).float().numpy()
 
 

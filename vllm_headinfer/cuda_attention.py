@@ -220,7 +220,7 @@ class CudaHeadAttention:
                 staging.ready[buf].record(side)
 
         copy_group(0)
-        g = impl.group
+        g, r = impl.group, impl.num_resident
         for index, group in enumerate(groups):
             if index + 1 < len(groups):
                 copy_group(index + 1)
@@ -228,7 +228,6 @@ class CudaHeadAttention:
             main.wait_event(staging.ready[buf])
             k, v = host_kv(staging.view(buf, shape(group), host.dtype))
             heads = slice(group[0] * g, group[1] * g)
-            r = impl.num_resident
             self._attend(layer, slice(r + group[0], r + group[1]), q[:, heads], k, v,
                          remapped, m, out[:, heads])
             staging.free[buf].record(main)
