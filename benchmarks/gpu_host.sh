@@ -148,24 +148,28 @@ case "$1" in
     ;;
   spec)
     # Prompt-lookup speculative decoding at 128K, 32 layers: R0 and
-    # FLASH_ATTN, each with and without ngram (k = 4).
+    # FLASH_ATTN, each with and without ngram (k = 4). A host budget of
+    # CPU_KV_GIB (40) per engine leaves room for lanes beside this one.
     reinstall
     timeout 1100 python3 benchmarks/bench_speculative.py --out "$out/spec_128k.json" \
-      --configs "${SPEC_CONFIGS:-R0,R0+ngram4,FLASH_ATTN,FLASH_ATTN+ngram4}" --decode-tokens 64 \
-      --timeout 280 2>&1 | tail -12
+      --configs "${SPEC_CONFIGS:-R0,R0+ngram4,FLASH_ATTN,FLASH_ATTN+ngram4}" \
+      --decode-tokens "${DECODE:-64}" --cpu-kv-gib "${CPU_KV_GIB:-40}" --timeout 280 2>&1 | tail -12
     ;;
   spec-steps)
     # Verify steps of k = 1, 3, 7 drafts against decode steps, every head
     # offloaded: 512K on 4 layers, then 128K on 32 layers.
-    # SHAPES="4l" or "32l" runs one of the two.
+    # SHAPES="4l" or "32l" runs one of the two; STEPS_CONFIGS replaces the
+    # configs, DECODE the decode tokens (64).
     reinstall
+    configs="${STEPS_CONFIGS:-R0,R0+ngram1,R0+ngram3,R0+ngram7}"
+    common=(--configs "$configs" --decode-tokens "${DECODE:-64}" --cpu-kv-gib "${CPU_KV_GIB:-40}" --timeout 260)
     if [[ " ${SHAPES:-4l 32l} " == *" 4l "* ]]; then
       timeout 1100 python3 benchmarks/bench_speculative.py --out "$out/spec_512k_4l.json" --layers 4 \
-        --context 524288 --configs R0,R0+ngram1,R0+ngram3,R0+ngram7 --decode-tokens 64 --timeout 260 2>&1 | tail -10
+        --context 524288 "${common[@]}" 2>&1 | tail -10
     fi
     if [[ " ${SHAPES:-4l 32l} " == *" 32l "* ]]; then
       timeout 1100 python3 benchmarks/bench_speculative.py --out "$out/spec_128k_steps.json" \
-        --configs R0,R0+ngram1,R0+ngram3,R0+ngram7 --decode-tokens 64 --timeout 260 2>&1 | tail -10
+        "${common[@]}" 2>&1 | tail -10
     fi
     ;;
   long-tp4)
@@ -189,16 +193,21 @@ case "$1" in
     kill $sampler
     ;;
   x4)
-    # A four-GPU host: pipeline-parallel checks on GPUs 0-1 beside the
-    # EAGLE and fp8 kernel checks on GPU 2 and 512K verify steps on GPU 3,
-    # then the four-GPU checks (TP = 4, TP x PP).
+    # A four-GPU host: pipeline parallel and ngram on Ray workers (two GPUs
+    # each), then the four-GPU checks (TP = 4, TP x PP), then speculative
+    # decoding figures on single GPUs side by side: 128K/32 layers verify
+    # steps (k = 1, 3, 7) on GPU 2, FLASH_ATTN with and without ngram on
+    # GPU 3, 512K/4 layers verify steps (k = 3, 7) on GPU 0.
     reinstall
-    lane 0,1 pp check T=tests/gpu/test_cuda_pipeline_parallel.py K=test_pp2 KERNELS=0
-    lane 2 eagle check T=tests/gpu/test_cuda_speculative.py K=eagle
-    lane 3 steps spec-steps SHAPES=4l
+    lane 0,1 pp check T=tests/gpu/test_cuda_pipeline_parallel.py K="test_pp2 and ray" KERNELS=0
+    lane 2,3 ngram-ray check T=tests/gpu/test_cuda_speculative.py K=ray KERNELS=0
     wait
-    T="tests/gpu/test_cuda_tensor_parallel.py tests/gpu/test_cuda_pipeline_parallel.py" \
-      K="tp4 or tp2_pp2" KERNELS=0 bash "$0" check
+    T="tests/gpu/test_cuda_tensor_parallel.py::test_tp4_8b_shape tests/gpu/test_cuda_pipeline_parallel.py::test_tp2_pp2_ray tests/gpu/test_cuda_tensor_parallel.py::test_tp4_one_kv_head_per_rank[ray]" \
+      KERNELS=0 CHECK_TIMEOUT=900 bash "$0" check
+    lane 2 steps spec-steps SHAPES=32l DECODE=96
+    lane 3 fa spec SPEC_CONFIGS=FLASH_ATTN,FLASH_ATTN+ngram7 DECODE=96
+    lane 0 steps-4l spec-steps SHAPES=4l STEPS_CONFIGS=R0,R0+ngram3,R0+ngram7
+    wait
     ;;
   serve-load)
     # vllm bench serve against vllm serve: FLASH_ATTN, auto and R0 over the

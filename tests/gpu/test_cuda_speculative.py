@@ -17,7 +17,15 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
 ]
 
-from engine_compare import SMALL_KV_HEADS, compare, run_engine, small_model, spec  # noqa: E402, F401
+from engine_compare import (  # noqa: E402
+    SMALL_KV_HEADS,
+    compare,
+    needs_gpus,
+    needs_ray,
+    run_engine,
+    small_model,  # noqa: F401 - fixture
+    spec,
+)
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
          "prompt_lookup_min": 2}
@@ -29,6 +37,17 @@ def test_ngram_matches_flash_attn(small_model, resident):
     ref = run_engine(spec(small_model, "FLASH_ATTN", None, **common))
     got = run_engine(spec(small_model, "HEADINFER", resident, **common))
     print(f"ngram R={resident}: {compare(ref, got, near_ties=True)}")
+
+
+@needs_gpus(2)
+@needs_ray
+def test_ngram_with_ray_workers(small_model):
+    """ngram on Ray-launched workers at TP = 2 (two KV heads per rank, all
+    offloaded) against FLASH_ATTN's mp workers with the same config."""
+    common = dict(dummy=False, eager=False, speculative=NGRAM, periodic=True, tp=2)
+    ref = run_engine(spec(small_model, "FLASH_ATTN", None, executor="mp", **common))
+    got = run_engine(spec(small_model, "HEADINFER", 0, executor="ray", **common))
+    print(f"ngram TP=2 ray R=0: {compare(ref, got, near_ties=True)}")
 
 
 @pytest.fixture(scope="module")
