@@ -1,5 +1,6 @@
 """The OpenAI-compatible server with --attention-backend HEADINFER answers like
-the server with the default backend, on one rank and at tensor-parallel size 2.
+the server with the default backend, on one rank, at tensor-parallel size 2
+and with speculative decoding (``ngram``, the same config for both servers).
 
 Each pair of servers starts with ``python -m vllm.entrypoints.openai.api_server``
 on 127.0.0.1 (the CLI entry point the CPU build supports), side by side, and is
@@ -21,10 +22,13 @@ from conftest import LOGPROB_TOL, REPO, cpu_thread_binding, free_port, placement
 
 STARTUP_TIMEOUT = 300
 HEADINFER_CONFIG = {"headinfer": {"resident_kv_heads": 1, "cpu_kv_gib": 0.05}}
-# Server pairs: model shape and tensor-parallel size. At TP = 2 the 4-KV-head
-# model leaves 2 heads per rank, so R = 1 splits inside each rank as R = 1 of
-# 2 does on one rank; placement reads (1, 2, 1) in both.
-PAIRS = {"tp1": ("llama-gqa", 1), "tp2": ("llama-mha", 2)}
+NGRAM = ["--speculative-config", json.dumps({
+    "method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2})]
+# Server pairs: model shape, tensor-parallel size and arguments both servers
+# get. At TP = 2 the 4-KV-head model leaves 2 heads per rank, so R = 1 splits
+# inside each rank as R = 1 of 2 does on one rank; placement reads (1, 2, 1)
+# in all pairs.
+PAIRS = {"tp1": ("llama-gqa", 1, []), "tp2": ("llama-mha", 2, []), "tp1-ngram": ("llama-gqa", 1, NGRAM)}
 
 WORDS = (
     "the quick brown fox jumps over the lazy dog attention heads are independent "
@@ -97,13 +101,13 @@ def _stop(server):
 
 @pytest.fixture(scope="module", params=list(PAIRS))
 def servers(request, tiny_models, tmp_path_factory):
-    shape, tp = PAIRS[request.param]
+    shape, tp, extra = PAIRS[request.param]
     model = tiny_models(shape)
-    extra, env = [], {}
+    env = {}
     if tp > 1:
         # On CPU, gpu_memory_utilization is the share of RAM each worker
         # checks is free at start; 2 * tp workers start at once here.
-        extra = ["--tensor-parallel-size", str(tp), "--gpu-memory-utilization", "0.2"]
+        extra = [*extra, "--tensor-parallel-size", str(tp), "--gpu-memory-utilization", "0.2"]
         env = {"VLLM_CPU_OMP_THREADS_BIND": cpu_thread_binding(tp)}
     logs = tmp_path_factory.mktemp(f"servers-{request.param}")
     started = {}
@@ -165,12 +169,13 @@ def test_completions_match_default_backend(servers, i):
     assert worst <= LOGPROB_TOL
 
 
-def _headinfer_metrics(server) -> dict[str, float]:
-    """The ``headinfer:`` samples of the server's /metrics, by name."""
+def _headinfer_metrics(server, prefix: str = "headinfer:") -> dict[str, float]:
+    """The samples of the server's /metrics whose names start with
+    ``prefix`` (HEADINFER's own by default), by name."""
     text = requests.get(f"http://127.0.0.1:{server['port']}/metrics", timeout=30).text
     out = {}
     for line in text.splitlines():
-        if line.startswith("headinfer:"):
+        if line.startswith(prefix):
             name, value = line.rsplit(" ", 1)
             out[name.split("{")[0]] = float(value)
     return out
@@ -205,3 +210,14 @@ def test_metrics_show_placement_and_link_load(servers):
     assert any(v > 0 for v in seen), seen
     for v in seen:
         assert v / host_per_block == pytest.approx(round(v / host_per_block)), (v, host_per_block)
+
+
+def test_speculative_server_verifies_drafts(servers, request):
+    """With ngram, the HEADINFER server proposed drafts and accepted some
+    (its completions above matched the default server's): verify steps of
+    several query tokens ran over the offloaded head."""
+    if not PAIRS[request.node.callspec.params["servers"]][2]:
+        pytest.skip("no speculative config in this pair")
+    m = _headinfer_metrics(servers["headinfer"], "vllm:spec_decode")
+    assert m["vllm:spec_decode_num_drafts_total"] > 0, m
+    assert m["vllm:spec_decode_num_accepted_tokens_total"] > 0, m
