@@ -6,7 +6,8 @@ One command on a CUDA host with vLLM 0.32.0 and this plugin installed:
 
 For each configuration (FLASH_ATTN; HEADINFER with R resident KV heads of 8
 in every layer, "R4"; HEADINFER with automatic placement, "auto", whose pool
-is one request of max_model_len) one engine is started in its own process (GPU memory is fully released in
+is one request of max_model_len; either with CPU co-attention of n offloaded
+heads per layer, "R0+cpu3", or auto's split, "R0+cpuauto") one engine is started in its own process (GPU memory is fully released in
 between) and, for every context length it can hold, one prompt of that many
 random tokens is prefilled and then decoded. Timings come from vLLM's own
 per-request timestamps (scheduled -> first token -> last token), so they
@@ -67,7 +68,16 @@ def config_kwargs(name: str, cpu_kv_gib: float | None) -> dict:
     if name == "FLASH_ATTN":
         return {"attention_backend": "FLASH_ATTN"}
     # "auto": automatic placement; "R4": 4 resident KV heads in every layer.
-    extra = {"resident_kv_heads": "auto" if name == "auto" else int(name[1:])}
+    # A suffix sets CPU co-attention: "R0+cpu3" (3 offloaded heads of every
+    # layer on the CPU), "R0+cpuauto" (auto's measured split). Without one it
+    # is off, so that figures compare with runs from before it existed.
+    base, _, cpu = name.partition("+")
+    m = re.fullmatch(r"cpu(\d+|auto)", cpu) if cpu else None
+    if (cpu and not m) or not re.fullmatch(r"auto|R\d+", base):
+        raise ValueError(f"bad config name {name!r}: want FLASH_ATTN, auto or R<n>, "
+                         "optionally +cpu<n> or +cpuauto")
+    extra = {"resident_kv_heads": "auto" if base == "auto" else int(base[1:]),
+             "cpu_attention": "off" if not m else "auto" if m[1] == "auto" else int(m[1])}
     if cpu_kv_gib:
         extra["cpu_kv_gib"] = cpu_kv_gib
     return {"attention_backend": "HEADINFER", "additional_config": {"headinfer": extra}}

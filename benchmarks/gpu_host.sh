@@ -2,7 +2,7 @@
 # Stages of a GPU-host session (see ../shared/gpu/README.md for the wheel kit).
 # Usage: bash benchmarks/gpu_host.sh install|check|ray-example|bench|bench-long|bench-tp|capacity
 #                                   |place-short|place-512k|place-capacity|fp8|fp8-capacity|spec|spec-steps|serve-load|cpu-attn
-#                                   |long-tp4|x4
+#                                   |long-tp4|x4|coattn
 #        bash benchmarks/gpu_host.sh background "STAGE [STAGE...]"   (returns at once)
 #        bash benchmarks/gpu_host.sh wait SECONDS   (until the background stages end)
 # Logs and results go to $OUT (or ./gpu-out). A device command may run 10
@@ -214,6 +214,19 @@ case "$1" in
     # three load workloads (longer than a device command: run in background).
     reinstall
     timeout 3000 python3 benchmarks/serve_load.py --out "$out/serve_load.json" 2>&1 | tail -20
+    ;;
+  coattn)
+    # CPU co-attention, every head offloaded: R0 without it, with auto's
+    # measured split and with 2 and 3 of each layer's 8 heads on the CPU;
+    # 128K on 32 layers, then 512K on 4 layers.
+    reinstall
+    timeout 570 python3 benchmarks/bench_headinfer.py --out "$out/coattn_32l.json" \
+      --layers 32 --contexts 131072 --configs R0,R0+cpuauto,R0+cpu2,R0+cpu3 --decode-tokens 8 \
+      --timeout 240 ${CG:+--cudagraph-mode $CG} 2>&1 | tail -30
+    timeout 570 python3 benchmarks/bench_headinfer.py --out "$out/coattn_4l.json" \
+      --layers 4 --contexts 524288 --configs R0,R0+cpuauto,R0+cpu3 --decode-tokens 8 \
+      --timeout 300 ${CG:+--cudagraph-mode $CG} 2>&1 | tail -30
+    grep -h "HEADINFER CPU co-attention" "$out"/coattn_*.log | sort | uniq -c | tee "$out/coattn_split.txt"
     ;;
   cpu-attn)
     # The CPU decode-attention kernel's K/V read rate by thread count, alone

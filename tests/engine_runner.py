@@ -34,8 +34,10 @@ per-round outputs (token ids, the sampled tokens' logprobs, text) with the
 change of vLLM's prefix-cache and preemption counters per round (and
 ``scenario_error`` if a ``generate`` call raised; earlier rounds are kept), the
 log messages mentioning HEADINFER (``headinfer_log``, in-process only), the
-host memory held by HEADINFER's pools (``host_pool_bytes``, in-process only)
-and a few resolved config values.
+host memory held by HEADINFER's pools (``host_pool_bytes``, in-process only),
+the layer calls of the CPU co-attention kernel by step kind while the
+scenarios ran (``coattention_calls``, in-process only) and a few resolved
+config values.
 
 The last stdout line is ``HEADINFER_RESULT <json>``.
 """
@@ -160,11 +162,15 @@ def run_engine(spec: dict, engine: dict, model_path: str, capture: _Capture) -> 
                 else:
                     os.environ[k] = v
         result["startup_s"] = round(time.monotonic() - t0, 2)
+        calls_before = {}
         if spec.get("inprocess", False):
-            # The worker runs in this process: its host pools are visible.
+            # The worker runs in this process: its host pools and the CPU
+            # co-attention kernel's call counts are visible.
+            from vllm_headinfer.coattention_path import CALLS
             from vllm_headinfer.host_pool import host_pools
 
             result["host_pool_bytes"] = host_pools.total_bytes()
+            calls_before = dict(CALLS)
         result["config"] = _config_summary(llm.llm_engine.vllm_config)
         result["scenarios"] = {}
         try:
@@ -172,6 +178,10 @@ def run_engine(spec: dict, engine: dict, model_path: str, capture: _Capture) -> 
         except Exception as e:  # noqa: BLE001 - reported to the test
             result["scenario_error"] = {"type": type(e).__name__, "message": str(e),
                                         "chain": _chain(e)}
+        if spec.get("inprocess", False):
+            result["coattention_calls"] = {
+                kind: n - calls_before.get(kind, 0) for kind, n in CALLS.items()
+            }
         result["headinfer_log"] = list(capture.lines)
         return result
     finally:

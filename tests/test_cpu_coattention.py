@@ -4,7 +4,8 @@ Cases cover GQA ratios 1, 4 and 8, head sizes 64 and 128, blocks of 16 and
 32 tokens, partial last blocks, many requests, contexts of 0 and 1 tokens,
 contexts long enough to split, query lengths of 1 (decode) and several
 (speculative verify, causal), and bf16, fp16, fp32 and fp8 pages (the
-reference reads fp8 pages as value times scale).
+reference reads fp8 pages as value times scale). Then a layer's CPU share as
+the data path calls the kernel, against the CPU path's torch attention.
 """
 
 from __future__ import annotations
@@ -122,3 +123,47 @@ def test_fp8_pages_read_with_their_scales(fp8):
                         dequantize(pages[:, :, 1], torch.tensor(v_scale), fp8, 1, torch.float64)], 2)
     expected = reference(query, read, table, torch.tensor(seq_lens), starts, dim**-0.5)
     assert torch.allclose(out.double(), expected, atol=1e-5, rtol=1e-5), (out.double() - expected).abs().max()
+
+
+@pytest.mark.parametrize("kv_cache_dtype,scales", [
+    ("auto", None), ("fp8_e4m3", (0.5, 0.25)), ("fp8_e5m2", ([0.5, 2.0, 1.0, 0.25], [1.0, 0.5, 4.0, 2.0])),
+])
+def test_a_layers_cpu_share(kv_cache_dtype, scales):
+    """A layer's CPU share (coattention_path.CpuShare): the last two of its
+    three offloaded heads (KV heads 2-3 of 4, query heads 4-7 of 8) through
+    the kernel, against the CPU data path's torch attention of the same
+    heads; fp8 pages with one scale per tensor or per head (one kernel call
+    per head then)."""
+    from types import SimpleNamespace
+
+    from vllm_headinfer.coattention_path import CpuShare, HostStep
+    from vllm_headinfer.kv_quant import Fp8Scales, fp8_dtype
+    from vllm_headinfer.layout import host_kv
+    from vllm_headinfer.torch_attention import paged_attention
+
+    gen = torch.Generator().manual_seed(5)
+    heads, group, dim, block, offloaded = 4, 2, 64, 16, 3
+    impl = SimpleNamespace(num_kv_heads=heads, group=group, num_offloaded=offloaded,
+                           scale=dim**-0.5, kv_cache_dtype=kv_cache_dtype)
+    k_scale, v_scale = (torch.tensor(s) for s in scales or (1.0, 1.0))
+    layer = SimpleNamespace(_k_scale=k_scale, _v_scale=v_scale)
+    seq_lens, query_lens = [40, 3, 100], [1, 3, 2]
+    width = math.ceil(max(seq_lens) / block)
+    num_blocks = len(seq_lens) * width + 1
+    values = torch.randn(num_blocks, offloaded, 2, block, dim, generator=gen)
+    fp8 = fp8_dtype(kv_cache_dtype)
+    pages = values if fp8 is None else values.to(fp8).view(torch.uint8)
+    ids = torch.randperm(num_blocks, generator=gen)
+    table = ids[: len(seq_lens) * width].view(len(seq_lens), width)
+    starts = torch.tensor([0, *itertools_accumulate(query_lens)])
+    step = HostStep(table, torch.tensor(seq_lens), starts, int(starts[-1]))
+    query = torch.randn(int(starts[-1]), heads * group, dim, generator=gen)
+    share = CpuShare(impl, 2, threads=1)
+    assert (share.kv_heads, share.query_heads) == (slice(2, 4), slice(4, 8))
+    out = torch.zeros_like(query)
+    share.attend(layer, query[:, share.query_heads], pages, step, out[:, share.query_heads])
+    expected = torch.zeros_like(query)
+    paged_attention(query[:, 4:8], *host_kv(pages[:, 1:3]), table, starts, torch.tensor(seq_lens),
+                    impl.scale, expected[:, 4:8], Fp8Scales.of(layer, kv_cache_dtype, slice(2, 4)))
+    assert torch.allclose(out, expected, atol=1e-5, rtol=1e-5), (out - expected).abs().max()
+    assert out[:, :4].abs().max() == 0  # other heads untouched

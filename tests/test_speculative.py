@@ -9,6 +9,10 @@ accepted (asserted): verify steps with several query tokens per request run
 over offloaded heads, and rejected drafts leave slots that later steps
 overwrite.
 
+With CPU co-attention of one of R = 0's two offloaded heads, verify steps
+run through the CPU kernel (asserted from its call counts) with the same
+outputs.
+
 A draft model (a one-layer random Llama with the same tokenizer) likewise,
 for R = 0 and auto: its own layers keep every head on the device and do not
 enter the placement. An EAGLE head (vLLM builds it from the same one-layer
@@ -59,6 +63,9 @@ HEADINFER = {
     f"R{H}": headinfer_llm(H, cpu_kv_gib=0.05),
     "auto": {**headinfer_llm(cpu_kv_gib=0.05), "kv_cache_memory_bytes": AUTO_BUDGET},
 }
+# CPU co-attention of one of R = 0's two offloaded heads: verify steps of
+# several query tokens per request through the CPU kernel.
+COATTENTION = headinfer_llm(0, cpu_kv_gib=0.05, cpu_attention=1)
 
 
 def scenario() -> dict:
@@ -92,6 +99,7 @@ def results(tiny_models, draft_path, tmp_path_factory):
         engine("default-ngram", {**LLM, **NGRAM}),
     ]]
     runs += [[engine(f"{name}-ngram", {**LLM, **NGRAM, **hi})] for name, hi in HEADINFER.items()]
+    runs += [[engine("R0-cpu1-ngram", {**LLM, **NGRAM, **COATTENTION})]]
     draft = {"speculative_config": {"method": "draft_model", "model": draft_path,
                                     "num_speculative_tokens": 3}}
     runs += [[
@@ -145,6 +153,17 @@ def test_headinfer_with_ngram_matches(results, name):
         assert p["counts"] == [2, 1], p
     else:
         assert p["resident"] == int(name[1:])
+
+
+def test_cpu_coattention_in_verify_steps(results):
+    hi = _outputs(results, "R0-cpu1-ngram")
+    assert hi["metrics"]["vllm:spec_decode_num_accepted_tokens"] > 0, hi["metrics"]
+    for reference in ("default-ngram", "default"):
+        assert_same_outputs(
+            _outputs(results, reference)["outputs"], hi["outputs"], f"R0+cpu1+ngram vs {reference}"
+        )
+    calls = engine_ok(results, "R0-cpu1-ngram")["coattention_calls"]
+    assert calls.get("verify", 0) > 0 and calls.get("decode", 0) > 0, calls
 
 
 # Drafter -> references: the default backend with that drafter, and without

@@ -73,6 +73,19 @@ SETTINGS = {
         "CUDA only: device memory for staged offloaded KV (MiB, integer >= 16, "
         "two buffers of half this size). Default 1024.",
     ),
+    "cpu_attention": (
+        "VLLM_HEADINFER_CPU_ATTENTION",
+        "CPU co-attention: how many of each layer's offloaded KV heads CPU "
+        "threads attend in decode and verify steps while the GPU reads the "
+        "others: 'auto' (CUDA: measured at startup, off where it would not "
+        "help; off on CPU), 'off', or an integer >= 0 (capped at the layer's "
+        "offloaded heads). Default 'auto'.",
+    ),
+    "cpu_attention_threads": (
+        "VLLM_HEADINFER_CPU_ATTENTION_THREADS",
+        "Threads of CPU co-attention per rank: 'auto' (the rank's share of "
+        "the node's cores, less one) or an integer >= 1. Default 'auto'.",
+    ),
 }
 
 
@@ -90,6 +103,7 @@ def _setting_error(key: str, value: Any, accepted: str) -> HeadInferConfigError:
 
 AUTO = "auto"
 MAX_POOL = "max"
+OFF = "off"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +116,9 @@ class HeadInferConfig:
     decode_path: str = "auto"
     prefill_path: str = "auto"
     staging_mib: int = 1024
+    # "auto", "off" or the offloaded heads per layer CPU threads attend.
+    cpu_attention: str | int = AUTO
+    cpu_attention_threads: str | int = AUTO
 
     @classmethod
     def parse(cls, raw: dict | None) -> HeadInferConfig:
@@ -142,6 +159,10 @@ class HeadInferConfig:
             if mib < 16:
                 raise _setting_error("staging_mib", raw["staging_mib"], "an integer >= 16")
             kwargs["staging_mib"] = mib
+        if "cpu_attention" in raw:
+            kwargs["cpu_attention"] = _cpu_attention_setting(raw["cpu_attention"])
+        if "cpu_attention_threads" in raw:
+            kwargs["cpu_attention_threads"] = _threads_setting(raw["cpu_attention_threads"])
         return cls(**kwargs)
 
     @classmethod
@@ -178,6 +199,14 @@ class HeadInferConfig:
         return "staged" in (self.resolved_decode_path, self.resolved_prefill_path)
 
     @property
+    def fixed_cpu_heads(self) -> int | None:
+        """Offloaded heads per layer CPU threads attend as set ('off' is 0);
+        None for 'auto', which the worker decides."""
+        if self.cpu_attention == AUTO:
+            return None
+        return 0 if self.cpu_attention == OFF else self.cpu_attention
+
+    @property
     def staging_bytes(self) -> int:
         """Device staging buffers a rank with offloaded heads takes (CUDA)."""
         return self.staging_mib << 20 if self.stages else 0
@@ -191,6 +220,8 @@ class HeadInferConfig:
 
 _RESIDENT_ACCEPTED = "'auto', an integer 0..H or a list of integers 0..H, one per layer"
 _POOL_ACCEPTED = "an integer number of tokens > 0 or 'max'"
+_CPU_ATTENTION_ACCEPTED = "'auto', 'off' or an integer number of KV heads >= 0"
+_THREADS_ACCEPTED = "'auto' or an integer >= 1"
 
 
 def _from_env_text(key: str, text: str) -> Any:
@@ -233,6 +264,24 @@ def _pool_setting(value: Any) -> int | str:
     if tokens <= 0:
         raise _setting_error("kv_pool_tokens", value, _POOL_ACCEPTED)
     return tokens
+
+
+def _cpu_attention_setting(value: Any) -> str | int:
+    if value in (AUTO, OFF):
+        return value
+    heads = _as_int("cpu_attention", value, _CPU_ATTENTION_ACCEPTED)
+    if heads < 0:
+        raise _setting_error("cpu_attention", value, _CPU_ATTENTION_ACCEPTED)
+    return heads
+
+
+def _threads_setting(value: Any) -> str | int:
+    if value == AUTO:
+        return AUTO
+    threads = _as_int("cpu_attention_threads", value, _THREADS_ACCEPTED)
+    if threads < 1:
+        raise _setting_error("cpu_attention_threads", value, _THREADS_ACCEPTED)
+    return threads
 
 
 def _as_int(key: str, value: Any, accepted: str) -> int:
@@ -369,6 +418,18 @@ def _check_speculative(spec) -> None:
     )
 
 
+def check_cpu_attention(cfg: HeadInferConfig, is_cuda: bool) -> None:
+    """CPU co-attention shares out the offloaded heads that decode steps read
+    in place: on CUDA a fixed count needs those steps on the 'uva' path."""
+    if is_cuda and cfg.fixed_cpu_heads and cfg.resolved_decode_path != "uva":
+        raise _setting_error(
+            "cpu_attention",
+            cfg.cpu_attention,
+            "'auto' or 'off' with decode_path 'staged' (co-attention shares out "
+            "the offloaded heads decode steps read in place: decode_path 'uva')",
+        )
+
+
 def resolve(vllm_config: VllmConfig) -> HeadInferConfig | None:
     """Validates everything at startup and pins the resolved settings.
 
@@ -390,6 +451,9 @@ def resolve(vllm_config: VllmConfig) -> HeadInferConfig | None:
         )
     cfg = HeadInferConfig.parse(raw)
     _check_model(vllm_config)
+    from vllm.platforms import current_platform
+
+    check_cpu_attention(cfg, current_platform.is_cuda())
 
     _check_resident_counts(vllm_config, cfg)
 

@@ -34,6 +34,7 @@ from vllm.v1.attention.backends.fa_utils import (
     get_flash_attn_version,
 )
 
+from vllm_headinfer.coattention_path import coattend
 from vllm_headinfer.kv_quant import fp8_dtype
 from vllm_headinfer.layout import device_kv, host_kv
 from vllm_headinfer.staging import gather_pages, plan_head_groups, shared_staging
@@ -101,20 +102,34 @@ class CudaHeadAttention:
 
     def forward(self, layer, query, kv_cache, pool, m, output) -> None:
         impl = self.impl
-        r, rq = impl.num_resident, impl.resident_q
         if pool is None:
             self._attend_resident(layer, query, kv_cache, m, output, m.scheduler_metadata)
             return
-        host = pool.device_layer(impl._host_layer_name(layer))
+        name = impl._host_layer_name(layer)
+        host = pool.device_layer(name)
+        if m.short_queries and impl.cpu_share is not None:
+            coattend(self, layer, query, kv_cache, pool.layer(name), host, m, output)
+            return
         path = self.decode_path if m.short_queries else self.prefill_path
-        if path == "uva" and impl.num_resident:
-            self._overlapped(layer, query, kv_cache, host, m, output)
+        if path == "uva":
+            self.read_in_place(layer, query, kv_cache, host, m, output, impl.num_offloaded)
             return
         self._attend_resident(layer, query, kv_cache, m, output, m.scheduler_metadata)
-        if path == "staged" and self._staged(layer, query[:, rq:], host, m, output[:, rq:]):
+        if path == "staged" and self._staged(layer, query[:, impl.resident_q:], host, m,
+                                             output[:, impl.resident_q:]):
             return
-        k, v = host_kv(host)
-        self._attend(layer, slice(r, None), query[:, rq:], k, v, m.block_table, m, output[:, rq:])
+        self._attend_offloaded(layer, query, host, m, output, impl.num_offloaded)
+
+    def read_in_place(self, layer, query, kv_cache, host, m, output, heads: int) -> None:
+        """The resident heads and the first ``heads`` offloaded heads, those
+        read in place over ``host`` (the pool's UVA view): at the same time
+        where there are both."""
+        if self.impl.num_resident and heads:
+            self._overlapped(layer, query, kv_cache, host, m, output, heads)
+        elif heads:
+            self._attend_offloaded(layer, query, host, m, output, heads)
+        else:
+            self._attend_resident(layer, query, kv_cache, m, output, m.scheduler_metadata)
 
     def _attend_resident(self, layer, query, kv_cache, m, output, plan) -> None:
         impl = self.impl
@@ -124,14 +139,22 @@ class CudaHeadAttention:
             self._attend(layer, slice(0, r), query[:, :rq], k, v, m.block_table, m,
                          output[:, :rq], plan)
 
-    def _overlapped(self, layer, query, kv_cache, host, m, output) -> None:
+    def _attend_offloaded(self, layer, query, host, m, output, heads: int) -> None:
+        """The first ``heads`` offloaded heads over ``host`` pages (a head
+        slice of the pool keeps its block and page strides)."""
+        impl = self.impl
+        r, rq = impl.num_resident, impl.resident_q
+        q = slice(rq, rq + heads * impl.group)
+        k, v = host_kv(host[:, :heads])
+        self._attend(layer, slice(r, r + heads), query[:, q], k, v, m.block_table, m, output[:, q])
+
+    def _overlapped(self, layer, query, kv_cache, host, m, output, heads: int) -> None:
         """Resident and offloaded heads at the same time: the offloaded call
         waits on the link while the resident one reads device memory, so the
         resident heads cost (almost) nothing next to it. Heads are disjoint;
         the resident call gets its own copy of the split plan, which FA3 may
         use as scratch (a tile counter) while a call runs. Streams fork and
         join inside the step, so this is captured into CUDA graphs as is."""
-        r, rq = self.impl.num_resident, self.impl.resident_q
         main = torch.cuda.current_stream()
         plan = m.scheduler_metadata
         side_plan = None if plan is None else plan.clone()
@@ -139,9 +162,14 @@ class CudaHeadAttention:
         side.wait_stream(main)
         with torch.cuda.stream(side):
             self._attend_resident(layer, query, kv_cache, m, output, side_plan)
-        k, v = host_kv(host)
-        self._attend(layer, slice(r, None), query[:, rq:], k, v, m.block_table, m, output[:, rq:])
+        self._attend_offloaded(layer, query, host, m, output, heads)
         main.wait_stream(side)
+
+    def query_scale(self, layer) -> float:
+        """The scale of the queries the layer hands over: fp8 queries are
+        the model's divided by it."""
+        quantized = self.fp8 is not None and self.supports_quant_query_input
+        return float(layer._q_scale) if quantized else 1.0
 
     def _descales(self, layer, kv_heads: slice, m) -> dict:
         """FLASH_ATTN's q/k/v descales (``[requests, KV heads]``) for the KV

@@ -16,6 +16,7 @@ from vllm.platforms import current_platform
 from vllm.v1.attention.backend import AttentionImpl, AttentionType
 
 from vllm_headinfer import config as hi_config
+from vllm_headinfer.coattention_path import CpuShare
 from vllm_headinfer.host_pool import HostKVPool, host_pools
 from vllm_headinfer.kv_quant import Fp8Scales
 from vllm_headinfer.layout import device_kv, host_kv
@@ -70,6 +71,9 @@ class HeadInferImpl(AttentionImpl[HeadInferMetadata]):
         self.num_offloaded = 0
         self.resident_q = num_heads
         self.host_pool: HostKVPool | None = None
+        # The offloaded heads CPU threads attend in short-query steps (CPU
+        # co-attention); None when they do not.
+        self.cpu_share: CpuShare | None = None
         # Whether the layer hands fp8 queries over an fp8 cache (the attention
         # layer reads this after building the impl): as FLASH_ATTN on CUDA;
         # the CPU path attends dequantised K/V with the model's queries.
@@ -83,13 +87,18 @@ class HeadInferImpl(AttentionImpl[HeadInferMetadata]):
         else:
             self.ops = None
 
-    def place(self, offloaded: int, pool: HostKVPool | None) -> None:
+    def place(
+        self, offloaded: int, pool: HostKVPool | None, cpu_heads: int = 0, threads: int = 1
+    ) -> None:
         """Adopts this layer's head split (its KV cache spec's offloaded
-        heads) and the host pool of those heads (None when none)."""
+        heads), the host pool of those heads (None when none) and how many
+        of them CPU threads attend in short-query steps, with how many
+        threads."""
         self.num_offloaded = offloaded
         self.num_resident = self.num_kv_heads - self.num_offloaded
         self.resident_q = self.num_resident * self.group
         self.host_pool = pool
+        self.cpu_share = CpuShare(self, cpu_heads, threads) if cpu_heads else None
         if self.ops is not None:
             self.ops.placed()
 
@@ -104,19 +113,24 @@ class HeadInferImpl(AttentionImpl[HeadInferMetadata]):
         assert self.host_pool is not None, "offloaded heads without a host pool"
         return self.host_pool
 
-    def kv_parts(self, layer, kv_cache: torch.Tensor, pool: HostKVPool | None, uva: bool):
+    def kv_parts(
+        self, layer, kv_cache: torch.Tensor, pool: HostKVPool | None, uva: bool, cpu_heads: int = 0
+    ):
         """``(K pages, V pages, KV-head slice, query-head slice)`` of each part
         of this layer: the resident heads in the device pages, then the
-        offloaded heads in the host pool (through its device view if ``uva``).
+        offloaded heads in the host pool (through its device view if ``uva``)
+        but the last ``cpu_heads``, which CPU co-attention takes.
         Pages are ``[blocks, heads, N, D]``."""
         r, rq = self.num_resident, self.resident_q
         parts = []
         if r:
             parts.append((*device_kv(kv_cache, self.head_size), slice(0, r), slice(0, rq)))
-        if pool is not None:
+        offloaded = self.num_offloaded - cpu_heads
+        if pool is not None and offloaded:
             name = self._host_layer_name(layer)
             pages = pool.device_layer(name) if uva else pool.layer(name)
-            parts.append((*host_kv(pages), slice(r, None), slice(rq, None)))
+            parts.append((*host_kv(pages[:, :offloaded]), slice(r, r + offloaded),
+                          slice(rq, rq + offloaded * self.group)))
         return parts
 
     def do_kv_cache_update(
@@ -164,7 +178,9 @@ class HeadInferImpl(AttentionImpl[HeadInferMetadata]):
         from vllm_headinfer.torch_attention import paged_attention
 
         m = attn_metadata
-        for k_cache, v_cache, kv_heads, heads in self.kv_parts(layer, kv_cache, pool, uva=False):
+        share = self.cpu_share if m.short_queries else None
+        cpu_heads = share.heads if share is not None else 0
+        for k_cache, v_cache, kv_heads, heads in self.kv_parts(layer, kv_cache, pool, False, cpu_heads):
             paged_attention(
                 query[:n, heads],
                 k_cache,
@@ -176,4 +192,8 @@ class HeadInferImpl(AttentionImpl[HeadInferMetadata]):
                 output[:n, heads],
                 Fp8Scales.of(layer, self.kv_cache_dtype, kv_heads),
             )
+        if share is not None:
+            t, heads = m.host_step.tokens, share.query_heads
+            pages = pool.layer(self._host_layer_name(layer))
+            share.attend(layer, query[:t, heads], pages, m.host_step, output[:t, heads])
         return output

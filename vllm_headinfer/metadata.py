@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 from vllm.config import VllmConfig, get_layers_from_vllm_config
+from vllm.logger import init_logger
 from vllm.model_executor.layers.attention import Attention
 from vllm.platforms import current_platform
 from vllm.v1.attention.backend import (
@@ -14,10 +15,15 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
 )
 
+from vllm_headinfer.capacity import layer_index
+from vllm_headinfer.coattention_path import HostStep, HostStepCopies, rank_split, reserve_pinned
+from vllm_headinfer.coattention_split import RankSplit, startup_line
 from vllm_headinfer.flash_splits import all_heads_num_splits, covers
 from vllm_headinfer.host_pool import host_pools
 from vllm_headinfer.kv_quant import fp8_dtype
 from vllm_headinfer.spec import HeadInferAttentionSpec
+
+logger = init_logger("vllm.headinfer")
 
 # Flash attention's (left, right) window of a layer without sliding window.
 FULL_ATTENTION_WINDOW = (-1, -1)
@@ -27,6 +33,18 @@ FULL_ATTENTION_WINDOW = (-1, -1)
 # ../shared/reference/h100-measured.md); longer queries re-read K/V per
 # query tile and are staged.
 IN_PLACE_QUERY_TILE = 32
+
+
+def _coattention_heads(vllm_config, kv_cache_spec) -> int:
+    """Offloaded heads CPU co-attention takes in the layers of this KV cache
+    group (its spec may hold one spec per layer)."""
+    from vllm.v1.kv_cache_interface import iter_layer_specs
+
+    specs = [s for s in iter_layer_specs(kv_cache_spec) if getattr(s, "num_offloaded_kv_heads", 0)]
+    if not specs:
+        return 0
+    split = rank_split(vllm_config, specs[0])
+    return sum(split.cpu_heads(s.num_offloaded_kv_heads) for s in specs)
 
 
 def in_place_query_len(vllm_config) -> int:
@@ -63,6 +81,9 @@ class HeadInferMetadata:
     # read in place: decode steps, and speculative verify steps (see
     # in_place_query_len).
     short_queries: bool = False
+    # Short-query steps of layers with CPU co-attention: the metadata the
+    # CPU kernel reads, on the host.
+    host_step: HostStep | None = None
 
 
 class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
@@ -72,11 +93,15 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
         (1 + k query tokens per request), read resident pages and the host
         pool in place: static addresses, no host work, so they run inside
         full CUDA graphs. Steps with prefill stage copies planned per step
-        and run eagerly between captured pieces (PIECEWISE)."""
+        and run eagerly between captured pieces (PIECEWISE). So do all steps
+        where CPU co-attention takes heads of these layers: the host runs
+        its share inside each layer."""
         from vllm_headinfer.config import HeadInferConfig
 
         cfg = HeadInferConfig.from_vllm_config(vllm_config)
         if not current_platform.is_cuda() or cfg.decode_path not in ("auto", "uva"):
+            return AttentionCGSupport.NEVER
+        if _coattention_heads(vllm_config, kv_cache_spec):
             return AttentionCGSupport.NEVER
         spec = vllm_config.speculative_config
         drafts = (spec.num_speculative_tokens or 0) if spec is not None else 0
@@ -118,17 +143,33 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
         # A drafter's layers come as plain full-attention specs: all resident.
         offloaded = getattr(kv_cache_spec, "num_offloaded_kv_heads", 0)
         pool = None
+        split = RankSplit(fixed=0)
         if offloaded > 0:
             num_blocks = vllm_config.cache_config.num_gpu_blocks
             assert num_blocks, "heads are placed off the device only with a planned cache"
             pool = host_pools.ensure(
                 layer_names, kv_cache_spec, num_blocks, pin=current_platform.is_cuda()
             )
+            split = rank_split(vllm_config, kv_cache_spec)
+            line = startup_line(split, [layer_index(n) for n in layer_names],
+                                [offloaded] * len(layer_names))
+            if line is not None:
+                logger.info_once("HEADINFER CPU co-attention: %s", line)
         else:
             host_pools.release_layers(layer_names)
+        cpu_heads = split.cpu_heads(offloaded)
         layers = get_layers_from_vllm_config(vllm_config, Attention, layer_names)
         for layer in layers.values():
-            layer.impl.place(offloaded, pool)
+            layer.impl.place(offloaded, pool, cpu_heads, split.threads)
+        # A short-query step's metadata on the host, for the CPU kernel.
+        self.host_step_copies = None
+        if cpu_heads:
+            self.host_step_copies = HostStepCopies(
+                vllm_config.scheduler_config.max_num_seqs, kv_cache_spec.block_size
+            )
+            if current_platform.is_cuda():
+                impl = next(iter(layers.values())).impl
+                reserve_pinned(vllm_config, impl.num_heads, impl.head_size)
 
     def build(
         self,
@@ -142,6 +183,10 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
         if self.flash is not None:
             plan = self.flash.build(common_prefix_len, m, fast_build)
         split_plan, num_splits = self._split_plan(plan, m)
+        short_queries = m.max_query_len <= self.in_place_query_len
+        host_step = None
+        if short_queries and self.host_step_copies is not None:
+            host_step = self.host_step_copies(m)
         return HeadInferMetadata(
             num_actual_tokens=n,
             num_reqs=m.num_reqs,
@@ -156,7 +201,8 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
             causal=m.causal if isinstance(m.causal, bool) else True,
             scheduler_metadata=split_plan,
             num_splits=num_splits,
-            short_queries=m.max_query_len <= self.in_place_query_len,
+            short_queries=short_queries,
+            host_step=host_step,
         )
 
     def _split_plan(self, plan, m: CommonAttentionMetadata) -> tuple[torch.Tensor | None, int]:

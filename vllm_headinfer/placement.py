@@ -106,18 +106,7 @@ class Placement:
 
     def describe_counts(self) -> str:
         """Resident heads per layer in runs, e.g. ``7 in layers 0-11, 6 in 12-31``."""
-        runs: list[list[int]] = []  # [count, first index, last index]
-        for index, count in zip(self.kv.layer_indices, self.counts):
-            if runs and runs[-1][0] == count and runs[-1][2] + 1 == index:
-                runs[-1][2] = index
-            else:
-                runs.append([count, index, index])
-        parts = []
-        for i, (count, first, last) in enumerate(runs):
-            where = str(first) if first == last else f"{first}-{last}"
-            noun = ("layer " if first == last else "layers ") if i == 0 else ""
-            parts.append(f"{count} in {noun}{where}")
-        return ", ".join(parts)
+        return describe_runs(self.kv.layer_indices, self.counts)
 
     def summary(self) -> str:
         """The startup line (after ``HEADINFER placement: ``)."""
@@ -133,6 +122,22 @@ class Placement:
             f"{self.link_bytes_per_token() * 1024 / (1 << 20):.3f} MiB over the link "
             "per 1K tokens of context"
         )
+
+
+def describe_runs(layer_indices, counts) -> str:
+    """Counts per layer in runs, e.g. ``7 in layers 0-11, 6 in 12-31``."""
+    runs: list[list[int]] = []  # [count, first index, last index]
+    for index, count in zip(layer_indices, counts):
+        if runs and runs[-1][0] == count and runs[-1][2] + 1 == index:
+            runs[-1][2] = index
+        else:
+            runs.append([count, index, index])
+    parts = []
+    for i, (count, first, last) in enumerate(runs):
+        where = str(first) if first == last else f"{first}-{last}"
+        noun = ("layer " if first == last else "layers ") if i == 0 else ""
+        parts.append(f"{count} in {noun}{where}")
+    return ", ".join(parts)
 
 
 def size(nbytes: int) -> str:

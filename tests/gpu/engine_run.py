@@ -8,7 +8,9 @@ Usage: python engine_run.py '{"model": ..., "backend": "FLASH_ATTN"|"HEADINFER",
 default 1), "executor" ("mp" or "ray", default
 vLLM's choice), "kv_cache_memory_bytes" (the device KV budget instead of 0.3
 of the GPU), "speculative" (a speculative_config), "kv_cache_dtype", "periodic" (prompts that
-repeat a 7-token pattern, so prompt lookup finds drafts).
+repeat a 7-token pattern, so prompt lookup finds drafts), "coattention_calls"
+(also report the CPU co-attention kernel's layer calls by step kind; the
+engine core runs in this process).
 """
 
 import json
@@ -25,8 +27,12 @@ def main(spec: dict) -> dict:
         # A host budget of a few GiB holds these prompts many times over; the
         # default (half the free RAM) would pin far more and leave less for
         # engines that run beside this one.
+        # CPU co-attention off unless a test sets it: its kernel rounds
+        # differently from flash attention, which bit-exact comparisons with
+        # FLASH_ATTN would see.
         kwargs["additional_config"] = {"headinfer": {
-            "resident_kv_heads": spec["resident"], "cpu_kv_gib": 4, **spec.get("headinfer", {})}}
+            "resident_kv_heads": spec["resident"], "cpu_kv_gib": 4, "cpu_attention": "off",
+            **spec.get("headinfer", {})}}
     llm = LLM(
         spec["model"],
         dtype="bfloat16",
@@ -72,6 +78,10 @@ def main(spec: dict) -> dict:
                 for t, lp in zip(prompt["prompt_token_ids"], o.prompt_logprobs)
             ],
         })
+    if spec.get("coattention_calls"):
+        from vllm_headinfer.coattention_path import CALLS
+
+        return {"outputs": result, "coattention_calls": dict(CALLS)}
     return {"outputs": result}
 
 

@@ -1,0 +1,143 @@
+"""CPU co-attention's policy (coattention_split) and its settings.
+
+The per-layer split against brute force over every head count, the thread
+count of a rank, auto's decisions from the cores and the measured rates, the
+startup line, and how config.py parses and checks the two settings.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from vllm_headinfer.coattention_split import (
+    MIN_CORES_PER_RANK,
+    RankSplit,
+    auto_split,
+    balanced_cpu_heads,
+    kernel_threads,
+    rank_cores,
+    startup_line,
+)
+from vllm_headinfer.config import HeadInferConfig, HeadInferConfigError, check_cpu_attention
+
+RATES = [1e9, 16e9, 30e9, 48e9, 50e9, 60e9, 91.8e9, 200e9]
+
+
+def slower(c: int, offloaded: int, cpu: float, gpu: float) -> float:
+    return max(c / cpu, (offloaded - c) / gpu)
+
+
+@pytest.mark.parametrize("offloaded", range(0, 9))
+def test_each_layer_waits_least_for_its_slower_reader(offloaded):
+    for cpu, gpu in itertools.product(RATES, RATES):
+        c = balanced_cpu_heads(offloaded, cpu, gpu)
+        best = min(slower(n, offloaded, cpu, gpu) for n in range(offloaded + 1))
+        assert slower(c, offloaded, cpu, gpu) == best, (offloaded, cpu, gpu, c)
+        # Of equally good counts, the fewest CPU heads.
+        assert all(slower(n, offloaded, cpu, gpu) > best for n in range(c)), (offloaded, cpu, gpu, c)
+        # Within one head of the share at which both would finish together.
+        assert abs(c - offloaded * cpu / (cpu + gpu)) < 1
+
+
+def test_examples():
+    assert balanced_cpu_heads(8, 48e9, 48e9) == 4  # equal rates: half each
+    assert balanced_cpu_heads(8, 96e9, 48e9) == 5  # 5.33: 5 CPU heads, the GPU's 3 take longer
+    assert balanced_cpu_heads(1, 60e9, 48e9) == 1  # one head: to the faster reader
+    assert balanced_cpu_heads(1, 40e9, 48e9) == 0
+    assert balanced_cpu_heads(4, 0.0, 48e9) == 0
+    assert balanced_cpu_heads(0, 60e9, 48e9) == 0
+
+
+def test_totals_follow_the_rates_share():
+    split = RankSplit(cpu_rate=60e9, gpu_rate=48e9)
+    heads = split.layer_heads([8] * 16 + [7] * 16)
+    share = sum(heads) / (8 * 16 + 7 * 16)
+    assert abs(share - 60 / 108) < 1 / 7
+
+
+def test_threads_of_a_rank():
+    assert rank_cores(16, 1) == 16 and kernel_threads(16) == 15
+    assert rank_cores(16, 4) == 4 and kernel_threads(4) == 3
+    assert rank_cores(2, 4) == 1 and kernel_threads(1) == 1
+    assert rank_cores(2, 0) == 2
+
+
+def test_auto_is_off_without_cores_and_measures_otherwise():
+    def never(threads):
+        raise AssertionError("measured with too few cores")
+
+    off = auto_split(MIN_CORES_PER_RANK - 1, None, never)
+    assert off.cpu_heads(8) == 0 and "3 core(s)" in off.off_reason
+    measured = []
+    split = auto_split(MIN_CORES_PER_RANK, None, lambda t: measured.append(t) or (60e9, 48e9))
+    assert measured == [MIN_CORES_PER_RANK - 1] and split.threads == MIN_CORES_PER_RANK - 1
+    assert split.cpu_heads(8) == balanced_cpu_heads(8, 60e9, 48e9) > 0
+    assert auto_split(16, 6, lambda t: measured.append(t) or (60e9, 48e9)).threads == 6
+    assert measured[-1] == 6
+
+
+def test_fixed_counts_are_capped_per_layer():
+    assert RankSplit(fixed=3).layer_heads([0, 2, 3, 8]) == [0, 2, 3, 3]
+    assert RankSplit(fixed=0).layer_heads([8]) == [0]
+
+
+def test_startup_line():
+    assert startup_line(RankSplit(fixed=0), [0, 1], [2, 2]) is None
+    assert startup_line(RankSplit(fixed=1), [0, 1], [0, 0]) is None
+    assert startup_line(RankSplit(fixed=0, off_reason="why"), [0], [2]) == "off (auto: why)"
+    line = startup_line(RankSplit(threads=15, cpu_rate=60e9, gpu_rate=48e9), [0, 1, 2], [4, 4, 1])
+    assert line.startswith("CPU threads attend 5/9 offloaded KV head-layers per rank "
+                           "(2 in layers 0-1, 1 in 2), 15 thread(s); measured CPU 60.0 GB/s, "
+                           "GPU link 48.0 GB/s"), line
+    slow = startup_line(RankSplit(cpu_rate=5e9, gpu_rate=48e9), [0], [4])
+    assert slow.startswith("off (auto: measured CPU 5.0 GB/s") and "too slow" in slow
+    assert startup_line(RankSplit(threads=1, fixed=2), [3], [4]).endswith("fixed by cpu_attention")
+
+
+@pytest.mark.parametrize("raw,attention,threads", [
+    ({}, "auto", "auto"),
+    ({"cpu_attention": "off"}, "off", "auto"),
+    ({"cpu_attention": 0, "cpu_attention_threads": 1}, 0, 1),
+    ({"cpu_attention": 3, "cpu_attention_threads": "auto"}, 3, "auto"),
+])
+def test_settings_parse(raw, attention, threads):
+    cfg = HeadInferConfig.parse(raw)
+    assert (cfg.cpu_attention, cfg.cpu_attention_threads) == (attention, threads)
+    assert cfg.fixed_cpu_heads == {"auto": None, "off": 0}.get(attention, attention)
+
+
+def test_settings_from_environment(monkeypatch):
+    monkeypatch.setenv("VLLM_HEADINFER_CPU_ATTENTION", "2")
+    monkeypatch.setenv("VLLM_HEADINFER_CPU_ATTENTION_THREADS", "7")
+    cfg = HeadInferConfig.parse({})
+    assert (cfg.cpu_attention, cfg.cpu_attention_threads) == (2, 7)
+    monkeypatch.setenv("VLLM_HEADINFER_CPU_ATTENTION", "off")
+    assert HeadInferConfig.parse({}).fixed_cpu_heads == 0
+
+
+@pytest.mark.parametrize("raw,needles", [
+    ({"cpu_attention": -1}, ["cpu_attention", "'auto', 'off' or an integer", ">= 0"]),
+    ({"cpu_attention": "all"}, ["cpu_attention", "'all'"]),
+    ({"cpu_attention": 1.5}, ["cpu_attention"]),
+    ({"cpu_attention": True}, ["cpu_attention"]),
+    ({"cpu_attention_threads": 0}, ["cpu_attention_threads", ">= 1"]),
+    ({"cpu_attention_threads": "off"}, ["cpu_attention_threads", "'auto'"]),
+])
+def test_bad_settings_name_the_setting(raw, needles):
+    with pytest.raises(HeadInferConfigError) as err:
+        HeadInferConfig.parse(raw)
+    for needle in needles:
+        assert needle in str(err.value), str(err.value)
+
+
+def test_fixed_count_needs_in_place_decode_on_cuda():
+    staged = HeadInferConfig.parse({"cpu_attention": 2, "decode_path": "staged"})
+    with pytest.raises(HeadInferConfigError, match=r"cpu_attention.*decode_path 'uva'"):
+        check_cpu_attention(staged, is_cuda=True)
+    check_cpu_attention(staged, is_cuda=False)  # decode_path is CUDA's
+    for raw in ({"cpu_attention": "auto", "decode_path": "staged"},
+                {"cpu_attention": 0, "decode_path": "staged"},
+                {"cpu_attention": 2, "decode_path": "uva"}):
+        check_cpu_attention(HeadInferConfig.parse(raw), is_cuda=True)

@@ -1,0 +1,111 @@
+"""CPU co-attention policy: how many offloaded KV heads of a layer CPU threads
+attend, and with how many threads.
+
+Pure arithmetic, no torch and no vLLM. In a decode (or verify) step two
+readers take a layer's offloaded heads at once: CPU threads attend ``c`` of
+them in host memory while the GPU reads the other ``H_off - c`` over the link.
+Every head of a layer holds the same bytes, and the next layer needs this
+layer's output, so each layer waits for its slower reader: a step takes the
+sum over layers of ``max(c / cpu_rate, (H_off - c) / gpu_rate)`` head-reads.
+Each layer's count is therefore chosen on its own: the whole number of heads
+next to the ideal share ``H_off * cpu / (cpu + gpu)`` (where both readers
+finish together) whose slower reader finishes first. Over the layers the CPU
+then takes its rate's share of the offloaded bytes, within one head per layer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from vllm_headinfer.placement import describe_runs
+
+# Below this many cores per rank, auto leaves co-attention off: one core
+# stays with the rank's Python thread (it launches the GPU's work), and one
+# or two kernel threads (about 16 GB/s of host reads each on the H100 host,
+# against ~48 GB/s over the link) would not win back what co-attention
+# costs: steps without full CUDA graphs and a host wait in every layer.
+MIN_CORES_PER_RANK = 4
+
+
+def balanced_cpu_heads(offloaded: int, cpu_rate: float, gpu_rate: float) -> int:
+    """The CPU's heads of a layer with ``offloaded`` heads in host memory,
+    for the two readers' rates (bytes/s): the slower reader finishes first;
+    of two equal choices, the one with fewer CPU heads."""
+    if offloaded <= 0 or cpu_rate <= 0:
+        return 0
+    if gpu_rate <= 0:
+        return offloaded
+    ideal = offloaded * cpu_rate / (cpu_rate + gpu_rate)
+    low = math.floor(ideal)
+    slower = lambda c: max(c / cpu_rate, (offloaded - c) / gpu_rate)  # noqa: E731
+    return min((low, min(offloaded, low + 1)), key=slower)
+
+
+def rank_cores(node_cores: int, ranks_per_node: int) -> int:
+    """Cores one rank may use: the ranks of a node share its cores."""
+    return max(1, node_cores // max(1, ranks_per_node))
+
+
+def kernel_threads(cores: int) -> int:
+    """Kernel threads of a rank with ``cores`` cores: all but the one its
+    Python thread launches the GPU's work from."""
+    return max(1, cores - 1)
+
+
+@dataclass(frozen=True)
+class RankSplit:
+    """Co-attention of one rank: a fixed count of heads per layer (0: off),
+    or the two readers' measured rates (bytes/s) to balance. ``off_reason``
+    says why auto turned it off, for the startup line."""
+
+    threads: int = 1
+    fixed: int | None = None
+    cpu_rate: float = 0.0
+    gpu_rate: float = 0.0
+    off_reason: str | None = None
+
+    def cpu_heads(self, offloaded: int) -> int:
+        if self.fixed is not None:
+            return min(self.fixed, offloaded)
+        return balanced_cpu_heads(offloaded, self.cpu_rate, self.gpu_rate)
+
+    def layer_heads(self, offloaded: Sequence[int]) -> list[int]:
+        return [self.cpu_heads(n) for n in offloaded]
+
+
+def auto_split(
+    cores: int, threads: int | None, measure: Callable[[int], tuple[float, float]]
+) -> RankSplit:
+    """Auto on CUDA for a rank with ``cores`` cores and ``threads`` kernel
+    threads (None: all cores but one): ``measure(threads)`` gives the CPU's
+    and the GPU's read rates, both reading at once; it is not called where
+    too few cores make co-attention pointless."""
+    if cores < MIN_CORES_PER_RANK:
+        reason = f"{cores} core(s) for this rank, {MIN_CORES_PER_RANK} needed"
+        return RankSplit(fixed=0, off_reason=reason)
+    threads = threads or kernel_threads(cores)
+    cpu_rate, gpu_rate = measure(threads)
+    return RankSplit(threads=threads, cpu_rate=cpu_rate, gpu_rate=gpu_rate)
+
+
+def startup_line(split: RankSplit, layer_indices: Sequence[int], offloaded: Sequence[int]) -> str | None:
+    """What co-attention does for these layers (after ``HEADINFER CPU
+    co-attention: ``); None where nothing is offloaded or the setting
+    turned it off."""
+    if not any(offloaded) or (split.fixed == 0 and split.off_reason is None):
+        return None
+    if split.off_reason is not None:
+        return f"off (auto: {split.off_reason})"
+    heads = split.layer_heads(offloaded)
+    rates = (
+        "fixed by cpu_attention" if split.fixed is not None else
+        f"measured CPU {split.cpu_rate / 1e9:.1f} GB/s, GPU link {split.gpu_rate / 1e9:.1f} GB/s "
+        "reading host memory at once"
+    )
+    if not any(heads):
+        return (f"off (auto: {rates}: the CPU is too slow to take one of "
+                f"{max(offloaded)} offloaded KV heads)")
+    return (f"CPU threads attend {sum(heads)}/{sum(offloaded)} offloaded KV head-layers per "
+            f"rank ({describe_runs(layer_indices, heads)}), {split.threads} thread(s); {rates}")
