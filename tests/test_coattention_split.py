@@ -97,8 +97,8 @@ def test_startup_line():
 
 
 @pytest.mark.parametrize("raw,attention,threads", [
-    ({}, "auto", "auto"),
-    ({"cpu_attention": "off"}, "off", "auto"),
+    ({}, "off", "auto"),
+    ({"cpu_attention": "auto"}, "auto", "auto"),
     ({"cpu_attention": 0, "cpu_attention_threads": 1}, 0, 1),
     ({"cpu_attention": 3, "cpu_attention_threads": "auto"}, 3, "auto"),
 ])

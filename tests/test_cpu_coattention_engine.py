@@ -9,7 +9,7 @@ environment variable), and at R = 1 with a count above H_off (capped at the
 one offloaded head), against the default backend on the mixed batch of
 test_equivalence under chunked prefill: identical greedy tokens, logprobs
 within 1e-3. That the kernel served decode steps is asserted from its call
-counts, and auto (the default) leaves it off on CPU. Verify steps of
+counts, and auto leaves it off on CPU. Verify steps of
 speculative decoding with co-attention are in test_speculative.
 """
 
@@ -28,7 +28,7 @@ ENGINES = {
     "R0-cpu1": (0, 1, {}, 1),
     "R0-cpu2-env": (0, None, {"VLLM_HEADINFER_CPU_ATTENTION": "2"}, 2),
     "R1-cpu8": (1, 8, {}, 1),
-    "R0-auto": (0, None, {}, 0),
+    "R0-auto": (0, "auto", {}, 0),
 }
 
 

@@ -79,7 +79,7 @@ SETTINGS = {
         "threads attend in decode and verify steps while the GPU reads the "
         "others: 'auto' (CUDA: measured at startup, off where it would not "
         "help; off on CPU), 'off', or an integer >= 0 (capped at the layer's "
-        "offloaded heads). Default 'auto'.",
+        "offloaded heads). Default 'off' (not yet measured on a GPU host).",
     ),
     "cpu_attention_threads": (
         "VLLM_HEADINFER_CPU_ATTENTION_THREADS",
@@ -116,8 +116,9 @@ class HeadInferConfig:
     decode_path: str = "auto"
     prefill_path: str = "auto"
     staging_mib: int = 1024
-    # "auto", "off" or the offloaded heads per layer CPU threads attend.
-    cpu_attention: str | int = AUTO
+    # "auto", "off" or the offloaded heads per layer CPU threads attend. Off
+    # by default until its gain and exactness are measured on a GPU host.
+    cpu_attention: str | int = OFF
     cpu_attention_threads: str | int = AUTO
 
     @classmethod
@@ -143,7 +144,8 @@ class HeadInferConfig:
         if "resident_kv_heads" in raw:
             kwargs["resident_kv_heads"] = _resident_setting(raw["resident_kv_heads"])
         if raw.get("kv_pool_tokens") is not None:
-            kwargs["kv_pool_tokens"] = _pool_setting(raw["kv_pool_tokens"])
+            kwargs["kv_pool_tokens"] = _keyword_or_int(
+                "kv_pool_tokens", raw["kv_pool_tokens"], (MAX_POOL,), 1, _POOL_ACCEPTED)
         if raw.get("cpu_kv_gib") is not None:
             gib = _as_float("cpu_kv_gib", raw["cpu_kv_gib"], "a number of GiB > 0")
             if not (gib > 0 and math.isfinite(gib)):
@@ -155,14 +157,14 @@ class HeadInferConfig:
                     raise _setting_error(key, raw[key], f"one of {OFFLOAD_PATHS}")
                 kwargs[key] = raw[key]
         if "staging_mib" in raw:
-            mib = _as_int("staging_mib", raw["staging_mib"], "an integer >= 16")
-            if mib < 16:
-                raise _setting_error("staging_mib", raw["staging_mib"], "an integer >= 16")
-            kwargs["staging_mib"] = mib
+            kwargs["staging_mib"] = _keyword_or_int(
+                "staging_mib", raw["staging_mib"], (), 16, "an integer >= 16")
         if "cpu_attention" in raw:
-            kwargs["cpu_attention"] = _cpu_attention_setting(raw["cpu_attention"])
+            kwargs["cpu_attention"] = _keyword_or_int(
+                "cpu_attention", raw["cpu_attention"], (AUTO, OFF), 0, _CPU_ATTENTION_ACCEPTED)
         if "cpu_attention_threads" in raw:
-            kwargs["cpu_attention_threads"] = _threads_setting(raw["cpu_attention_threads"])
+            kwargs["cpu_attention_threads"] = _keyword_or_int(
+                "cpu_attention_threads", raw["cpu_attention_threads"], (AUTO,), 1, _THREADS_ACCEPTED)
         return cls(**kwargs)
 
     @classmethod
@@ -257,31 +259,15 @@ def _resident_setting(value: Any) -> str | int | tuple[int, ...]:
     return count
 
 
-def _pool_setting(value: Any) -> int | str:
-    if value == MAX_POOL:
-        return MAX_POOL
-    tokens = _as_int("kv_pool_tokens", value, _POOL_ACCEPTED)
-    if tokens <= 0:
-        raise _setting_error("kv_pool_tokens", value, _POOL_ACCEPTED)
-    return tokens
-
-
-def _cpu_attention_setting(value: Any) -> str | int:
-    if value in (AUTO, OFF):
+def _keyword_or_int(key: str, value: Any, keywords: tuple[str, ...], minimum: int,
+                    accepted: str) -> str | int:
+    """One of ``keywords``, or an integer >= ``minimum``."""
+    if value in keywords:
         return value
-    heads = _as_int("cpu_attention", value, _CPU_ATTENTION_ACCEPTED)
-    if heads < 0:
-        raise _setting_error("cpu_attention", value, _CPU_ATTENTION_ACCEPTED)
-    return heads
-
-
-def _threads_setting(value: Any) -> str | int:
-    if value == AUTO:
-        return AUTO
-    threads = _as_int("cpu_attention_threads", value, _THREADS_ACCEPTED)
-    if threads < 1:
-        raise _setting_error("cpu_attention_threads", value, _THREADS_ACCEPTED)
-    return threads
+    number = _as_int(key, value, accepted)
+    if number < minimum:
+        raise _setting_error(key, value, accepted)
+    return number
 
 
 def _as_int(key: str, value: Any, accepted: str) -> int:
