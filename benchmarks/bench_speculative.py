@@ -9,17 +9,35 @@ An R0 decode step is bound by reading the offloaded KV once over the PCIe link;
 a verify step of 1+k tokens reads the same bytes, so it should cost about what a
 decode step costs, and each accepted draft token is nearly free.
 
-Workload: one prompt of ``--context`` random token ids (1000..100000, seed 0)
-read as a document: a 2048-token passage P early on, random filler, and at the
-end the first 32 tokens of P again (a request to repeat P), so prompt lookup
-finds P's continuation in the prompt. A 256-token warm-up request runs first,
-then the timed request decodes ``--decode-tokens`` greedy tokens.
+Workloads (``--workload``):
 
-Dummy weights do NOT continue P: under greedy decoding a random-weight model
-falls into short token cycles, which prompt lookup predicts from the generated
-tokens themselves, so the measured acceptance comes mostly from those cycles and
-says little about real text. The figure that does not depend on acceptance is
-the verify step cost ratio: time per verify step (spec) / per decode step (plain).
+* ``edit`` (default): editing a document. The model is built so that its
+  greedy output is a fixed chain C of 2,048 distinct token ids (100000..127999):
+  after the dummy weights load, every layer's output projections (``o_proj``,
+  ``down_proj``) are zeroed, so the residual stream at the last layer is the
+  input token's embedding, and the LM head row of C[i + 1] is set to the
+  embedding of C[i]; attention still computes and reads every KV byte, so a
+  step costs what the 8B shape's step costs. The prompt is ``--context``
+  random ids (1000..99999, seed 0) holding C early on as a passage P with
+  every ``--edit-every``-th token after the first 48 replaced by a random id,
+  and ending with C's first 32 tokens (the request to rewrite P). The output
+  continues C: prompt lookup finds P and proposes its next tokens, which are
+  accepted up to the next edit; the step after an edit has no n-gram match
+  (the edited token is not in the prompt), so drafting resumes two tokens
+  later. Acceptance thus comes from the output repeating the prompt's
+  passage, the reason it holds for real text, with a rate set by the edits.
+  The engine core runs in the benchmark process (``apply_model`` builds the
+  chain in place).
+* ``cycle``: the same prompt with C = random ids, a plain dummy-weight model.
+  It does not continue P: under greedy decoding it falls into a two-token
+  cycle, which prompt lookup predicts from the generated tokens themselves,
+  so acceptance says nothing about real text (runs 10-12 used it).
+
+A 256-token request of the same kind runs first (warm-up: the proposer's
+kernel compiles at its first drafting step), then the timed request decodes
+``--decode-tokens`` greedy tokens. The figure that does not depend on
+acceptance is the verify step cost ratio: time per verify step (spec) / per
+decode step (plain).
 
 Per configuration, each in a fresh process: prefill and decode seconds (vLLM's
 request timestamps: scheduled -> first token -> last token), decode tokens/s,
@@ -71,15 +89,58 @@ def engine_kwargs(name: str, cpu_kv_gib: float | None) -> dict:
     return kwargs
 
 
-def build_prompt(context: int, seed: int = 0) -> list[int]:
-    """Random document with passage P early and P's first tokens at the end."""
+CHAIN_TOKENS = (100000, 128000)  # C's ids: apart from the prompt's random ids
+PASSAGE_KEPT = 48  # P's first tokens are never edited (the cue and a little more)
+
+
+def chain(seed: int = 0) -> list[int]:
+    """C: PASSAGE distinct token ids, the edit model's output."""
+    return random.Random(seed).sample(range(*CHAIN_TOKENS), PASSAGE)
+
+
+def build_prompt(context: int, seed: int = 0, edit_every: int = 0) -> list[int]:
+    """Random document with passage P early and P's first tokens at the end.
+    With ``edit_every`` P is C with every ``edit_every``-th token (after the
+    first PASSAGE_KEPT) replaced; without, P is random ids."""
     rng = random.Random(seed)
     tokens = [rng.randrange(1000, 100000) for _ in range(context)]
-    # Short contexts (smoke runs) shrink the passage to fit.
+    # Short contexts (smoke runs, the warm-up) shrink the passage to fit.
     start, plen = min(PASSAGE_START, context // 8), min(PASSAGE, context // 4)
     cue = min(CUE, plen)
-    tokens[context - cue:] = tokens[start:start + cue]  # P = tokens[start:start + plen]
+    if edit_every:
+        passage = [c if i < PASSAGE_KEPT or i % edit_every else rng.randrange(1000, 100000)
+                   for i, c in enumerate(chain()[:plen])]
+        tokens[start:start + plen] = passage
+        tokens[context - cue:] = chain()[:cue]
+    else:
+        tokens[context - cue:] = tokens[start:start + cue]  # P = tokens[start:start + plen]
     return tokens
+
+
+def build_chain_model(model) -> None:
+    """The edit workload's model, in place (see the module docstring): the
+    greedy successor of C[i] is C[i + 1] whatever the context. After the final
+    RMSNorm the embedding of C[i] has norm sqrt(hidden), so C[i + 1]'s logit
+    exceeds every other row's (random, of similar norm) by a factor of about
+    sqrt(hidden) / 5: no near-ties."""
+    import torch
+
+    ids = chain()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                param.zero_()
+        model.model.norm.weight.fill_(1.0)
+        embed, head = model.model.embed_tokens.weight, model.lm_head.weight
+        src = torch.tensor(ids[:-1], device=embed.device)
+        head[torch.tensor(ids[1:], device=head.device)] = embed[src].to(head.device)
+        # vLLM's CPU build computes linear layers with a packed copy of their
+        # weights (smoke runs there): pack the changed weights again.
+        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+        for module in model.modules():
+            if hasattr(module, "cpu_linear"):
+                dispatch_cpu_unquantized_gemm(module, remove_weight=False)
 
 
 def model_len(context: int, decode_tokens: int) -> int:
@@ -124,6 +185,9 @@ def timed_request(llm, prompt: list[int], decode_tokens: int) -> dict:
 
 def worker(spec: dict) -> dict:
     """Runs inside a fresh process: one engine, warm-up, one timed request."""
+    edit_every = spec["edit_every"] if spec["workload"] == "edit" else 0
+    if edit_every:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # apply_model on this process's model
     from vllm import LLM
 
     t0 = time.time()
@@ -132,10 +196,17 @@ def worker(spec: dict) -> dict:
               max_num_batched_tokens=spec["chunk"], gpu_memory_utilization=spec["gpu_util"],
               enable_prefix_caching=False, disable_log_stats=False, enforce_eager=spec["eager"],
               seed=0, **engine_kwargs(spec["config"], spec["cpu_kv_gib"]))
+    if edit_every:
+        llm.apply_model(build_chain_model)
     result = {"startup_s": round(time.time() - t0, 1), "gpu_mem_used_mib": sum(base_bench.gpu_memory_used_mib())}
     # Warm-up: the first steps of each shape (and the proposer) are slow.
-    result["warmup"] = timed_request(llm, build_prompt(256, seed=1), 32)
-    result.update(timed_request(llm, build_prompt(spec["context"]), spec["decode_tokens"]))
+    result["warmup"] = timed_request(llm, build_prompt(256, seed=1, edit_every=edit_every), 32)
+    result.update(timed_request(llm, build_prompt(spec["context"], edit_every=edit_every),
+                                spec["decode_tokens"]))
+    if edit_every:
+        # The model continues C (from the cue's last token), as built.
+        expected = chain()[CUE:CUE + len(result["output_head"])]
+        result["continues_passage"] = result["output_head"] == expected
     return result
 
 
@@ -207,6 +278,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--gpu-util", type=float, default=0.9)
     ap.add_argument("--cpu-kv-gib", type=float, default=None)
     ap.add_argument("--eager", action="store_true")
+    ap.add_argument("--workload", choices=("edit", "cycle"), default="edit")
+    ap.add_argument("--edit-every", type=int, default=32,
+                    help="edit workload: every n-th token of the prompt's passage differs from the output")
     args = ap.parse_args(argv)
     for name in args.configs.split(","):
         parse_config(name)  # fail before any engine starts
@@ -223,12 +297,14 @@ def main() -> None:
     log.write_text("")
     model = base_bench.write_model(Path(args.model_dir), args.layers)
     report = {"h2d_gbs": base_bench.measure_h2d_gbs(), "layers": args.layers, "context": args.context,
-              "decode_tokens": args.decode_tokens, "chunk": args.chunk, "runs": {}, "pairs": []}
+              "decode_tokens": args.decode_tokens, "chunk": args.chunk, "workload": args.workload,
+              "edit_every": args.edit_every, "runs": {}, "pairs": []}
     print(f"pinned H2D: {report['h2d_gbs']:.1f} GB/s", flush=True)
     for name in args.configs.split(","):
         spec = {"config": name, "model": str(model), "context": args.context,
                 "decode_tokens": args.decode_tokens, "chunk": args.chunk, "gpu_util": args.gpu_util,
-                "cpu_kv_gib": args.cpu_kv_gib, "eager": args.eager}
+                "cpu_kv_gib": args.cpu_kv_gib, "eager": args.eager, "workload": args.workload,
+                "edit_every": args.edit_every}
         res = run_child(spec, log, args.timeout)
         res["kv_read_gbs"] = kv_read_gbs(name, res, args.layers, args.context)
         report["runs"][name] = res

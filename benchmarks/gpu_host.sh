@@ -148,12 +148,14 @@ case "$1" in
     ;;
   spec)
     # Prompt-lookup speculative decoding at 128K, 32 layers: R0 and
-    # FLASH_ATTN, each with and without ngram (k = 4). A host budget of
-    # CPU_KV_GIB (40) per engine leaves room for lanes beside this one.
+    # FLASH_ATTN, each with and without ngram (k = 4), on the edit workload
+    # (WORKLOAD=cycle for runs 10-12's). A host budget of CPU_KV_GIB (40)
+    # per engine leaves room for lanes beside this one.
     reinstall
     timeout 1100 python3 benchmarks/bench_speculative.py --out "$out/spec_128k.json" \
       --configs "${SPEC_CONFIGS:-R0,R0+ngram4,FLASH_ATTN,FLASH_ATTN+ngram4}" \
-      --decode-tokens "${DECODE:-64}" --cpu-kv-gib "${CPU_KV_GIB:-40}" --timeout 280 2>&1 | tail -12
+      --decode-tokens "${DECODE:-64}" --cpu-kv-gib "${CPU_KV_GIB:-40}" --workload "${WORKLOAD:-edit}" \
+      --timeout 280 2>&1 | tail -12
     ;;
   spec-steps)
     # Verify steps of k = 1, 3, 7 drafts against decode steps, every head
