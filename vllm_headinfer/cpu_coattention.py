@@ -93,6 +93,35 @@ def _to_float(raw, code, fp8_values, scale, bits, values):
             values[i] = _half_to_float(np.int64(np.uint16(raw[i])))
 
 
+_LOG2E = np.float32(1.4426950408889634)
+_LN2 = np.float32(0.6931471805599453)
+
+
+@numba.njit(inline="always", fastmath={"reassoc", "contract", "nsz"})
+def _exp_scores(row, n, shift, bits):
+    """``row[:n] = exp(row[:n] - shift)`` for arguments <= 0 (-inf gives 0),
+    in a loop LLVM vectorises (libm's exp is called one value at a time):
+    2**k * e**g with k the nearest integer to x / ln 2 and |g| <= ln 2 / 2,
+    e**g by its Taylor series to g**7 (relative error about 1e-7)."""
+    for t in range(n):
+        y = max((row[t] - shift) * _LOG2E, np.float32(-127.0))
+        k = math.floor(y + np.float32(0.5))
+        g = (y - k) * _LN2
+        p = np.float32(1.0 / 5040.0)
+        p = p * g + np.float32(1.0 / 720.0)
+        p = p * g + np.float32(1.0 / 120.0)
+        p = p * g + np.float32(1.0 / 24.0)
+        p = p * g + np.float32(1.0 / 6.0)
+        p = p * g + np.float32(0.5)
+        p = p * g + np.float32(1.0)
+        p = p * g + np.float32(1.0)
+        row[t] = p
+        bits[t] = np.int32(k + np.float32(127.0)) << 23
+    powers = bits.view(np.float32)
+    for t in range(n):
+        row[t] *= powers[t]
+
+
 # Reassociation lets the dot products vectorise; -inf and NaN keep their
 # meaning (masked positions and empty splits rely on -inf).
 @numba.njit(parallel=True, fastmath={"reassoc", "contract", "nsz"}, cache=True, nogil=True)
@@ -104,9 +133,10 @@ def _attend(q, flat, heads, block_stride, head_stride, block_size, code, fp8_val
     first one on, a block and a head ``block_stride`` and ``head_stride``
     elements apart (the heads may be a slice of the pool's). Per block: K and
     V pages to float32 once, then the scores of every query row, one rescale
-    of the running state, and the weighted V rows. Query rows go four at a
-    time where the GQA group allows, so each K and V element loaded feeds
-    four multiply-adds."""
+    of the running state (exponentials in a vectorised loop), and the
+    weighted V rows. Query rows go four at a time where the GQA group allows,
+    and K and V rows four at a time where causality allows, so each element
+    loaded feeds four multiply-adds."""
     num_reqs = seq_lens.shape[0]
     group = q.shape[2]
     dim = q.shape[3]
@@ -138,6 +168,7 @@ def _attend(q, flat, heads, block_stride, head_stride, block_size, code, fp8_val
         k_rows = k_flat.reshape((block_size, dim))
         v_rows = v_flat.reshape((block_size, dim))
         scores = np.empty((rows, block_size), np.float32)
+        exp_bits = np.empty(block_size, np.int32)
         m = np.full(rows, -np.inf, np.float32)
         l_sum = np.zeros(rows, np.float32)
         acc = np.zeros((rows, dim), np.float32)
@@ -152,7 +183,57 @@ def _attend(q, flat, heads, block_stride, head_stride, block_size, code, fp8_val
             _to_float(flat[base:base + n], code, fp8_values, scales[0], k_bits, k_flat)
             _to_float(flat[base + page:base + page + n], code, fp8_values, scales[1], v_bits, v_flat)
             first_pos = b * block_size
-            for t in range(in_block):
+            # Four K rows at once where every query row sees all of them
+            # (the whole block is before the first query's position): each
+            # query element loaded feeds four K rows, each K element four
+            # query rows.
+            whole = 0
+            if by_four and first_pos + in_block <= length - nq + 1:
+                whole = in_block - in_block % 4
+            for t in range(0, whole, 4):
+                ka, kb, kc, kd = k_rows[t], k_rows[t + 1], k_rows[t + 2], k_rows[t + 3]
+                for j in range(0, rows, 4):
+                    a0, a1, a2, a3 = queries[j], queries[j + 1], queries[j + 2], queries[j + 3]
+                    d0a = d0b = d0c = d0d = d1a = d1b = d1c = d1d = np.float32(0.0)
+                    d2a = d2b = d2c = d2d = d3a = d3b = d3c = d3d = np.float32(0.0)
+                    for i in range(dim):
+                        xa, xb, xc, xd = ka[i], kb[i], kc[i], kd[i]
+                        y0, y1, y2, y3 = a0[i], a1[i], a2[i], a3[i]
+                        d0a += y0 * xa
+                        d0b += y0 * xb
+                        d0c += y0 * xc
+                        d0d += y0 * xd
+                        d1a += y1 * xa
+                        d1b += y1 * xb
+                        d1c += y1 * xc
+                        d1d += y1 * xd
+                        d2a += y2 * xa
+                        d2b += y2 * xb
+                        d2c += y2 * xc
+                        d2d += y2 * xd
+                        d3a += y3 * xa
+                        d3b += y3 * xb
+                        d3c += y3 * xc
+                        d3d += y3 * xd
+                    # (Stored one by one: tuple stores into row views gave wrong
+                    # scores with numba 0.65.)
+                    scores[j, t] = d0a
+                    scores[j, t + 1] = d0b
+                    scores[j, t + 2] = d0c
+                    scores[j, t + 3] = d0d
+                    scores[j + 1, t] = d1a
+                    scores[j + 1, t + 1] = d1b
+                    scores[j + 1, t + 2] = d1c
+                    scores[j + 1, t + 3] = d1d
+                    scores[j + 2, t] = d2a
+                    scores[j + 2, t + 1] = d2b
+                    scores[j + 2, t + 2] = d2c
+                    scores[j + 2, t + 3] = d2d
+                    scores[j + 3, t] = d3a
+                    scores[j + 3, t + 1] = d3b
+                    scores[j + 3, t + 2] = d3c
+                    scores[j + 3, t + 3] = d3d
+            for t in range(whole, in_block):
                 krow = k_rows[t]
                 # Query qi sits at position length - nq + qi and sees
                 # positions up to its own: the first query that sees t.
@@ -212,8 +293,8 @@ def _attend(q, flat, heads, block_stride, head_stride, block_size, code, fp8_val
                 out_row = acc[j]
                 for i in range(dim):
                     out_row[i] *= correction
+                _exp_scores(row, in_block, new_max, exp_bits)
                 for t in range(in_block):
-                    row[t] = math.exp(row[t] - new_max)
                     l_sum[j] += row[t]
             j = 0
             while j < rows:
@@ -222,7 +303,23 @@ def _attend(q, flat, heads, block_stride, head_stride, block_size, code, fp8_val
                     o1 = acc[j + 1]
                     o2 = acc[j + 2]
                     o3 = acc[j + 3]
-                    for t in range(in_block):
+                    # Four V rows per pass: each output element is loaded
+                    # and stored once for four of them.
+                    whole = in_block - in_block % 4
+                    for t in range(0, whole, 4):
+                        va, vb, vc, vd = v_rows[t], v_rows[t + 1], v_rows[t + 2], v_rows[t + 3]
+                        p0, p1, p2, p3 = scores[j], scores[j + 1], scores[j + 2], scores[j + 3]
+                        w0a, w0b, w0c, w0d = p0[t], p0[t + 1], p0[t + 2], p0[t + 3]
+                        w1a, w1b, w1c, w1d = p1[t], p1[t + 1], p1[t + 2], p1[t + 3]
+                        w2a, w2b, w2c, w2d = p2[t], p2[t + 1], p2[t + 2], p2[t + 3]
+                        w3a, w3b, w3c, w3d = p3[t], p3[t + 1], p3[t + 2], p3[t + 3]
+                        for i in range(dim):
+                            ya, yb, yc, yd = va[i], vb[i], vc[i], vd[i]
+                            o0[i] += w0a * ya + w0b * yb + w0c * yc + w0d * yd
+                            o1[i] += w1a * ya + w1b * yb + w1c * yc + w1d * yd
+                            o2[i] += w2a * ya + w2b * yb + w2c * yc + w2d * yd
+                            o3[i] += w3a * ya + w3b * yb + w3c * yc + w3d * yd
+                    for t in range(whole, in_block):
                         w0 = scores[j, t]
                         w1 = scores[j + 1, t]
                         w2 = scores[j + 2, t]
