@@ -4,8 +4,10 @@ Cases cover GQA ratios 1, 4 and 8, head sizes 64 and 128, blocks of 16 and
 32 tokens, partial last blocks, many requests, contexts of 0 and 1 tokens,
 contexts long enough to split, query lengths of 1 (decode) and several
 (speculative verify, causal), and bf16, fp16, fp32 and fp8 pages (the
-reference reads fp8 pages as value times scale). Then a layer's CPU share as
-the data path calls the kernel, against the CPU path's torch attention.
+reference reads fp8 pages as value times scale); every fp16, fp8 e5m2 and
+e4m3fn value widens exactly (subnormals, infinities and NaNs too). Then a
+layer's CPU share as the data path calls the kernel, against the CPU path's
+torch attention.
 """
 
 from __future__ import annotations
@@ -167,3 +169,27 @@ def test_a_layers_cpu_share(kv_cache_dtype, scales):
                     impl.scale, expected[:, 4:8], Fp8Scales.of(layer, kv_cache_dtype, slice(2, 4)))
     assert torch.allclose(out, expected, atol=1e-5, rtol=1e-5), (out - expected).abs().max()
     assert out[:, :4].abs().max() == 0  # other heads untouched
+
+
+@pytest.mark.parametrize("fmt", [torch.float16, torch.float8_e5m2, torch.float8_e4m3fn])
+def test_every_value_widens_exactly(fmt):
+    """Every bit pattern of fp16 and both fp8 formats widens to the float32
+    torch gives it (fp8 with a scale applied after)."""
+    import numba
+    import numpy as np
+
+    from vllm_headinfer.cpu_coattention import _CODES, _to_float
+
+    code, scale = _CODES[fmt], np.float32(0.5 if fmt.itemsize == 1 else 1.0)
+
+    @numba.njit
+    def widen(raw, bits):
+        _to_float(raw, code, scale, bits, bits.view(np.float32))
+
+    width = 8 * fmt.itemsize
+    words = torch.arange(1 << width, dtype=torch.int32).to(torch.int16 if width == 16 else torch.uint8)
+    bits = np.zeros(1 << width, np.uint32)
+    widen(words.numpy(), bits)
+    got, want = torch.from_numpy(bits.view(np.float32)), words.view(fmt).float() * float(scale)
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got[~want.isnan()], want[~want.isnan()])

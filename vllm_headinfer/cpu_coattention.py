@@ -20,7 +20,6 @@ context sees positions ``< L - q + i + 1``.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import numba
@@ -30,26 +29,13 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-# Pages are read as raw 16-bit words for bf16 and fp16 (numpy has no bf16),
-# fp8 pages as bytes through a table of their 256 values.
-_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-FP8 = 3
+# Page formats: read as float32, as raw 16-bit words for bf16 and fp16
+# (numpy has no bf16), as bytes for fp8.
+_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float8_e5m2: 3,
+          torch.float8_e4m3fn: 4}
 # Blocks of context per split: long contexts spread over threads, short
 # ones stay in one split (a split costs a merge).
 BLOCKS_PER_SPLIT = 64
-
-
-@numba.njit(inline="always")
-def _half_to_float(bits):
-    """IEEE fp16 bits (as an integer) to a float32 value."""
-    sign = -1.0 if bits & 0x8000 else 1.0
-    exponent = (bits >> 10) & 0x1F
-    mantissa = bits & 0x3FF
-    if exponent == 0:
-        return sign * mantissa * 5.960464477539063e-08  # 2**-24
-    if exponent == 31:
-        return sign * np.inf if mantissa == 0 else np.nan
-    return sign * (1.0 + mantissa / 1024.0) * 2.0 ** (exponent - 15)
 
 
 @intrinsic
@@ -74,23 +60,49 @@ def _prefetch(typingctx, array, index):
 
 
 @numba.njit(inline="always")
-def _to_float(raw, code, fp8_values, scale, bits, values):
-    """``raw`` (one K or V page of a block: contiguous) as float32 into
-    ``values`` (``bits`` is its uint32 view). The loops index slices from 0,
-    which lets them vectorise (an offset index into the whole pool does not)."""
-    n = raw.shape[0]
-    if code == FP8:
-        for i in range(n):
-            values[i] = fp8_values[np.uint8(raw[i])] * scale
-    elif code == 0:
-        for i in range(n):
+def _widen(raw, shift, rescale, sign, special, mantissa, scale, bits, values):
+    """Sign-exponent-mantissa words (fp16, fp8) to float32 times ``scale``,
+    in two branch-free passes LLVM vectorises. The exponent and mantissa
+    shifted left by ``shift`` into float32's fields read as the value times
+    2**(bias of the format - bias of float32), subnormals included, which
+    ``rescale`` undoes; words with every ``special`` bit set are infinities
+    (``mantissa`` bits clear, where the format has them) or NaNs."""
+    magnitude = sign - np.uint32(1)
+    for i in range(raw.shape[0]):
+        bits[i] = (np.uint32(raw[i]) & magnitude) << shift
+    for i in range(raw.shape[0]):
+        word = np.uint32(raw[i])
+        value = values[i] * rescale
+        if word & special == special:
+            infinite = mantissa != 0 and word & mantissa == 0
+            value = np.float32(np.inf) if infinite else np.float32(np.nan)
+        values[i] = (-value if word & sign else value) * scale
+
+
+_U32 = np.uint32
+
+
+@numba.njit(inline="always")
+def _to_float(raw, code, scale, bits, values):
+    """``raw`` (one K or V page of a block: contiguous) as float32 times
+    ``scale`` (fp8 only) into ``values`` (``bits`` is its uint32 view). The
+    loops index slices from 0, which lets them vectorise (an offset index
+    into the whole pool does not)."""
+    if code == 0:
+        for i in range(raw.shape[0]):
             values[i] = raw[i]
     elif code == 1:
-        for i in range(n):
+        for i in range(raw.shape[0]):
             bits[i] = np.uint32(np.uint16(raw[i])) << np.uint32(16)
-    else:
-        for i in range(n):
-            values[i] = _half_to_float(np.int64(np.uint16(raw[i])))
+    elif code == 2:  # fp16: exponent bias 15
+        _widen(raw, _U32(13), np.float32(2.0**112), _U32(0x8000), _U32(0x7C00), _U32(0x3FF),
+               np.float32(1.0), bits, values)
+    elif code == 3:  # fp8 e5m2: bias 15
+        _widen(raw, _U32(21), np.float32(2.0**112), _U32(0x80), _U32(0x7C), _U32(0x3), scale,
+               bits, values)
+    else:  # fp8 e4m3fn: bias 7, no infinities, NaN with every other bit set
+        _widen(raw, _U32(20), np.float32(2.0**120), _U32(0x80), _U32(0x7F), _U32(0), scale,
+               bits, values)
 
 
 _LOG2E = np.float32(1.4426950408889634)
@@ -125,7 +137,7 @@ def _exp_scores(row, n, shift, bits):
 # Reassociation lets the dot products vectorise; -inf and NaN keep their
 # meaning (masked positions and empty splits rely on -inf).
 @numba.njit(parallel=True, fastmath={"reassoc", "contract", "nsz"}, cache=True, nogil=True)
-def _attend(q, flat, heads, block_stride, head_stride, block_size, code, fp8_values, scales,
+def _attend(q, flat, heads, block_stride, head_stride, block_size, code, scales,
             block_table, seq_lens, query_start, scale, splits, m_out, l_out, acc_out):
     """Partial softmax state of every (request, head, split): running max
     ``m_out[item, qi, g]``, sum ``l_out`` and unnormalised output ``acc_out``.
@@ -180,8 +192,8 @@ def _attend(q, flat, heads, block_stride, head_stride, block_size, code, fp8_val
             base = block_table[r, b] * block_stride + h * head_stride
             in_block = min(block_size, length - b * block_size)
             n = in_block * dim
-            _to_float(flat[base:base + n], code, fp8_values, scales[0], k_bits, k_flat)
-            _to_float(flat[base + page:base + page + n], code, fp8_values, scales[1], v_bits, v_flat)
+            _to_float(flat[base:base + n], code, scales[0], k_bits, k_flat)
+            _to_float(flat[base + page:base + page + n], code, scales[1], v_bits, v_flat)
             first_pos = b * block_size
             # Four K rows at once where every query row sees all of them
             # (the whole block is before the first query's position): each
@@ -397,16 +409,6 @@ def _flat(pages: torch.Tensor) -> tuple[np.ndarray, int, int]:
     return flat.numpy(), block_stride, head_stride
 
 
-_NO_TABLE = np.zeros(1, np.float32)
-
-
-@functools.cache
-def _fp8_values(fp8: torch.dtype) -> np.ndarray:
-    """The value of every byte in the fp8 format ``fp8`` (once per format:
-    every layer's call of every step reads it)."""
-    return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(fp8).float().numpy()
-
-
 def decode_attention(
     query: torch.Tensor,
     pages: torch.Tensor,
@@ -429,14 +431,12 @@ def decode_attention(
     CPU. Pages of an fp8 cache are ``uint8`` bytes in the format ``fp8``,
     read as value times ``k_scale`` (K) or ``v_scale`` (V).
     """
-    if fp8 is not None:
-        if pages.dtype != torch.uint8:
-            raise TypeError(f"fp8 pages are uint8 bytes, not {pages.dtype}")
-        code, values = FP8, _fp8_values(fp8)
-    elif pages.dtype in _CODES:
-        code, values = _CODES[pages.dtype], _NO_TABLE
-    else:
-        raise TypeError(f"CPU co-attention reads fp32, bf16, fp16 or fp8 pages, not {pages.dtype}")
+    if fp8 is not None and pages.dtype != torch.uint8:
+        raise TypeError(f"fp8 pages are uint8 bytes, not {pages.dtype}")
+    code = _CODES.get(fp8 if fp8 is not None else pages.dtype)
+    if code is None:
+        raise TypeError("CPU co-attention reads fp32, bf16, fp16, fp8 e4m3fn and e5m2 pages, "
+                        f"not {fp8 or pages.dtype}")
     heads, dim = pages.shape[1], pages.shape[4]
     tokens = query.shape[0]
     group = query.shape[1] // heads
@@ -454,7 +454,7 @@ def decode_attention(
     acc_part = np.empty((items, max_q, group, dim), np.float32)
     scales = np.array([k_scale, v_scale], np.float32)
     flat, block_stride, head_stride = _flat(pages)
-    _attend(q, flat, heads, block_stride, head_stride, pages.shape[3], code, values, scales, table,
+    _attend(q, flat, heads, block_stride, head_stride, pages.shape[3], code, scales, table,
             seqs, starts, np.float32(scale), splits, m_part, l_part, acc_part)
     result = np.empty((tokens, heads, group, dim), np.float32)
     _merge(m_part, l_part, acc_part, seqs, starts, heads, splits, result)
