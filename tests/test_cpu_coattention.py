@@ -1,6 +1,6 @@
 """The CPU co-attention kernel against a float64 reference over random pages.
 
-Cases cover GQA ratios 1, 4 and 8, head sizes 64 and 128, blocks of 16 and
+Cases cover GQA ratios 1, 4, 6, 7 and 8, head sizes 64 and 128, blocks of 16 and
 32 tokens, partial last blocks, many requests, contexts of 0 and 1 tokens,
 contexts long enough to split, query lengths of 1 (decode) and several
 (speculative verify, causal), and bf16, fp16, fp32 and fp8 pages (the
@@ -79,7 +79,8 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("group,dim,block", [(1, 64, 16), (4, 128, 32), (8, 64, 32), (4, 128, 16)])
+@pytest.mark.parametrize("group,dim,block", [(1, 64, 16), (4, 128, 32), (8, 64, 32), (4, 128, 16),
+                                             (7, 64, 16)])
 def test_decode_matches_float64(dtype, group, dim, block):
     # Partial last blocks, a single-token context, an empty one, and many
     # requests of mixed lengths.
@@ -89,9 +90,11 @@ def test_decode_matches_float64(dtype, group, dim, block):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_verify_queries_are_causal(dtype):
+@pytest.mark.parametrize("group", [4, 6])
+def test_verify_queries_are_causal(dtype, group):
+    # With a group of 6, rows taken four at a time mix query tokens.
     seq_lens = [40, 9, 130]
-    out, expected = run_case(dtype, 4, 64, 16, seq_lens, [5, 3, 8])
+    out, expected = run_case(dtype, group, 64, 16, seq_lens, [5, 3, 8])
     assert torch.allclose(out, expected, atol=TOL[dtype], rtol=TOL[dtype]), (out - expected).abs().max()
 
 

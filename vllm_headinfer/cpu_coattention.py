@@ -134,6 +134,14 @@ def _exp_scores(row, n, shift, bits):
         row[t] *= powers[t]
 
 
+@numba.njit(inline="always", fastmath={"reassoc", "contract", "nsz"})
+def _dot(a, b, dim):
+    total = np.float32(0.0)
+    for i in range(dim):
+        total += a[i] * b[i]
+    return total
+
+
 # Reassociation lets the dot products vectorise; -inf and NaN keep their
 # meaning (masked positions and empty splits rely on -inf).
 @numba.njit(parallel=True, fastmath={"reassoc", "contract", "nsz"}, cache=True, nogil=True)
@@ -146,14 +154,14 @@ def _attend(q, flat, heads, block_stride, head_stride, block_size, code, scales,
     elements apart (the heads may be a slice of the pool's). Per block: K and
     V pages to float32 once, then the scores of every query row, one rescale
     of the running state (exponentials in a vectorised loop), and the
-    weighted V rows. Query rows go four at a time where the GQA group allows,
-    and K and V rows four at a time where causality allows, so each element
-    loaded feeds four multiply-adds."""
+    weighted V rows. Query rows (the request's query tokens times the GQA
+    group) go four at a time, the last few one by one, and K and V rows four
+    at a time where causality allows, so each element loaded feeds four
+    multiply-adds."""
     num_reqs = seq_lens.shape[0]
     group = q.shape[2]
     dim = q.shape[3]
     page = block_size * dim
-    by_four = group % 4 == 0
     for item in numba.prange(num_reqs * heads * splits):
         r = item // (heads * splits)
         h = (item // splits) % heads
@@ -162,6 +170,7 @@ def _attend(q, flat, heads, block_stride, head_stride, block_size, code, scales,
         q0 = query_start[r]
         nq = query_start[r + 1] - q0
         rows = nq * group
+        rows4 = rows - rows % 4  # rows taken four at a time
         num_blocks = (length + block_size - 1) // block_size
         per_split = (num_blocks + splits - 1) // splits
         b_first = s * per_split
@@ -200,11 +209,11 @@ def _attend(q, flat, heads, block_stride, head_stride, block_size, code, scales,
             # query element loaded feeds four K rows, each K element four
             # query rows.
             whole = 0
-            if by_four and first_pos + in_block <= length - nq + 1:
+            if first_pos + in_block <= length - nq + 1:
                 whole = in_block - in_block % 4
             for t in range(0, whole, 4):
                 ka, kb, kc, kd = k_rows[t], k_rows[t + 1], k_rows[t + 2], k_rows[t + 3]
-                for j in range(0, rows, 4):
+                for j in range(0, rows4, 4):
                     a0, a1, a2, a3 = queries[j], queries[j + 1], queries[j + 2], queries[j + 3]
                     d0a = d0b = d0c = d0d = d1a = d1b = d1c = d1d = np.float32(0.0)
                     d2a = d2b = d2c = d2d = d3a = d3b = d3c = d3d = np.float32(0.0)
@@ -245,23 +254,18 @@ def _attend(q, flat, heads, block_stride, head_stride, block_size, code, scales,
                     scores[j + 3, t + 1] = d3b
                     scores[j + 3, t + 2] = d3c
                     scores[j + 3, t + 3] = d3d
+                for j in range(rows4, rows):
+                    for tt in range(t, t + 4):
+                        scores[j, tt] = _dot(queries[j], k_rows[tt], dim)
             for t in range(whole, in_block):
                 krow = k_rows[t]
                 # Query qi sits at position length - nq + qi and sees
                 # positions up to its own: the first query that sees t.
                 seen_from = first_pos + t - (length - nq)
-                j = 0
-                while j < rows:
-                    qi = j // group
-                    if by_four and qi >= seen_from:
-                        a0 = queries[j]
-                        a1 = queries[j + 1]
-                        a2 = queries[j + 2]
-                        a3 = queries[j + 3]
-                        d0 = np.float32(0.0)
-                        d1 = np.float32(0.0)
-                        d2 = np.float32(0.0)
-                        d3 = np.float32(0.0)
+                for j in range(0, rows4, 4):
+                    if j // group >= seen_from:  # so do the three rows after it
+                        a0, a1, a2, a3 = queries[j], queries[j + 1], queries[j + 2], queries[j + 3]
+                        d0 = d1 = d2 = d3 = np.float32(0.0)
                         for i in range(dim):
                             x = krow[i]
                             d0 += a0[i] * x
@@ -272,21 +276,13 @@ def _attend(q, flat, heads, block_stride, head_stride, block_size, code, scales,
                         scores[j + 1, t] = d1
                         scores[j + 2, t] = d2
                         scores[j + 3, t] = d3
-                        j += 4
-                    elif by_four:
-                        for jj in range(j, j + 4):
-                            scores[jj, t] = -np.inf
-                        j += 4
                     else:
-                        if qi >= seen_from:
-                            a0 = queries[j]
-                            d0 = np.float32(0.0)
-                            for i in range(dim):
-                                d0 += a0[i] * krow[i]
-                            scores[j, t] = d0
-                        else:
-                            scores[j, t] = -np.inf
-                        j += 1
+                        for jj in range(j, j + 4):
+                            seen = jj // group >= seen_from
+                            scores[jj, t] = _dot(queries[jj], krow, dim) if seen else -np.inf
+                for j in range(rows4, rows):
+                    seen = j // group >= seen_from
+                    scores[j, t] = _dot(queries[j], krow, dim) if seen else -np.inf
             # Online softmax: rescale each row's state once per block; the
             # block's weights replace its scores.
             for j in range(rows):
@@ -308,50 +304,46 @@ def _attend(q, flat, heads, block_stride, head_stride, block_size, code, scales,
                 _exp_scores(row, in_block, new_max, exp_bits)
                 for t in range(in_block):
                     l_sum[j] += row[t]
-            j = 0
-            while j < rows:
-                if by_four:
-                    o0 = acc[j]
-                    o1 = acc[j + 1]
-                    o2 = acc[j + 2]
-                    o3 = acc[j + 3]
-                    # Four V rows per pass: each output element is loaded
-                    # and stored once for four of them.
-                    whole = in_block - in_block % 4
-                    for t in range(0, whole, 4):
-                        va, vb, vc, vd = v_rows[t], v_rows[t + 1], v_rows[t + 2], v_rows[t + 3]
-                        p0, p1, p2, p3 = scores[j], scores[j + 1], scores[j + 2], scores[j + 3]
-                        w0a, w0b, w0c, w0d = p0[t], p0[t + 1], p0[t + 2], p0[t + 3]
-                        w1a, w1b, w1c, w1d = p1[t], p1[t + 1], p1[t + 2], p1[t + 3]
-                        w2a, w2b, w2c, w2d = p2[t], p2[t + 1], p2[t + 2], p2[t + 3]
-                        w3a, w3b, w3c, w3d = p3[t], p3[t + 1], p3[t + 2], p3[t + 3]
-                        for i in range(dim):
-                            ya, yb, yc, yd = va[i], vb[i], vc[i], vd[i]
-                            o0[i] += w0a * ya + w0b * yb + w0c * yc + w0d * yd
-                            o1[i] += w1a * ya + w1b * yb + w1c * yc + w1d * yd
-                            o2[i] += w2a * ya + w2b * yb + w2c * yc + w2d * yd
-                            o3[i] += w3a * ya + w3b * yb + w3c * yc + w3d * yd
-                    for t in range(whole, in_block):
-                        w0 = scores[j, t]
-                        w1 = scores[j + 1, t]
-                        w2 = scores[j + 2, t]
-                        w3 = scores[j + 3, t]
-                        vrow = v_rows[t]
-                        for i in range(dim):
-                            y = vrow[i]
-                            o0[i] += w0 * y
-                            o1[i] += w1 * y
-                            o2[i] += w2 * y
-                            o3[i] += w3 * y
-                    j += 4
-                else:
-                    o0 = acc[j]
-                    for t in range(in_block):
-                        w0 = scores[j, t]
-                        vrow = v_rows[t]
-                        for i in range(dim):
-                            o0[i] += w0 * vrow[i]
-                    j += 1
+            for j in range(0, rows4, 4):
+                o0 = acc[j]
+                o1 = acc[j + 1]
+                o2 = acc[j + 2]
+                o3 = acc[j + 3]
+                # Four V rows per pass: each output element is loaded
+                # and stored once for four of them.
+                whole = in_block - in_block % 4
+                for t in range(0, whole, 4):
+                    va, vb, vc, vd = v_rows[t], v_rows[t + 1], v_rows[t + 2], v_rows[t + 3]
+                    p0, p1, p2, p3 = scores[j], scores[j + 1], scores[j + 2], scores[j + 3]
+                    w0a, w0b, w0c, w0d = p0[t], p0[t + 1], p0[t + 2], p0[t + 3]
+                    w1a, w1b, w1c, w1d = p1[t], p1[t + 1], p1[t + 2], p1[t + 3]
+                    w2a, w2b, w2c, w2d = p2[t], p2[t + 1], p2[t + 2], p2[t + 3]
+                    w3a, w3b, w3c, w3d = p3[t], p3[t + 1], p3[t + 2], p3[t + 3]
+                    for i in range(dim):
+                        ya, yb, yc, yd = va[i], vb[i], vc[i], vd[i]
+                        o0[i] += w0a * ya + w0b * yb + w0c * yc + w0d * yd
+                        o1[i] += w1a * ya + w1b * yb + w1c * yc + w1d * yd
+                        o2[i] += w2a * ya + w2b * yb + w2c * yc + w2d * yd
+                        o3[i] += w3a * ya + w3b * yb + w3c * yc + w3d * yd
+                for t in range(whole, in_block):
+                    w0 = scores[j, t]
+                    w1 = scores[j + 1, t]
+                    w2 = scores[j + 2, t]
+                    w3 = scores[j + 3, t]
+                    vrow = v_rows[t]
+                    for i in range(dim):
+                        y = vrow[i]
+                        o0[i] += w0 * y
+                        o1[i] += w1 * y
+                        o2[i] += w2 * y
+                        o3[i] += w3 * y
+            for j in range(rows4, rows):
+                o0 = acc[j]
+                for t in range(in_block):
+                    w0 = scores[j, t]
+                    vrow = v_rows[t]
+                    for i in range(dim):
+                        o0[i] += w0 * vrow[i]
         for qi in range(nq):
             for g in range(group):
                 j = qi * group + g
