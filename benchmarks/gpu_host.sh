@@ -2,7 +2,7 @@
 # Stages of a GPU-host session (see ../shared/gpu/README.md for the wheel kit).
 # Usage: bash benchmarks/gpu_host.sh install|check|ray-example|bench|bench-long|bench-tp|capacity
 #                                   |place-short|place-512k|place-capacity|fp8|fp8-capacity|spec|spec-steps|serve-load|cpu-attn
-#                                   |long-tp4|x4|coattn
+#                                   |long-tp4|x4|coattn|co-spec
 #        bash benchmarks/gpu_host.sh background "STAGE [STAGE...]"   (returns at once)
 #        bash benchmarks/gpu_host.sh wait SECONDS   (until the background stages end)
 # Logs and results go to $OUT (or ./gpu-out). A device command may run 10
@@ -210,6 +210,16 @@ case "$1" in
     lane 3 fa spec SPEC_CONFIGS=FLASH_ATTN,FLASH_ATTN+ngram7 DECODE=96
     lane 0 steps-4l spec-steps SHAPES=4l STEPS_CONFIGS=R0,R0+ngram3,R0+ngram7
     wait
+    ;;
+  co-spec)
+    # One GPU, CPU co-attention and speculative decoding (longer than a
+    # device command: run in background): co-attention against FLASH_ATTN,
+    # the kernel's read rate by thread count, the co-attention benchmark,
+    # then ngram (k = 7) on the edit workload at 128K with both backends.
+    T=tests/gpu/test_cuda_coattention.py KERNELS=0 bash "$0" check
+    bash "$0" cpu-attn
+    bash "$0" coattn
+    SPEC_CONFIGS=R0,R0+ngram7,FLASH_ATTN,FLASH_ATTN+ngram7 DECODE=96 bash "$0" spec
     ;;
   serve-load)
     # vllm bench serve against vllm serve: FLASH_ATTN, auto and R0 over the
