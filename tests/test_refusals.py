@@ -135,13 +135,14 @@ def test_refused_at_startup_naming_the_setting(refusals, case):
 
 
 
-def test_mtp_speculation_is_refused_naming_the_setting():
-    """MTP needs a model that carries MTP layers (vLLM refuses it for the
-    tiny models here before HEADINFER sees it), so the check itself."""
+def test_unverified_speculation_is_refused_naming_the_setting():
+    """A proposer whose layers are not verified with head placement (Medusa
+    heads here) is refused at startup, naming the setting and the methods
+    accepted."""
     from types import SimpleNamespace
 
     from vllm_headinfer.config import HeadInferConfigError, _check_speculative
 
-    with pytest.raises(HeadInferConfigError, match=r"--speculative-config method 'mtp'.*eagle"):
-        _check_speculative(SimpleNamespace(method="mtp"))
+    with pytest.raises(HeadInferConfigError, match=r"--speculative-config method 'medusa'.*eagle3, mtp"):
+        _check_speculative(SimpleNamespace(method="medusa"))
     _check_speculative(SimpleNamespace(method="eagle3"))

@@ -17,7 +17,9 @@ A draft model (a one-layer random Llama with the same tokenizer) likewise,
 for R = 0 and auto: its own layers keep every head on the device and do not
 enter the placement. An EAGLE head (vLLM builds it from the same one-layer
 checkpoint) likewise, with dummy weights for target and drafter: its drafts
-are all rejected, so every verify step leaves rejected slots behind.
+are all rejected, so every verify step leaves rejected slots behind. And
+``mtp``: the tiny Qwen2 as MiMo, whose own multi-token-prediction layer
+drafts (dummy weights likewise).
 
 vLLM 0.32 cannot start a second ngram engine in one process (its proposer's
 compiled kernels fail to load again), so each speculative engine runs in its
@@ -27,6 +29,7 @@ own runner process.
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 from conftest import (
@@ -89,9 +92,26 @@ def draft_path(model_dir):
 
 
 @pytest.fixture(scope="module")
-def results(tiny_models, draft_path, tmp_path_factory):
+def mtp_path(tiny_models, model_dir):
+    """A model with a multi-token-prediction layer: the tiny Qwen2 as MiMo
+    (a Qwen2 with MTP layers; vLLM builds the MTP drafter from the target's
+    config), loaded with dummy weights."""
+    import json
+    import shutil
+
+    source, path = Path(tiny_models("qwen2-gqa")), model_dir / "qwen2-gqa-mtp"
+    if not path.exists():
+        shutil.copytree(source, path, ignore=shutil.ignore_patterns("*.safetensors"))
+        config = json.loads((path / "config.json").read_text())
+        config.update(architectures=["MiMoForCausalLM"], num_nextn_predict_layers=1)
+        (path / "config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def results(tiny_models, draft_path, mtp_path, tmp_path_factory):
     work = tmp_path_factory.mktemp("speculative")
-    paths = {"m": tiny_models("llama-gqa")}
+    paths = {"m": tiny_models("llama-gqa"), "mtp": mtp_path}
     engine = lambda name, llm: {"name": name, "model": "m", "llm": llm, "scenarios": ["s"]}  # noqa: E731
     runs = [[
         engine("default", LLM),
@@ -118,6 +138,18 @@ def results(tiny_models, draft_path, tmp_path_factory):
         engine("R0-eagle", {**LLM, **eagle, **HEADINFER["R0"]}),
         engine("auto-eagle", {**LLM, **eagle, **HEADINFER["auto"],
                               "kv_cache_memory_bytes": AUTO_BUDGET + 33 * 2 * 8192}),
+    ]]
+    # MTP: the drafter is the target checkpoint's own MTP layer (all of its
+    # heads resident); dummy weights, so its drafts are rejected.
+    mtp = {"speculative_config": {"method": "mtp", "num_speculative_tokens": 2},
+           "load_format": "dummy"}
+    mtp_engine = lambda name, llm: {**engine(name, llm), "model": "mtp"}  # noqa: E731
+    runs += [[
+        mtp_engine("default-mtp-plain", {**LLM, "load_format": "dummy"}),
+        mtp_engine("default-mtp", {**LLM, **mtp}),
+        mtp_engine("R0-mtp", {**LLM, **mtp, **HEADINFER["R0"]}),
+        mtp_engine("auto-mtp", {**LLM, **mtp, **HEADINFER["auto"],
+                                "kv_cache_memory_bytes": AUTO_BUDGET + 33 * 2 * 8192}),
     ]]
     merged: dict = {"engines": {}}
     for i, engines in enumerate(runs):
@@ -168,7 +200,8 @@ def test_cpu_coattention_in_verify_steps(results):
 
 # Drafter -> references: the default backend with that drafter, and without
 # speculation (dummy weights for EAGLE's engines).
-DRAFTERS = {"draft": ("default-draft", "default"), "eagle": ("default-eagle", "default-eagle-plain")}
+DRAFTERS = {"draft": ("default-draft", "default"), "eagle": ("default-eagle", "default-eagle-plain"),
+            "mtp": ("default-mtp", "default-mtp-plain")}
 
 
 @pytest.mark.parametrize("name", ["R0", "auto"])

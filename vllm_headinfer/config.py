@@ -388,10 +388,11 @@ def _check_model(vllm_config: VllmConfig) -> None:
 
 
 # Proposers HEADINFER serves: prompt lookup adds no attention layers; the
-# layers of a draft model or an EAGLE head keep every head on the device
-# (capacity.placed_specs). MTP layers live inside the target model and are
-# not verified with head placement.
-SPECULATION_METHODS = ("ngram", "suffix", "draft_model", "eagle", "eagle3")
+# layers of a draft model, an EAGLE head or the target's own MTP layers
+# register after the target's and keep every head on the device
+# (capacity.placed_specs). Others (Medusa, MLP speculators, ...) are not
+# verified with head placement.
+SPECULATION_METHODS = ("ngram", "suffix", "draft_model", "eagle", "eagle3", "mtp")
 
 
 def _check_speculative(spec) -> None:
