@@ -213,10 +213,12 @@ case "$1" in
     ;;
   co-spec)
     # One GPU, CPU co-attention and speculative decoding (longer than a
-    # device command: run in background): co-attention against FLASH_ATTN,
-    # the kernel's read rate by thread count, the co-attention benchmark,
-    # then ngram (k = 7) on the edit workload at 128K with both backends.
-    T=tests/gpu/test_cuda_coattention.py KERNELS=0 bash "$0" check
+    # device command: run in background): co-attention and mtp against
+    # FLASH_ATTN, the kernel's read rate by thread count, the co-attention
+    # benchmark, then ngram (k = 7) on the edit workload at 128K with both
+    # backends.
+    T="tests/gpu/test_cuda_coattention.py tests/gpu/test_cuda_speculative.py" K="coattention or mtp" \
+      KERNELS=0 bash "$0" check
     bash "$0" cpu-attn
     bash "$0" coattn
     SPEC_CONFIGS=R0,R0+ngram7,FLASH_ATTN,FLASH_ATTN+ngram7 DECODE=96 bash "$0" spec
