@@ -108,10 +108,11 @@ def build_prompt(context: int, seed: int = 0, edit_every: int = 0) -> list[int]:
     start, plen = min(PASSAGE_START, context // 8), min(PASSAGE, context // 4)
     cue = min(CUE, plen)
     if edit_every:
+        ids = chain()
         passage = [c if i < PASSAGE_KEPT or i % edit_every else rng.randrange(1000, 100000)
-                   for i, c in enumerate(chain()[:plen])]
+                   for i, c in enumerate(ids[:plen])]
         tokens[start:start + plen] = passage
-        tokens[context - cue:] = chain()[:cue]
+        tokens[context - cue:] = ids[:cue]
     else:
         tokens[context - cue:] = tokens[start:start + cue]  # P = tokens[start:start + plen]
     return tokens

@@ -120,37 +120,31 @@ def results(tiny_models, draft_path, mtp_path, tmp_path_factory):
     ]]
     runs += [[engine(f"{name}-ngram", {**LLM, **NGRAM, **hi})] for name, hi in HEADINFER.items()]
     runs += [[engine("R0-cpu1-ngram", {**LLM, **NGRAM, **COATTENTION})]]
-    draft = {"speculative_config": {"method": "draft_model", "model": draft_path,
-                                    "num_speculative_tokens": 3}}
-    runs += [[
-        engine("default-draft", {**LLM, **draft}),
-        engine("R0-draft", {**LLM, **draft, **HEADINFER["R0"]}),
-        # The drafter's layer (2 heads, all resident) takes its own pages
-        # from the device budget.
-        engine("auto-draft", {**LLM, **draft, **HEADINFER["auto"],
-                              "kv_cache_memory_bytes": AUTO_BUDGET + 33 * 2 * 8192}),
-    ]]
-    eagle = {"speculative_config": {"method": "eagle", "model": draft_path,
-                                    "num_speculative_tokens": 2}, "load_format": "dummy"}
-    runs += [[
-        engine("default-eagle-plain", {**LLM, "load_format": "dummy"}),
-        engine("default-eagle", {**LLM, **eagle}),
-        engine("R0-eagle", {**LLM, **eagle, **HEADINFER["R0"]}),
-        engine("auto-eagle", {**LLM, **eagle, **HEADINFER["auto"],
-                              "kv_cache_memory_bytes": AUTO_BUDGET + 33 * 2 * 8192}),
-    ]]
-    # MTP: the drafter is the target checkpoint's own MTP layer (all of its
-    # heads resident); dummy weights, so its drafts are rejected.
-    mtp = {"speculative_config": {"method": "mtp", "num_speculative_tokens": 2},
-           "load_format": "dummy"}
-    mtp_engine = lambda name, llm: {**engine(name, llm), "model": "mtp"}  # noqa: E731
-    runs += [[
-        mtp_engine("default-mtp-plain", {**LLM, "load_format": "dummy"}),
-        mtp_engine("default-mtp", {**LLM, **mtp}),
-        mtp_engine("R0-mtp", {**LLM, **mtp, **HEADINFER["R0"]}),
-        mtp_engine("auto-mtp", {**LLM, **mtp, **HEADINFER["auto"],
-                                "kv_cache_memory_bytes": AUTO_BUDGET + 33 * 2 * 8192}),
-    ]]
+
+    def drafted(tag: str, extra: dict, model: str = "m") -> list[dict]:
+        """One drafter's engines (``extra``: its speculative config and, for
+        dummy weights, the load format): the default backend with it and,
+        where weights are dummy, without it; HEADINFER R0 and auto with it.
+        The drafter's layer (2 heads, all resident) takes its own pages from
+        the device budget."""
+        run = lambda name, llm: {**engine(name, llm), "model": model}  # noqa: E731
+        plain = [run(f"default-{tag}-plain", {**LLM, "load_format": extra["load_format"]})
+                 ] if "load_format" in extra else []
+        return [*plain,
+                run(f"default-{tag}", {**LLM, **extra}),
+                run(f"R0-{tag}", {**LLM, **extra, **HEADINFER["R0"]}),
+                run(f"auto-{tag}", {**LLM, **extra, **HEADINFER["auto"],
+                                    "kv_cache_memory_bytes": AUTO_BUDGET + 33 * 2 * 8192})]
+
+    runs.append(drafted("draft", {"speculative_config": {
+        "method": "draft_model", "model": draft_path, "num_speculative_tokens": 3}}))
+    runs.append(drafted("eagle", {"speculative_config": {
+        "method": "eagle", "model": draft_path, "num_speculative_tokens": 2},
+        "load_format": "dummy"}))
+    # MTP: the drafter is the target checkpoint's own MTP layer; dummy
+    # weights, so its drafts are rejected.
+    runs.append(drafted("mtp", {"speculative_config": {"method": "mtp", "num_speculative_tokens": 2},
+                                "load_format": "dummy"}, model="mtp"))
     merged: dict = {"engines": {}}
     for i, engines in enumerate(runs):
         spec = {"inprocess": True, "paths": paths, "scenarios": scenario(), "engines": engines}
