@@ -2,7 +2,7 @@
 # Stages of a GPU-host session (see ../shared/gpu/README.md for the wheel kit).
 # Usage: bash benchmarks/gpu_host.sh install|check|ray-example|bench|bench-long|bench-tp|capacity
 #                                   |place-short|place-512k|place-capacity|fp8|fp8-capacity|spec|spec-steps|serve-load|cpu-attn
-#                                   |long-tp4|x4|coattn|co-spec
+#                                   |long-tp4|x4|coattn|coattn-auto|co-spec
 #        bash benchmarks/gpu_host.sh background "STAGE [STAGE...]"   (returns at once)
 #        bash benchmarks/gpu_host.sh wait SECONDS   (until the background stages end)
 # Logs and results go to $OUT (or ./gpu-out). A device command may run 10
@@ -213,15 +213,16 @@ case "$1" in
     ;;
   co-spec)
     # One GPU, CPU co-attention and speculative decoding (longer than a
-    # device command: run in background): co-attention and mtp against
-    # FLASH_ATTN, the kernel's read rate by thread count, the co-attention
-    # benchmark, then ngram (k = 7) on the edit workload at 128K with both
-    # backends.
-    T="tests/gpu/test_cuda_coattention.py tests/gpu/test_cuda_speculative.py" K="coattention or mtp" \
-      KERNELS=0 bash "$0" check
+    # device command: run in background): co-attention (under CUDA graphs)
+    # and mtp against FLASH_ATTN, the kernel's read rate by thread count, the
+    # co-attention benchmark, ngram (k = 7) on the edit workload at 128K with
+    # both backends, then co-attention beside auto placement at 512K.
+    T="tests/gpu/test_cuda_coattention.py tests/gpu/test_cuda_speculative.py" \
+      K="(coattention and cuda-graphs) or mtp" KERNELS=0 bash "$0" check
     bash "$0" cpu-attn
     bash "$0" coattn
     SPEC_CONFIGS=R0,R0+ngram7,FLASH_ATTN,FLASH_ATTN+ngram7 DECODE=96 bash "$0" spec
+    bash "$0" coattn-auto
     ;;
   serve-load)
     # vllm bench serve against vllm serve: FLASH_ATTN, auto and R0 over the
@@ -231,16 +232,27 @@ case "$1" in
     ;;
   coattn)
     # CPU co-attention, every head offloaded: R0 without it, with auto's
-    # measured split and with 2 and 3 of each layer's 8 heads on the CPU;
-    # 128K on 32 layers, then 512K on 4 layers.
+    # measured split (and at 128K with 3 of each layer's 8 heads on the CPU);
+    # 128K on 32 layers, 256K on 8 layers, 512K on 4 layers.
     reinstall
     timeout 570 python3 benchmarks/bench_headinfer.py --out "$out/coattn_32l.json" \
-      --layers 32 --contexts 131072 --configs R0,R0+cpuauto,R0+cpu2,R0+cpu3 --decode-tokens 8 \
+      --layers 32 --contexts 131072 --configs R0,R0+cpuauto,R0+cpu3 --decode-tokens 8 \
       --timeout 240 ${CG:+--cudagraph-mode $CG} 2>&1 | tail -30
+    timeout 570 python3 benchmarks/bench_headinfer.py --out "$out/coattn_8l.json" \
+      --layers 8 --contexts 262144 --configs R0,R0+cpuauto --decode-tokens 8 \
+      --timeout 270 ${CG:+--cudagraph-mode $CG} 2>&1 | tail -30
     timeout 570 python3 benchmarks/bench_headinfer.py --out "$out/coattn_4l.json" \
-      --layers 4 --contexts 524288 --configs R0,R0+cpuauto,R0+cpu3 --decode-tokens 8 \
-      --timeout 300 ${CG:+--cudagraph-mode $CG} 2>&1 | tail -30
+      --layers 4 --contexts 524288 --configs R0,R0+cpuauto --decode-tokens 8 \
+      --timeout 280 ${CG:+--cudagraph-mode $CG} 2>&1 | tail -30
     grep -h "HEADINFER CPU co-attention" "$out"/coattn_*.log | sort | uniq -c | tee "$out/coattn_split.txt"
+    ;;
+  coattn-auto)
+    # Co-attention beside automatic placement: one 512K request on 32 layers
+    # (the device keeps what it can, as in place-512k), without and with
+    # auto's split of the offloaded heads.
+    reinstall
+    timeout 700 python3 benchmarks/bench_headinfer.py --out "$out/coattn_auto_512k.json" --layers 32 \
+      --contexts 524288 --configs auto,auto+cpuauto --cpu-kv-gib 90 --decode-tokens 8 --timeout 290 2>&1 | tail -8
     ;;
   cpu-attn)
     # The CPU decode-attention kernel's K/V read rate by thread count, alone
