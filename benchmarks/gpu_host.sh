@@ -34,7 +34,7 @@ case "$1" in
     last=$(ls -d .gpu-stage/c* | tail -1)
     bash "$last/install.sh" 2>&1 | tee "$out/install.log"
     reinstall
-    { nvidia-smi; free -g; nvidia-smi topo -m; lscpu | grep -iE "numa|model name";
+    { nvidia-smi; free -g; nvidia-smi topo -m; lscpu | grep -iE "numa|model name|thread|core|socket";
       echo "cgroup v2 max: $(cat /sys/fs/cgroup/memory.max 2>&1) current: $(cat /sys/fs/cgroup/memory.current 2>&1)";
       echo "cgroup v1 limit: $(cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>&1)";
       echo "THP: $(cat /sys/kernel/mm/transparent_hugepage/enabled 2>&1)"; ulimit -l; } > "$out/host.txt" 2>&1
@@ -214,36 +214,37 @@ case "$1" in
   co-spec)
     # One GPU, CPU co-attention and speculative decoding (longer than a
     # device command: run in background): co-attention (under CUDA graphs)
-    # and mtp against FLASH_ATTN, the kernel's read rate by thread count, the
-    # co-attention benchmark, ngram (k = 7) on the edit workload at 128K with
-    # both backends, then co-attention beside auto placement at 512K.
+    # and mtp against FLASH_ATTN, co-attention at 512K on 4 layers (run 13
+    # measured 128K and 256K), ngram (k = 7) on the edit workload at 128K
+    # with both backends, then co-attention beside auto placement at 512K.
     T="tests/gpu/test_cuda_coattention.py tests/gpu/test_cuda_speculative.py" \
-      K="(coattention and cuda-graphs) or mtp" KERNELS=0 bash "$0" check
-    bash "$0" cpu-attn
-    bash "$0" coattn
+      K="(coattention and cuda-graphs) or mtp" KERNELS=0 CHECK_TIMEOUT=1500 bash "$0" check
+    SHAPES=4l bash "$0" coattn
     SPEC_CONFIGS=R0,R0+ngram7,FLASH_ATTN,FLASH_ATTN+ngram7 DECODE=96 bash "$0" spec
     bash "$0" coattn-auto
     ;;
   serve-load)
     # vllm bench serve against vllm serve: FLASH_ATTN, auto and R0 over the
-    # three load workloads (longer than a device command: run in background).
+    # three load workloads (longer than a device command: run in background;
+    # SERVE_CONFIGS and WORKLOADS select a part, for a lease too short for
+    # all of it).
     reinstall
-    timeout 3000 python3 benchmarks/serve_load.py --out "$out/serve_load.json" 2>&1 | tail -20
+    timeout 3000 python3 benchmarks/serve_load.py --out "$out/serve_load.json" \
+      ${SERVE_CONFIGS:+--configs "$SERVE_CONFIGS"} ${WORKLOADS:+--workloads "$WORKLOADS"} 2>&1 | tail -20
     ;;
   coattn)
-    # CPU co-attention, every head offloaded: R0 without it, with auto's
-    # measured split (and at 128K with 3 of each layer's 8 heads on the CPU);
-    # 128K on 32 layers, 256K on 8 layers, 512K on 4 layers.
+    # CPU co-attention, every head offloaded: R0 without it and with auto's
+    # measured split; 128K on 32 layers, 256K on 8 layers, 512K on 4 layers
+    # (SHAPES: some of "32l 8l 4l").
     reinstall
-    timeout 570 python3 benchmarks/bench_headinfer.py --out "$out/coattn_32l.json" \
-      --layers 32 --contexts 131072 --configs R0,R0+cpuauto,R0+cpu3 --decode-tokens 8 \
-      --timeout 240 ${CG:+--cudagraph-mode $CG} 2>&1 | tail -30
-    timeout 570 python3 benchmarks/bench_headinfer.py --out "$out/coattn_8l.json" \
-      --layers 8 --contexts 262144 --configs R0,R0+cpuauto --decode-tokens 8 \
-      --timeout 270 ${CG:+--cudagraph-mode $CG} 2>&1 | tail -30
-    timeout 570 python3 benchmarks/bench_headinfer.py --out "$out/coattn_4l.json" \
-      --layers 4 --contexts 524288 --configs R0,R0+cpuauto --decode-tokens 8 \
-      --timeout 280 ${CG:+--cudagraph-mode $CG} 2>&1 | tail -30
+    shapes=" ${SHAPES:-32l 8l 4l} "
+    for shape in "32l 131072 240" "8l 262144 270" "4l 524288 280"; do
+      read -r name context limit <<< "$shape"
+      [[ "$shapes" == *" $name "* ]] || continue
+      timeout 570 python3 benchmarks/bench_headinfer.py --out "$out/coattn_$name.json" \
+        --layers "${name%l}" --contexts "$context" --configs R0,R0+cpuauto --decode-tokens 8 \
+        --timeout "$limit" ${CG:+--cudagraph-mode $CG} 2>&1 | tail -30
+    done
     grep -h "HEADINFER CPU co-attention" "$out"/coattn_*.log | sort | uniq -c | tee "$out/coattn_split.txt"
     ;;
   coattn-auto)

@@ -25,7 +25,8 @@ Workloads:
 
 Configurations (--configs): FLASH_ATTN; default (no --attention-backend: the
 platform's own, CPU_ATTN on CPU); auto (HEADINFER, default settings); R<n>
-(HEADINFER, resident_kv_heads n). A server that refuses to start, or requests
+(HEADINFER, resident_kv_heads n). Both leave CPU co-attention at its default
+(auto). A server that refuses to start, or requests
 that fail, are recorded in the report, not raised. On CPU, FLASH_ATTN falls
 back to CPU_ATTN with only a log line. Smoke run on CPU with a tiny model
 (vllm_headinfer.tiny_model.build_tiny_model):

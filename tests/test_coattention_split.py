@@ -13,6 +13,7 @@ import pytest
 
 from vllm_headinfer.coattention_split import (
     MIN_CORES_PER_RANK,
+    MIN_CPU_SHARE_S,
     RankSplit,
     auto_split,
     balanced_cpu_heads,
@@ -83,6 +84,33 @@ def test_fixed_counts_are_capped_per_layer():
     assert RankSplit(fixed=0).layer_heads([8]) == [0]
 
 
+def test_auto_coattends_steps_whose_cpu_share_is_long_enough():
+    """Auto's steps co-attend from the context at which the CPU's share of a
+    layer takes MIN_CPU_SHARE_S; a fixed count co-attends every step."""
+    token_head = 2 * 128 * 2  # K and V of one bf16 token of one head
+    split = RankSplit(threads=15, cpu_rate=30e9, gpu_rate=48e9)
+    tokens = split.min_step_tokens(3, token_head)
+    assert (tokens - 1) * 3 * token_head / 30e9 < MIN_CPU_SHARE_S <= tokens * 3 * token_head / 30e9
+    assert 15_000 < tokens < 25_000  # 1 ms of a 30 GB/s reader over 3 heads
+    assert abs(split.min_step_tokens(6, token_head) - tokens / 2) <= 1  # twice the heads
+    assert split.min_step_tokens(0, token_head) == 0
+    assert RankSplit(threads=15, fixed=3).min_step_tokens(3, token_head) == 0
+
+
+def test_step_context_tokens():
+    from types import SimpleNamespace
+
+    import torch
+
+    from vllm_headinfer.metadata import step_context_tokens
+
+    step = SimpleNamespace(seq_lens_cpu_upper_bound=torch.tensor([100, 20, 7, 999]), num_reqs=3,
+                           max_seq_len=100)
+    assert step_context_tokens(step) == 127  # padding past num_reqs is not counted
+    step.seq_lens_cpu_upper_bound = None
+    assert step_context_tokens(step) == 300  # the longest, for every request
+
+
 def test_startup_line():
     assert startup_line(RankSplit(fixed=0), [0, 1], [2, 2]) is None
     assert startup_line(RankSplit(fixed=1), [0, 1], [0, 0]) is None
@@ -97,8 +125,8 @@ def test_startup_line():
 
 
 @pytest.mark.parametrize("raw,attention,threads", [
-    ({}, "off", "auto"),
-    ({"cpu_attention": "auto"}, "auto", "auto"),
+    ({}, "auto", "auto"),
+    ({"cpu_attention": "off"}, "off", "auto"),
     ({"cpu_attention": 0, "cpu_attention_threads": 1}, 0, 1),
     ({"cpu_attention": 3, "cpu_attention_threads": "auto"}, 3, "auto"),
 ])

@@ -28,6 +28,12 @@ from vllm_headinfer.placement import describe_runs
 # costs: steps without full CUDA graphs and a host wait in every layer.
 MIN_CORES_PER_RANK = 4
 
+# Auto leaves a step's offloaded heads to the GPU where the CPU's share of a
+# layer would take less than this: each co-attending layer pays a fixed host
+# round trip (waiting for its queries, starting the kernel's threads, copying
+# the output back), which a share this short would not win back.
+MIN_CPU_SHARE_S = 1e-3
+
 
 def balanced_cpu_heads(offloaded: int, cpu_rate: float, gpu_rate: float) -> int:
     """The CPU's heads of a layer with ``offloaded`` heads in host memory,
@@ -73,6 +79,15 @@ class RankSplit:
 
     def layer_heads(self, offloaded: Sequence[int]) -> list[int]:
         return [self.cpu_heads(n) for n in offloaded]
+
+    def min_step_tokens(self, cpu_heads: int, token_head_bytes: int) -> int:
+        """Context tokens (summed over a step's requests) from which a step
+        co-attends ``cpu_heads`` heads of ``token_head_bytes`` K/V bytes per
+        token: every step for a fixed count (what the setting asked for),
+        for auto the steps whose CPU share takes at least MIN_CPU_SHARE_S."""
+        if self.fixed is not None or cpu_heads <= 0:
+            return 0
+        return math.ceil(MIN_CPU_SHARE_S * self.cpu_rate / (cpu_heads * token_head_bytes))
 
 
 def auto_split(

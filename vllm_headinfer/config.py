@@ -79,7 +79,7 @@ SETTINGS = {
         "threads attend in decode and verify steps while the GPU reads the "
         "others: 'auto' (CUDA: measured at startup, off where it would not "
         "help; off on CPU), 'off', or an integer >= 0 (capped at the layer's "
-        "offloaded heads). Default 'off' (not yet measured on a GPU host).",
+        "offloaded heads). Default 'auto'.",
     ),
     "cpu_attention_threads": (
         "VLLM_HEADINFER_CPU_ATTENTION_THREADS",
@@ -118,7 +118,7 @@ class HeadInferConfig:
     staging_mib: int = 1024
     # "auto", "off" or the offloaded heads per layer CPU threads attend. Off
     # by default until its gain and exactness are measured on a GPU host.
-    cpu_attention: str | int = OFF
+    cpu_attention: str | int = AUTO
     cpu_attention_threads: str | int = AUTO
 
     @classmethod

@@ -107,7 +107,7 @@ class CudaHeadAttention:
             return
         name = impl._host_layer_name(layer)
         host = pool.device_layer(name)
-        if m.short_queries and impl.cpu_share is not None:
+        if m.host_step is not None and impl.cpu_share is not None:
             coattend(self, layer, query, kv_cache, pool.layer(name), host, m, output)
             return
         path = self.decode_path if m.short_queries else self.prefill_path

@@ -178,7 +178,7 @@ class HeadInferImpl(AttentionImpl[HeadInferMetadata]):
         from vllm_headinfer.torch_attention import paged_attention
 
         m = attn_metadata
-        share = self.cpu_share if m.short_queries else None
+        share = self.cpu_share if m.host_step is not None else None
         cpu_heads = share.heads if share is not None else 0
         for k_cache, v_cache, kv_heads, heads in self.kv_parts(layer, kv_cache, pool, False, cpu_heads):
             paged_attention(

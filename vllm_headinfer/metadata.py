@@ -47,6 +47,15 @@ def _coattention_heads(vllm_config, kv_cache_spec) -> int:
     return sum(split.cpu_heads(s.num_offloaded_kv_heads) for s in specs)
 
 
+def step_context_tokens(m: CommonAttentionMetadata) -> int:
+    """Context tokens of a step's requests (an upper bound where vLLM keeps
+    only the longest length on the host)."""
+    bound = m.seq_lens_cpu_upper_bound
+    if bound is None:
+        return m.max_seq_len * m.num_reqs
+    return int(bound[: m.num_reqs].sum())
+
+
 def in_place_query_len(vllm_config) -> int:
     """The longest query per request whose offloaded heads are read in place:
     1, or 1 + the draft length when speculative decoding verifies drafts."""
@@ -161,9 +170,13 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
         layers = get_layers_from_vllm_config(vllm_config, Attention, layer_names)
         for layer in layers.values():
             layer.impl.place(offloaded, pool, cpu_heads, split.threads)
-        # A short-query step's metadata on the host, for the CPU kernel.
+        # A short-query step's metadata on the host, for the CPU kernel, in
+        # steps with at least min_coattention_tokens of context.
         self.host_step_copies = None
+        self.min_coattention_tokens = 0
         if cpu_heads:
+            self.min_coattention_tokens = split.min_step_tokens(
+                cpu_heads, 2 * kv_cache_spec.head_size * kv_cache_spec.dtype.itemsize)
             self.host_step_copies = HostStepCopies(
                 vllm_config.scheduler_config.max_num_seqs, kv_cache_spec.block_size
             )
@@ -185,7 +198,8 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
         split_plan, num_splits = self._split_plan(plan, m)
         short_queries = m.max_query_len <= self.in_place_query_len
         host_step = None
-        if short_queries and self.host_step_copies is not None:
+        if (short_queries and self.host_step_copies is not None
+                and step_context_tokens(m) >= self.min_coattention_tokens):
             host_step = self.host_step_copies(m)
         return HeadInferMetadata(
             num_actual_tokens=n,
