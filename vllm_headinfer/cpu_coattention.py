@@ -10,11 +10,13 @@ pages. It releases the GIL, so a Python thread can run it while the
 calling thread goes on.
 
 It is written with numba (a dependency of vLLM itself, so nothing to compile
-at install time): per (request, KV head, KV split) a thread reads each K and V
-row once for all query heads of the GQA group and all query tokens of the
-request, converts it to fp32, and keeps an online softmax per query in fp32;
-splits of one (request, head) are merged by log-sum-exp. Query tokens are
-causal: query ``i`` of a request with ``q`` query tokens and ``L`` tokens of
+at install time): per (request, KV split) a thread walks the split's blocks,
+every KV head of a block in turn (they lie next to each other in the pool),
+reads each K and V row once for all query heads of the GQA group and all
+query tokens of the request, converts it to fp32 (bf16 in registers, fp16
+and fp8 through a widened copy of the page), and keeps an online softmax
+per query in fp32; splits of one (request, head) are merged by
+log-sum-exp. Query tokens are causal: query ``i`` of a request with ``q`` query tokens and ``L`` tokens of
 context sees positions ``< L - q + i + 1``.
 """
 
@@ -27,14 +29,15 @@ import numpy as np
 import torch
 from llvmlite import ir
 from numba.core import cgutils, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 # Page formats: read as float32, as raw 16-bit words for bf16 and fp16
 # (numpy has no bf16), as bytes for fp8.
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float8_e5m2: 3,
           torch.float8_e4m3fn: 4}
-# Blocks of context per split: long contexts spread over threads, short
-# ones stay in one split (a split costs a merge).
+# Most blocks of context per split: long contexts spread over threads in
+# splits of about this size (a split costs a merge), short ones over at most
+# one split per thread.
 BLOCKS_PER_SPLIT = 64
 
 
@@ -117,7 +120,7 @@ def _exp_scores(row, n, shift, bits):
     e**g by its Taylor series to g**7 (relative error about 1e-7)."""
     for t in range(n):
         y = max((row[t] - shift) * _LOG2E, np.float32(-127.0))
-        k = math.floor(y + np.float32(0.5))
+        k = np.floor(y + np.float32(0.5))  # (math.floor would give an integer: float64 after)
         g = (y - k) * _LN2
         p = np.float32(1.0 / 5040.0)
         p = p * g + np.float32(1.0 / 720.0)
@@ -134,256 +137,321 @@ def _exp_scores(row, n, shift, bits):
         row[t] *= powers[t]
 
 
-@numba.njit(inline="always", fastmath={"reassoc", "contract", "nsz"})
-def _dot(a, b, dim):
-    total = np.float32(0.0)
-    for i in range(dim):
-        total += a[i] * b[i]
-    return total
+@intrinsic
+def _bits_to_float(typingctx, word):
+    """The float32 whose bits are the low 32 of the unsigned ``word``."""
+    if not isinstance(word, types.Integer) or word.signed:
+        return None
+
+    def codegen(context, builder, signature, args):
+        low = builder.trunc(args[0], ir.IntType(32)) if word.bitwidth > 32 else args[0]
+        return builder.bitcast(low, ir.FloatType())
+
+    return types.float32(word), codegen
+
+
+def _as_float(x):
+    """An element of a page read in place, as float32: float32 itself, or
+    a bf16 word (bf16 is the upper half of a float32)."""
+
+
+@overload(_as_float)
+def _as_float_impl(x):
+    if isinstance(x, types.Float):
+        return lambda x: np.float32(x)
+    if isinstance(x, types.Integer):
+        return lambda x: _bits_to_float(np.uint32(np.uint16(x)) << np.uint32(16))
+    return None
 
 
 # Reassociation lets the dot products vectorise; -inf and NaN keep their
 # meaning (masked positions and empty splits rely on -inf).
-@numba.njit(parallel=True, fastmath={"reassoc", "contract", "nsz"}, cache=True, nogil=True)
-def _attend(q, flat, heads, block_stride, head_stride, block_size, code, scales,
-            block_table, seq_lens, query_start, scale, splits, m_out, l_out, acc_out):
-    """Partial softmax state of every (request, head, split): running max
-    ``m_out[item, qi, g]``, sum ``l_out`` and unnormalised output ``acc_out``.
-    ``flat`` holds the pages ``[blocks, heads, 2, block_size, dim]`` from the
-    first one on, a block and a head ``block_stride`` and ``head_stride``
-    elements apart (the heads may be a slice of the pool's). Per block: K and
-    V pages to float32 once, then the scores of every query row, one rescale
-    of the running state (exponentials in a vectorised loop), and the
-    weighted V rows. Query rows (the request's query tokens times the GQA
-    group) go four at a time, the last few one by one, and K and V rows four
-    at a time where causality allows, so each element loaded feeds four
-    multiply-adds."""
+_FAST = {"reassoc", "contract", "nsz"}
+
+
+@numba.njit(inline="always", fastmath=_FAST)
+def _dot(a, b, dim):
+    total = np.float32(0.0)
+    for i in range(dim):
+        total += a[i] * _as_float(b[i])
+    return total
+
+
+# Inlined: as a call, the reference counts of its eleven array arguments
+# (atomic updates) cost more than a third of the block's arithmetic.
+@numba.njit(inline="always", fastmath=_FAST, nogil=True)
+def _block(k_rows, v_rows, in_block, start, group, queries, scores, exp_bits, m, l_sum, acc):
+    """One block of one KV head into the online softmax state ``m``,
+    ``l_sum``, ``acc`` of its query rows (the request's query tokens times
+    the GQA group, ``queries`` scaled). ``k_rows`` and ``v_rows``
+    ``[block_size, dim]``: float32, or bf16 words read in place (each
+    element is widened where it is used, in registers). ``start``: the
+    block's first position minus the first query's. Query rows go four at a
+    time, the last few one by one, and K and V rows four at a time where
+    causality allows, so each element loaded feeds four multiply-adds."""
+    rows, dim = queries.shape
+    rows4 = rows - rows % 4  # rows taken four at a time
+    # Four K rows at once where every query row sees all of them (the
+    # whole block is before the first query's position): each query element
+    # loaded feeds four K rows, each K element four query rows.
+    whole = 0
+    if start + in_block <= 1:
+        whole = in_block - in_block % 4
+    for t in range(0, whole, 4):
+        ka, kb, kc, kd = k_rows[t], k_rows[t + 1], k_rows[t + 2], k_rows[t + 3]
+        for j in range(0, rows4, 4):
+            a0, a1, a2, a3 = queries[j], queries[j + 1], queries[j + 2], queries[j + 3]
+            d0a = d0b = d0c = d0d = d1a = d1b = d1c = d1d = np.float32(0.0)
+            d2a = d2b = d2c = d2d = d3a = d3b = d3c = d3d = np.float32(0.0)
+            for i in range(dim):
+                xa, xb = _as_float(ka[i]), _as_float(kb[i])
+                xc, xd = _as_float(kc[i]), _as_float(kd[i])
+                y0, y1, y2, y3 = a0[i], a1[i], a2[i], a3[i]
+                d0a += y0 * xa
+                d0b += y0 * xb
+                d0c += y0 * xc
+                d0d += y0 * xd
+                d1a += y1 * xa
+                d1b += y1 * xb
+                d1c += y1 * xc
+                d1d += y1 * xd
+                d2a += y2 * xa
+                d2b += y2 * xb
+                d2c += y2 * xc
+                d2d += y2 * xd
+                d3a += y3 * xa
+                d3b += y3 * xb
+                d3c += y3 * xc
+                d3d += y3 * xd
+            # (Stored one by one: tuple stores into row views gave wrong
+            # scores with numba 0.65.)
+            scores[j, t] = d0a
+            scores[j, t + 1] = d0b
+            scores[j, t + 2] = d0c
+            scores[j, t + 3] = d0d
+            scores[j + 1, t] = d1a
+            scores[j + 1, t + 1] = d1b
+            scores[j + 1, t + 2] = d1c
+            scores[j + 1, t + 3] = d1d
+            scores[j + 2, t] = d2a
+            scores[j + 2, t + 1] = d2b
+            scores[j + 2, t + 2] = d2c
+            scores[j + 2, t + 3] = d2d
+            scores[j + 3, t] = d3a
+            scores[j + 3, t + 1] = d3b
+            scores[j + 3, t + 2] = d3c
+            scores[j + 3, t + 3] = d3d
+        for j in range(rows4, rows):
+            for tt in range(t, t + 4):
+                scores[j, tt] = _dot(queries[j], k_rows[tt], dim)
+    for t in range(whole, in_block):
+        krow = k_rows[t]
+        # Query qi sits at position qi relative to the first and sees
+        # positions up to its own: the first query that sees t.
+        seen_from = start + t
+        for j in range(0, rows4, 4):
+            if j // group >= seen_from:  # so do the three rows after it
+                a0, a1, a2, a3 = queries[j], queries[j + 1], queries[j + 2], queries[j + 3]
+                d0 = d1 = d2 = d3 = np.float32(0.0)
+                for i in range(dim):
+                    x = _as_float(krow[i])
+                    d0 += a0[i] * x
+                    d1 += a1[i] * x
+                    d2 += a2[i] * x
+                    d3 += a3[i] * x
+                scores[j, t] = d0
+                scores[j + 1, t] = d1
+                scores[j + 2, t] = d2
+                scores[j + 3, t] = d3
+            else:
+                for jj in range(j, j + 4):
+                    seen = jj // group >= seen_from
+                    scores[jj, t] = _dot(queries[jj], krow, dim) if seen else -np.inf
+        for j in range(rows4, rows):
+            seen = j // group >= seen_from
+            scores[j, t] = _dot(queries[j], krow, dim) if seen else -np.inf
+    # Online softmax: the block's weights replace its scores. A row's
+    # state is rescaled only when its maximum grows, which after the first
+    # blocks of a long context is rare.
+    for j in range(rows):
+        row = scores[j]
+        block_max = row[0]
+        for t in range(1, in_block):  # (a select, unlike max(), vectorises)
+            block_max = row[t] if row[t] > block_max else block_max
+        if block_max > m[j]:
+            correction = math.exp(m[j] - block_max)
+            l_sum[j] *= correction
+            out_row = acc[j]
+            for i in range(dim):
+                out_row[i] *= correction
+            m[j] = block_max
+        if m[j] == -np.inf:  # nothing seen yet
+            for t in range(in_block):
+                row[t] = 0.0
+            continue
+        _exp_scores(row, in_block, m[j], exp_bits)
+        for t in range(in_block):
+            l_sum[j] += row[t]
+    whole = in_block - in_block % 4
+    for j in range(0, rows4, 4):
+        o0, o1, o2, o3 = acc[j], acc[j + 1], acc[j + 2], acc[j + 3]
+        p0, p1, p2, p3 = scores[j], scores[j + 1], scores[j + 2], scores[j + 3]
+        # Four V rows per pass: each output element is loaded and stored
+        # once for four of them.
+        for t in range(0, whole, 4):
+            va, vb, vc, vd = v_rows[t], v_rows[t + 1], v_rows[t + 2], v_rows[t + 3]
+            w0a, w0b, w0c, w0d = p0[t], p0[t + 1], p0[t + 2], p0[t + 3]
+            w1a, w1b, w1c, w1d = p1[t], p1[t + 1], p1[t + 2], p1[t + 3]
+            w2a, w2b, w2c, w2d = p2[t], p2[t + 1], p2[t + 2], p2[t + 3]
+            w3a, w3b, w3c, w3d = p3[t], p3[t + 1], p3[t + 2], p3[t + 3]
+            for i in range(dim):
+                ya, yb = _as_float(va[i]), _as_float(vb[i])
+                yc, yd = _as_float(vc[i]), _as_float(vd[i])
+                o0[i] += w0a * ya + w0b * yb + w0c * yc + w0d * yd
+                o1[i] += w1a * ya + w1b * yb + w1c * yc + w1d * yd
+                o2[i] += w2a * ya + w2b * yb + w2c * yc + w2d * yd
+                o3[i] += w3a * ya + w3b * yb + w3c * yc + w3d * yd
+        for t in range(whole, in_block):
+            w0, w1, w2, w3 = p0[t], p1[t], p2[t], p3[t]
+            vrow = v_rows[t]
+            for i in range(dim):
+                y = _as_float(vrow[i])
+                o0[i] += w0 * y
+                o1[i] += w1 * y
+                o2[i] += w2 * y
+                o3[i] += w3 * y
+    for j in range(rows4, rows):
+        o0 = acc[j]
+        for t in range(in_block):
+            w0 = scores[j, t]
+            vrow = v_rows[t]
+            for i in range(dim):
+                o0[i] += w0 * _as_float(vrow[i])
+
+
+@numba.njit(nogil=True)
+def _plan(seq_lens, block_size, threads):
+    """Splits of the requests' contexts into work items of about equal
+    size, at most BLOCKS_PER_SPLIT blocks each, their number a multiple of
+    the thread count where contexts are long (so that every thread gets the
+    same number of blocks: numba hands each thread an equal share of the
+    items). Returns each request's first item (and the total after the
+    last) and the blocks per split."""
     num_reqs = seq_lens.shape[0]
-    group = q.shape[2]
-    dim = q.shape[3]
+    total = 0
+    for r in range(num_reqs):
+        total += (seq_lens[r] + block_size - 1) // block_size
+    target = threads * max(1, -(-total // (threads * BLOCKS_PER_SPLIT)))
+    per_split = max(1, -(-total // target))
+    first_item = np.empty(num_reqs + 1, np.int64)
+    first_item[0] = 0
+    for r in range(num_reqs):
+        blocks = (seq_lens[r] + block_size - 1) // block_size
+        first_item[r + 1] = first_item[r] + max(1, -(-blocks // per_split))
+    return first_item, per_split
+
+
+@numba.njit(parallel=True, fastmath=_FAST, cache=True, nogil=True)
+def _attention(q, flat, block_stride, head_stride, block_size, code, scales, block_table,
+               seq_lens, query_start, scale, threads, out):
+    """Attention of every request's query rows ``q`` ``[tokens, heads,
+    group, dim]`` into ``out`` (same shape, float32). ``flat`` holds the
+    pages ``[blocks, heads, 2, block_size, dim]`` from the first one on, a
+    block and a head ``block_stride`` and ``head_stride`` elements apart
+    (the heads may be a slice of the pool's). Each work item (a split of a
+    request's blocks) reads its blocks one after the other, every head of a
+    block in turn: the heads of a block lie next to each other in the pool,
+    so the reads stream through memory rather than hopping between 8 KiB
+    pages. bf16 and float32 pages are read in place; fp16 and fp8 K and V
+    pages are widened to float32 first. The splits' partial states (running
+    max, sum, unnormalised output) are then merged by log-sum-exp."""
+    num_reqs = seq_lens.shape[0]
+    tokens, heads, group, dim = q.shape
     page = block_size * dim
-    for item in numba.prange(num_reqs * heads * splits):
-        r = item // (heads * splits)
-        h = (item // splits) % heads
-        s = item % splits
+    first_item, per_split = _plan(seq_lens, block_size, threads)
+    items = first_item[num_reqs]
+    max_q = 0
+    for r in range(num_reqs):
+        max_q = max(max_q, query_start[r + 1] - query_start[r])
+    m_part = np.empty((items, heads, max_q * group), np.float32)
+    l_part = np.empty((items, heads, max_q * group), np.float32)
+    acc_part = np.empty((items, heads, max_q * group, dim), np.float32)
+    for item in numba.prange(items):
+        r = np.searchsorted(first_item, item, side="right") - 1
         length = seq_lens[r]
         q0 = query_start[r]
         nq = query_start[r + 1] - q0
         rows = nq * group
-        rows4 = rows - rows % 4  # rows taken four at a time
         num_blocks = (length + block_size - 1) // block_size
-        per_split = (num_blocks + splits - 1) // splits
-        b_first = s * per_split
+        b_first = (item - first_item[r]) * per_split
         b_end = min(num_blocks, b_first + per_split)
-        queries = np.empty((rows, dim), np.float32)
-        for qi in range(nq):
-            for g in range(group):
-                src = q[q0 + qi, h, g]
-                dst = queries[qi * group + g]
-                for i in range(dim):
-                    dst[i] = src[i] * scale
+        queries = np.empty((heads, rows, dim), np.float32)
+        for h in range(heads):
+            for qi in range(nq):
+                for g in range(group):
+                    for i in range(dim):
+                        queries[h, qi * group + g, i] = q[q0 + qi, h, g, i] * scale
         k_bits = np.zeros(page, np.uint32)
         v_bits = np.zeros(page, np.uint32)
-        k_flat = k_bits.view(np.float32)
-        v_flat = v_bits.view(np.float32)
-        k_rows = k_flat.reshape((block_size, dim))
-        v_rows = v_flat.reshape((block_size, dim))
+        k_rows = k_bits.view(np.float32).reshape((block_size, dim))
+        v_rows = v_bits.view(np.float32).reshape((block_size, dim))
         scores = np.empty((rows, block_size), np.float32)
         exp_bits = np.empty(block_size, np.int32)
-        m = np.full(rows, -np.inf, np.float32)
-        l_sum = np.zeros(rows, np.float32)
-        acc = np.zeros((rows, dim), np.float32)
+        m = m_part[item]
+        l_sum = l_part[item]
+        acc = acc_part[item]
+        m[:] = -np.inf
+        l_sum[:] = 0.0
+        acc[:] = 0.0
         for b in range(b_first, b_end):
-            if b + 1 < b_end:
-                ahead = block_table[r, b + 1] * block_stride + h * head_stride
-                for off in range(0, 2 * page, 32):
-                    _prefetch(flat, ahead + off)
-            base = block_table[r, b] * block_stride + h * head_stride
+            block = block_table[r, b] * block_stride
             in_block = min(block_size, length - b * block_size)
             n = in_block * dim
-            _to_float(flat[base:base + n], code, scales[0], k_bits, k_flat)
-            _to_float(flat[base + page:base + page + n], code, scales[1], v_bits, v_flat)
-            first_pos = b * block_size
-            # Four K rows at once where every query row sees all of them
-            # (the whole block is before the first query's position): each
-            # query element loaded feeds four K rows, each K element four
-            # query rows.
-            whole = 0
-            if first_pos + in_block <= length - nq + 1:
-                whole = in_block - in_block % 4
-            for t in range(0, whole, 4):
-                ka, kb, kc, kd = k_rows[t], k_rows[t + 1], k_rows[t + 2], k_rows[t + 3]
-                for j in range(0, rows4, 4):
-                    a0, a1, a2, a3 = queries[j], queries[j + 1], queries[j + 2], queries[j + 3]
-                    d0a = d0b = d0c = d0d = d1a = d1b = d1c = d1d = np.float32(0.0)
-                    d2a = d2b = d2c = d2d = d3a = d3b = d3c = d3d = np.float32(0.0)
-                    for i in range(dim):
-                        xa, xb, xc, xd = ka[i], kb[i], kc[i], kd[i]
-                        y0, y1, y2, y3 = a0[i], a1[i], a2[i], a3[i]
-                        d0a += y0 * xa
-                        d0b += y0 * xb
-                        d0c += y0 * xc
-                        d0d += y0 * xd
-                        d1a += y1 * xa
-                        d1b += y1 * xb
-                        d1c += y1 * xc
-                        d1d += y1 * xd
-                        d2a += y2 * xa
-                        d2b += y2 * xb
-                        d2c += y2 * xc
-                        d2d += y2 * xd
-                        d3a += y3 * xa
-                        d3b += y3 * xb
-                        d3c += y3 * xc
-                        d3d += y3 * xd
-                    # (Stored one by one: tuple stores into row views gave wrong
-                    # scores with numba 0.65.)
-                    scores[j, t] = d0a
-                    scores[j, t + 1] = d0b
-                    scores[j, t + 2] = d0c
-                    scores[j, t + 3] = d0d
-                    scores[j + 1, t] = d1a
-                    scores[j + 1, t + 1] = d1b
-                    scores[j + 1, t + 2] = d1c
-                    scores[j + 1, t + 3] = d1d
-                    scores[j + 2, t] = d2a
-                    scores[j + 2, t + 1] = d2b
-                    scores[j + 2, t + 2] = d2c
-                    scores[j + 2, t + 3] = d2d
-                    scores[j + 3, t] = d3a
-                    scores[j + 3, t + 1] = d3b
-                    scores[j + 3, t + 2] = d3c
-                    scores[j + 3, t + 3] = d3d
-                for j in range(rows4, rows):
-                    for tt in range(t, t + 4):
-                        scores[j, tt] = _dot(queries[j], k_rows[tt], dim)
-            for t in range(whole, in_block):
-                krow = k_rows[t]
-                # Query qi sits at position length - nq + qi and sees
-                # positions up to its own: the first query that sees t.
-                seen_from = first_pos + t - (length - nq)
-                for j in range(0, rows4, 4):
-                    if j // group >= seen_from:  # so do the three rows after it
-                        a0, a1, a2, a3 = queries[j], queries[j + 1], queries[j + 2], queries[j + 3]
-                        d0 = d1 = d2 = d3 = np.float32(0.0)
-                        for i in range(dim):
-                            x = krow[i]
-                            d0 += a0[i] * x
-                            d1 += a1[i] * x
-                            d2 += a2[i] * x
-                            d3 += a3[i] * x
-                        scores[j, t] = d0
-                        scores[j + 1, t] = d1
-                        scores[j + 2, t] = d2
-                        scores[j + 3, t] = d3
-                    else:
-                        for jj in range(j, j + 4):
-                            seen = jj // group >= seen_from
-                            scores[jj, t] = _dot(queries[jj], krow, dim) if seen else -np.inf
-                for j in range(rows4, rows):
-                    seen = j // group >= seen_from
-                    scores[j, t] = _dot(queries[j], krow, dim) if seen else -np.inf
-            # Online softmax: rescale each row's state once per block; the
-            # block's weights replace its scores.
-            for j in range(rows):
-                row = scores[j]
-                block_max = -np.inf
-                for t in range(in_block):
-                    block_max = max(block_max, row[t])
-                if block_max == -np.inf:
-                    for t in range(in_block):
-                        row[t] = 0.0
-                    continue
-                new_max = max(m[j], block_max)
-                correction = math.exp(m[j] - new_max)
-                l_sum[j] *= correction
-                m[j] = new_max
-                out_row = acc[j]
-                for i in range(dim):
-                    out_row[i] *= correction
-                _exp_scores(row, in_block, new_max, exp_bits)
-                for t in range(in_block):
-                    l_sum[j] += row[t]
-            for j in range(0, rows4, 4):
-                o0 = acc[j]
-                o1 = acc[j + 1]
-                o2 = acc[j + 2]
-                o3 = acc[j + 3]
-                # Four V rows per pass: each output element is loaded
-                # and stored once for four of them.
-                whole = in_block - in_block % 4
-                for t in range(0, whole, 4):
-                    va, vb, vc, vd = v_rows[t], v_rows[t + 1], v_rows[t + 2], v_rows[t + 3]
-                    p0, p1, p2, p3 = scores[j], scores[j + 1], scores[j + 2], scores[j + 3]
-                    w0a, w0b, w0c, w0d = p0[t], p0[t + 1], p0[t + 2], p0[t + 3]
-                    w1a, w1b, w1c, w1d = p1[t], p1[t + 1], p1[t + 2], p1[t + 3]
-                    w2a, w2b, w2c, w2d = p2[t], p2[t + 1], p2[t + 2], p2[t + 3]
-                    w3a, w3b, w3c, w3d = p3[t], p3[t + 1], p3[t + 2], p3[t + 3]
-                    for i in range(dim):
-                        ya, yb, yc, yd = va[i], vb[i], vc[i], vd[i]
-                        o0[i] += w0a * ya + w0b * yb + w0c * yc + w0d * yd
-                        o1[i] += w1a * ya + w1b * yb + w1c * yc + w1d * yd
-                        o2[i] += w2a * ya + w2b * yb + w2c * yc + w2d * yd
-                        o3[i] += w3a * ya + w3b * yb + w3c * yc + w3d * yd
-                for t in range(whole, in_block):
-                    w0 = scores[j, t]
-                    w1 = scores[j + 1, t]
-                    w2 = scores[j + 2, t]
-                    w3 = scores[j + 3, t]
-                    vrow = v_rows[t]
-                    for i in range(dim):
-                        y = vrow[i]
-                        o0[i] += w0 * y
-                        o1[i] += w1 * y
-                        o2[i] += w2 * y
-                        o3[i] += w3 * y
-            for j in range(rows4, rows):
-                o0 = acc[j]
-                for t in range(in_block):
-                    w0 = scores[j, t]
-                    vrow = v_rows[t]
-                    for i in range(dim):
-                        o0[i] += w0 * vrow[i]
-        for qi in range(nq):
-            for g in range(group):
-                j = qi * group + g
-                m_out[item, qi, g] = m[j]
-                l_out[item, qi, g] = l_sum[j]
-                dst = acc_out[item, qi, g]
-                src = acc[j]
-                for i in range(dim):
-                    dst[i] = src[i]
-
-
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _merge(m_part, l_part, acc_part, seq_lens, query_start, heads, splits, out):
-    """Combines the splits of every (request, head) into ``out``."""
-    num_reqs = seq_lens.shape[0]
-    group = out.shape[2]
-    dim = out.shape[3]
+            start = b * block_size - (length - nq)
+            for h in range(heads):
+                base = block + h * head_stride
+                # The same head two blocks ahead, a cache line at a time:
+                # spread over the heads, the hints keep the memory busy
+                # without a burst that would stall the loads of this block.
+                if b + 2 < b_end:
+                    nxt = block_table[r, b + 2] * block_stride + h * head_stride
+                    for off in range(nxt, nxt + 2 * page, 64 // flat.itemsize):
+                        _prefetch(flat, off)
+                k_page = flat[base:base + page]
+                v_page = flat[base + page:base + 2 * page]
+                if code <= 1:  # (compiled for fp8's bytes too, never run for them)
+                    _block(k_page.reshape((block_size, dim)), v_page.reshape((block_size, dim)),
+                           in_block, start, group, queries[h], scores, exp_bits, m[h], l_sum[h],
+                           acc[h])
+                else:
+                    _to_float(k_page[:n], code, scales[0], k_bits, k_bits.view(np.float32))
+                    _to_float(v_page[:n], code, scales[1], v_bits, v_bits.view(np.float32))
+                    _block(k_rows, v_rows, in_block, start, group, queries[h], scores, exp_bits,
+                           m[h], l_sum[h], acc[h])
+    # Each (request, head): its splits merged by log-sum-exp.
     for rh in numba.prange(num_reqs * heads):
         r = rh // heads
         h = rh % heads
         q0 = query_start[r]
-        nq = query_start[r + 1] - q0
-        first = rh * splits
-        for qi in range(nq):
-            for g in range(group):
-                top = -np.inf
-                for s in range(splits):
-                    top = max(top, m_part[first + s, qi, g])
-                total = 0.0
+        rows = (query_start[r + 1] - q0) * group
+        for j in range(rows):
+            qi, g = j // group, j % group
+            dst = out[q0 + qi, h, g]
+            top = -np.inf
+            for item in range(first_item[r], first_item[r + 1]):
+                top = max(top, m_part[item, h, j])
+            dst[:] = 0.0
+            if top == -np.inf:
+                continue
+            total = 0.0
+            for item in range(first_item[r], first_item[r + 1]):
+                weight = math.exp(m_part[item, h, j] - top)
+                total += l_part[item, h, j] * weight
+                src = acc_part[item, h, j]
                 for i in range(dim):
-                    out[q0 + qi, h, g, i] = 0.0
-                if top == -np.inf:
-                    continue
-                for s in range(splits):
-                    weight = math.exp(m_part[first + s, qi, g] - top)
-                    total += l_part[first + s, qi, g] * weight
-                    for i in range(dim):
-                        out[q0 + qi, h, g, i] += acc_part[first + s, qi, g, i] * weight
-                for i in range(dim):
-                    out[q0 + qi, h, g, i] /= total
+                    dst[i] += src[i] * weight
+            for i in range(dim):
+                dst[i] /= total
 
 
 def _flat(pages: torch.Tensor) -> tuple[np.ndarray, int, int]:
@@ -431,23 +499,11 @@ def decode_attention(
                         f"not {fp8 or pages.dtype}")
     heads, dim = pages.shape[1], pages.shape[4]
     tokens = query.shape[0]
-    group = query.shape[1] // heads
-    q = query.reshape(tokens, heads, group, dim).to(torch.float32).numpy()
-    seqs = seq_lens.to(torch.int64).numpy()
-    starts = query_start_loc.to(torch.int64).numpy()
-    table = block_table.to(torch.int64).numpy()
-    num_reqs = seqs.shape[0]
-    max_q = int((starts[1:] - starts[:-1]).max()) if num_reqs else 0
-    longest = int(seqs.max()) if num_reqs else 0
-    splits = max(1, math.ceil(math.ceil(longest / pages.shape[3]) / BLOCKS_PER_SPLIT))
-    items = num_reqs * heads * splits
-    m_part = np.empty((items, max_q, group), np.float32)
-    l_part = np.empty((items, max_q, group), np.float32)
-    acc_part = np.empty((items, max_q, group, dim), np.float32)
-    scales = np.array([k_scale, v_scale], np.float32)
+    q = query.reshape(tokens, heads, query.shape[1] // heads, dim).to(torch.float32).numpy()
+    result = np.empty(q.shape, np.float32)
     flat, block_stride, head_stride = _flat(pages)
-    _attend(q, flat, heads, block_stride, head_stride, pages.shape[3], code, scales, table,
-            seqs, starts, np.float32(scale), splits, m_part, l_part, acc_part)
-    result = np.empty((tokens, heads, group, dim), np.float32)
-    _merge(m_part, l_part, acc_part, seqs, starts, heads, splits, result)
-    out.copy_(torch.from_numpy(result).reshape(tokens, heads * group, dim))
+    _attention(q, flat, block_stride, head_stride, pages.shape[3], code,
+               np.array([k_scale, v_scale], np.float32), block_table.to(torch.int64).numpy(),
+               seq_lens.to(torch.int64).numpy(), query_start_loc.to(torch.int64).numpy(),
+               np.float32(scale), numba.get_num_threads(), result)
+    out.copy_(torch.from_numpy(result).reshape(out.shape))
