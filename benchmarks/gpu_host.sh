@@ -214,11 +214,14 @@ case "$1" in
   co-spec)
     # One GPU, CPU co-attention and speculative decoding (longer than a
     # device command: run in background): co-attention (under CUDA graphs)
-    # and mtp against FLASH_ATTN, co-attention at 512K on 4 layers (run 13
-    # measured 128K and 256K), ngram (k = 7) on the edit workload at 128K
+    # and mtp against FLASH_ATTN, the kernel's read rate by thread count,
+    # co-attention at 512K on 4 layers (run 13 measured 128K and 256K; run
+    # "SHAPES='32l 8l' bash $0 coattn" for them with a reworked kernel),
+    # ngram (k = 7) on the edit workload at 128K
     # with both backends, then co-attention beside auto placement at 512K.
     T="tests/gpu/test_cuda_coattention.py tests/gpu/test_cuda_speculative.py" \
       K="(coattention and cuda-graphs) or mtp" KERNELS=0 CHECK_TIMEOUT=1500 bash "$0" check
+    bash "$0" cpu-attn
     SHAPES=4l bash "$0" coattn
     SPEC_CONFIGS=R0,R0+ngram7,FLASH_ATTN,FLASH_ATTN+ngram7 DECODE=96 bash "$0" spec
     bash "$0" coattn-auto
