@@ -116,8 +116,8 @@ class HeadInferConfig:
     decode_path: str = "auto"
     prefill_path: str = "auto"
     staging_mib: int = 1024
-    # "auto", "off" or the offloaded heads per layer CPU threads attend. Off
-    # by default until its gain and exactness are measured on a GPU host.
+    # "auto", "off" or the offloaded heads per layer CPU threads attend
+    # (auto: measured at startup on CUDA, off on CPU).
     cpu_attention: str | int = AUTO
     cpu_attention_threads: str | int = AUTO
 

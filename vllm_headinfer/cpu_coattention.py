@@ -87,17 +87,12 @@ _U32 = np.uint32
 
 @numba.njit(inline="always")
 def _to_float(raw, code, scale, bits, values):
-    """``raw`` (one K or V page of a block: contiguous) as float32 times
-    ``scale`` (fp8 only) into ``values`` (``bits`` is its uint32 view). The
-    loops index slices from 0, which lets them vectorise (an offset index
-    into the whole pool does not)."""
-    if code == 0:
-        for i in range(raw.shape[0]):
-            values[i] = raw[i]
-    elif code == 1:
-        for i in range(raw.shape[0]):
-            bits[i] = np.uint32(np.uint16(raw[i])) << np.uint32(16)
-    elif code == 2:  # fp16: exponent bias 15
+    """``raw`` (one fp16 or fp8 K or V page of a block: contiguous; bf16
+    and float32 pages are read in place) as float32 times ``scale`` (fp8
+    only) into ``values`` (``bits`` is its uint32 view). The loops index
+    slices from 0, which lets them vectorise (an offset index into the whole
+    pool does not)."""
+    if code == 2:  # fp16: exponent bias 15
         _widen(raw, _U32(13), np.float32(2.0**112), _U32(0x8000), _U32(0x7C00), _U32(0x3FF),
                np.float32(1.0), bits, values)
     elif code == 3:  # fp8 e5m2: bias 15

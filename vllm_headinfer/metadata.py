@@ -176,7 +176,7 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
         self.min_coattention_tokens = 0
         if cpu_heads:
             self.min_coattention_tokens = split.min_step_tokens(
-                cpu_heads, 2 * kv_cache_spec.head_size * kv_cache_spec.dtype.itemsize)
+                cpu_heads, kv_cache_spec.token_head_bytes)
             self.host_step_copies = HostStepCopies(
                 vllm_config.scheduler_config.max_num_seqs, kv_cache_spec.block_size
             )

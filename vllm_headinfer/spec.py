@@ -28,14 +28,14 @@ class HeadInferAttentionSpec(FullAttentionSpec):
         return self.num_kv_heads - self.num_offloaded_kv_heads
 
     @property
+    def token_head_bytes(self) -> int:
+        """K and V bytes of one token of one KV head."""
+        return (self.head_size + self.head_size_v) * get_dtype_size(self.dtype)
+
+    @property
     def host_page_size_bytes(self) -> int:
         """Bytes of one block of this layer in the host pool."""
-        return (
-            self.num_offloaded_kv_heads
-            * self.block_size
-            * (self.head_size + self.head_size_v)
-            * get_dtype_size(self.dtype)
-        )
+        return self.num_offloaded_kv_heads * self.block_size * self.token_head_bytes
 
     @classmethod
     def merge(cls, specs):
