@@ -2,7 +2,7 @@
 # Stages of a GPU-host session (see ../shared/gpu/README.md for the wheel kit).
 # Usage: bash benchmarks/gpu_host.sh install|check|ray-example|bench|bench-long|bench-tp|capacity
 #                                   |place-short|place-512k|place-capacity|fp8|fp8-capacity|spec|spec-steps|serve-load|cpu-attn
-#                                   |long-tp4|x4|coattn|coattn-auto|co-spec
+#                                   |long-tp4|x4|load-lanes|coattn|coattn-auto|co-spec
 #        bash benchmarks/gpu_host.sh background "STAGE [STAGE...]"   (returns at once)
 #        bash benchmarks/gpu_host.sh wait SECONDS   (until the background stages end)
 # Logs and results go to $OUT (or ./gpu-out). A device command may run 10
@@ -75,7 +75,8 @@ case "$1" in
   wait)
     end=$((SECONDS + $2))
     while [ ! -e /tmp/gpu-out/DONE ] && [ $SECONDS -lt $end ]; do sleep 5; done
-    cp -r /tmp/gpu-out/. "$out/"; ls /tmp/gpu-out; tail -15 /tmp/gpu-out/background.log
+    # One archive: a call brings back at most 8 files, two folders down.
+    tar czf "$out/gpu-out.tgz" -C /tmp/gpu-out . ; ls /tmp/gpu-out; tail -15 /tmp/gpu-out/background.log
     ;;
   uva)
     reinstall
@@ -226,6 +227,28 @@ case "$1" in
     SPEC_CONFIGS=R0,R0+ngram7,FLASH_ATTN,FLASH_ATTN+ngram7 DECODE=96 bash "$0" spec
     bash "$0" coattn-auto
     ;;
+  load-lanes)
+    # Two or four GPUs side by side (longer than a device command: run in
+    # background). The load table in two lanes: FLASH_ATTN then auto on GPU 0
+    # (workload (a) compares them on one GPU), R0 on GPU 1; each HEADINFER
+    # server has 120 GiB of host pool (90 on two GPUs) and co-attention at most 15 threads
+    # (as on the one-GPU host). With four GPUs also: co-attention (CUDA
+    # graphs) and mtp against FLASH_ATTN on GPU 2 (7 threads), ngram (k = 7)
+    # on the edit workload on GPU 3; then co-attention at 512K on 4 layers
+    # and the kernel's rate with the host to themselves.
+    reinstall
+    gpus=$(nvidia-smi -L | wc -l); gib=$([ "$gpus" -ge 4 ] && echo 120 || echo 90)
+    lane 0 load-fa serve-load SERVE_CONFIGS=FLASH_ATTN,auto CPU_KV_GIB=$gib VLLM_HEADINFER_CPU_ATTENTION_THREADS=15
+    lane 1 load-r0 serve-load SERVE_CONFIGS=R0 CPU_KV_GIB=$gib VLLM_HEADINFER_CPU_ATTENTION_THREADS=15
+    if [ "$gpus" -ge 4 ]; then
+      lane 2 checks check T="tests/gpu/test_cuda_coattention.py tests/gpu/test_cuda_speculative.py" \
+        K="(coattention and cuda-graphs) or mtp" KERNELS=0 CHECK_TIMEOUT=1500 VLLM_HEADINFER_CPU_ATTENTION_THREADS=7
+      lane 3 spec spec SPEC_CONFIGS=R0,R0+ngram7,FLASH_ATTN,FLASH_ATTN+ngram7 DECODE=96
+    fi
+    wait
+    SHAPES=4l bash "$0" coattn
+    bash "$0" cpu-attn
+    ;;
   serve-load)
     # vllm bench serve against vllm serve: FLASH_ATTN, auto and R0 over the
     # three load workloads (longer than a device command: run in background;
@@ -233,7 +256,8 @@ case "$1" in
     # all of it).
     reinstall
     timeout 3000 python3 benchmarks/serve_load.py --out "$out/serve_load.json" \
-      ${SERVE_CONFIGS:+--configs "$SERVE_CONFIGS"} ${WORKLOADS:+--workloads "$WORKLOADS"} 2>&1 | tail -20
+      ${SERVE_CONFIGS:+--configs "$SERVE_CONFIGS"} ${WORKLOADS:+--workloads "$WORKLOADS"} \
+      ${CPU_KV_GIB:+--cpu-kv-gib "$CPU_KV_GIB"} 2>&1 | tail -20
     ;;
   coattn)
     # CPU co-attention, every head offloaded: R0 without it and with auto's
