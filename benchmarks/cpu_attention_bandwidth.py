@@ -1,7 +1,7 @@
 """K/V read bandwidth of the CPU co-attention kernel, by thread count.
 
 Llama-3-8B shape (head_dim 128, GQA 4: 32 query heads over 8 KV heads),
-16-token blocks, bf16, one request decoding one token over 131,072 tokens of
+16-token blocks, bf16 (or, with --dtypes, fp16 and fp8 pages), one request decoding one token over 131,072 tokens of
 one layer's host pages ``[blocks, H, 2, 16, 128]`` (layout.py), blocks in
 random order. A call attends 4 or 8 KV heads: all of a pool of that many
 ("own"), and for 4 also half of an 8-head pool ("slice": the heads CPU
@@ -15,6 +15,7 @@ while the CPU ran is reported with it.
 
 Usage (GPU host): python3 benchmarks/cpu_attention_bandwidth.py --out $OUT/cpu_attn_bw.json
 Small run without a GPU: ... --context 8192 --threads 1,2 --out /tmp/x.json
+Page formats: ... --dtypes bf16,fp16,fp8_e4m3 (GB/s counts each format's own bytes)
 """
 
 import argparse
@@ -36,6 +37,9 @@ from vllm_headinfer.layout import host_page_shape  # noqa: E402
 
 DIM, GROUP, BLOCK, POOL_HEADS = 128, 4, 16, 8
 CHUNK = 64 << 20  # H2D copy size: short enough to time the window finely
+# Page formats: (torch dtype of the pages, fp8 format passed to the kernel).
+DTYPES = {"bf16": (torch.bfloat16, None), "fp16": (torch.float16, None),
+          "fp8_e4m3": (torch.uint8, torch.float8_e4m3fn), "fp8_e5m2": (torch.uint8, torch.float8_e5m2)}
 
 
 def parse_args() -> argparse.Namespace:
@@ -43,6 +47,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--context", type=int, default=131072)
     p.add_argument("--threads", default="1,2,4,8,12,14,16")
     p.add_argument("--heads", default="4,8", help="KV heads attended per call")
+    p.add_argument("--dtypes", default="bf16", help=f"page formats, of {','.join(DTYPES)}")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--busy-gib", type=float, default=2.0, help="pinned source of the H2D copies")
     p.add_argument("--out", default="cpu_attn_bw.json")
@@ -56,24 +61,32 @@ def thread_counts(spec: str) -> list[int]:
     return list(dict.fromkeys(min(int(t), cap) for t in spec.split(",")))
 
 
-def host_pages(context: int, heads: int) -> tuple[torch.Tensor, mmap.mmap]:
+def host_pages(context: int, heads: int, dtype: str) -> tuple[torch.Tensor, mmap.mmap]:
     """One layer's pages, allocated like the host pool (anonymous mapping
     with transparent huge pages: fewer TLB misses for the CPU too)."""
+    torch_dtype, fp8 = DTYPES[dtype]
     shape = host_page_shape(math.ceil(context / BLOCK), heads, BLOCK, DIM)
-    mapping = huge_page_mapping(math.prod(shape) * 2)
-    pages = torch.frombuffer(mapping, dtype=torch.bfloat16).view(shape)
-    pages.normal_()  # real values (and every page faulted in before timing)
+    mapping = huge_page_mapping(math.prod(shape) * torch_dtype.itemsize)
+    pages = torch.frombuffer(mapping, dtype=torch_dtype).view(shape)
+    # Real values (and every page faulted in before timing); fp8 bytes a
+    # block at a time, so no float32 copy of the whole pool is needed.
+    if fp8 is None:
+        pages.normal_()
+    else:
+        for block in pages.view(fp8).unbind(0):
+            block.copy_(torch.randn(block.shape))
     return pages, mapping
 
 
-def decode_call(pages: torch.Tensor, heads: int, context: int):
+def decode_call(pages: torch.Tensor, heads: int, context: int, dtype: str):
     """A closure: one decode step of one request over the first ``heads`` of ``pages``."""
+    fp8 = DTYPES[dtype][1]
     table = torch.randperm(pages.shape[0], dtype=torch.int32)[None]  # scattered, as in serving
     query = torch.randn(1, heads * GROUP, DIM).to(torch.bfloat16)
     seq_lens = torch.tensor([context], dtype=torch.int32)
     starts = torch.tensor([0, 1], dtype=torch.int32)
     out, part = torch.empty_like(query), pages[:, :heads]
-    return lambda: decode_attention(query, part, table, seq_lens, starts, DIM**-0.5, out)
+    return lambda: decode_attention(query, part, table, seq_lens, starts, DIM**-0.5, out, fp8)
 
 
 def timed(fn) -> float:
@@ -151,22 +164,25 @@ def measure(fn, threads: int, reps: int, load: LinkLoad | None, kv_bytes: int) -
 
 
 def run_cases(args, load: LinkLoad | None) -> list[dict]:
-    pools, rows = {}, []  # pools: KV heads -> (pages, mapping that must outlive them)
-    for heads in (int(h) for h in args.heads.split(",")):
-        kv_bytes = args.context * heads * 2 * DIM * 2
-        for pages in ("own", "slice") if heads < POOL_HEADS else ("own",):
-            size = heads if pages == "own" else POOL_HEADS
-            pools[size] = pools.get(size) or host_pages(args.context, size)
-            fn = decode_call(pools[size][0], heads, args.context)
-            fn()  # JIT compile (or load numba's cache) outside the timing
-            for threads in thread_counts(args.threads):
-                rows.append({"kv_heads": heads, "pages": pages, "kv_bytes": kv_bytes,
-                             **measure(fn, threads, args.reps, load, kv_bytes)})
+    rows = []
+    for dtype in args.dtypes.split(","):
+        pools = {}  # KV heads -> (pages, mapping that must outlive them)
+        for heads in (int(h) for h in args.heads.split(",")):
+            kv_bytes = args.context * heads * 2 * DIM * DTYPES[dtype][0].itemsize
+            for pages in ("own", "slice") if heads < POOL_HEADS else ("own",):
+                size = heads if pages == "own" else POOL_HEADS
+                pools[size] = pools.get(size) or host_pages(args.context, size, dtype)
+                fn = decode_call(pools[size][0], heads, args.context, dtype)
+                fn()  # JIT compile (or load numba's cache) outside the timing
+                for threads in thread_counts(args.threads):
+                    rows.append({"dtype": dtype, "kv_heads": heads, "pages": pages,
+                                 "kv_bytes": kv_bytes,
+                                 **measure(fn, threads, args.reps, load, kv_bytes)})
     return rows
 
 
-COLUMNS = {"kv_heads": "heads", "pages": "pages", "threads": "thr", "alone_ms": "alone ms",
-           "alone_gbps": "GB/s", "busy_ms": "busy ms", "busy_gbps": "GB/s",
+COLUMNS = {"dtype": "dtype", "kv_heads": "heads", "pages": "pages", "threads": "thr",
+           "alone_ms": "alone ms", "alone_gbps": "GB/s", "busy_ms": "busy ms", "busy_gbps": "GB/s",
            "h2d_gbps": "H2D GB/s", "link_busy_whole_call": "covered"}
 
 
@@ -183,11 +199,11 @@ def main() -> None:
     load = LinkLoad(args.busy_gib) if cuda else None
     h2d_alone = load.rate / 1e9 if load else None
     cores = len(os.sched_getaffinity(0))
-    print(f"context {args.context}, bf16, D {DIM}, GQA {GROUP}, block {BLOCK}, {cores} cores")
+    print(f"context {args.context}, {args.dtypes}, D {DIM}, GQA {GROUP}, block {BLOCK}, {cores} cores")
     print(f"H2D alone: {h2d_alone:.2f} GB/s" if cuda else "no CUDA: alone only, link busy not run")
     print_table(rows := run_cases(args, load))
     result = {**vars(args), "head_dim": DIM, "gqa": GROUP, "block_size": BLOCK, "batch": 1,
-              "dtype": "bfloat16", "cuda": cuda, "h2d_alone_gbps": h2d_alone,
+              "cuda": cuda, "h2d_alone_gbps": h2d_alone,
               "device": torch.cuda.get_device_name() if cuda else "cpu only: link busy not run",
               "cores_usable": cores, "numba_threading_layer": numba.threading_layer(), "rows": rows}
     with open(args.out, "w") as f:
