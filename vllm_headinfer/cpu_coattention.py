@@ -108,13 +108,14 @@ _LN2 = np.float32(0.6931471805599453)
 
 
 @numba.njit(inline="always", fastmath={"reassoc", "contract", "nsz"})
-def _exp_scores(row, n, shift, bits):
-    """``row[:n] = exp(row[:n] - shift)`` for arguments <= 0 (-inf gives 0),
-    in a loop LLVM vectorises (libm's exp is called one value at a time):
+def _exp_scores(values, bits):
+    """``values[:] = exp(values)`` for arguments <= 0 (-inf gives 0), in a
+    loop LLVM vectorises (libm's exp is called one value at a time):
     2**k * e**g with k the nearest integer to x / ln 2 and |g| <= ln 2 / 2,
     e**g by its Taylor series to g**7 (relative error about 1e-7)."""
+    n = values.shape[0]
     for t in range(n):
-        y = max((row[t] - shift) * _LOG2E, np.float32(-127.0))
+        y = max(values[t] * _LOG2E, np.float32(-127.0))
         k = np.floor(y + np.float32(0.5))  # (math.floor would give an integer: float64 after)
         g = (y - k) * _LN2
         p = np.float32(1.0 / 5040.0)
@@ -125,11 +126,11 @@ def _exp_scores(row, n, shift, bits):
         p = p * g + np.float32(0.5)
         p = p * g + np.float32(1.0)
         p = p * g + np.float32(1.0)
-        row[t] = p
+        values[t] = p
         bits[t] = np.int32(k + np.float32(127.0)) << 23
     powers = bits.view(np.float32)
     for t in range(n):
-        row[t] *= powers[t]
+        values[t] *= powers[t]
 
 
 @intrinsic
@@ -172,10 +173,71 @@ def _dot(a, b, dim):
     return total
 
 
+@numba.njit(inline="always")
+def _row_max(row):
+    """The largest of ``row`` (at least one element) by four independent
+    running maxima: the rows are a block long, too short for LLVM's vector
+    loops, and one running maximum is a chain of dependent compares."""
+    n = row.shape[0]
+    m0 = m1 = m2 = m3 = row[0]
+    for t in range(0, n - n % 4, 4):
+        m0 = row[t] if row[t] > m0 else m0
+        m1 = row[t + 1] if row[t + 1] > m1 else m1
+        m2 = row[t + 2] if row[t + 2] > m2 else m2
+        m3 = row[t + 3] if row[t + 3] > m3 else m3
+    for t in range(n - n % 4, n):
+        m0 = row[t] if row[t] > m0 else m0
+    m0 = m1 if m1 > m0 else m0
+    m2 = m3 if m3 > m2 else m2
+    return m2 if m2 > m0 else m0
+
+
+@numba.njit(inline="always", fastmath=_FAST)
+def _softmax_step(scores, flat_scores, in_block, m, l_sum, acc, exp_bits):
+    """The online softmax step of one block: its weights replace its scores
+    ``[rows, block_size]`` (``flat_scores`` is the same memory in 1-D);
+    columns from ``in_block`` on are set to -inf first (weight 0). A row's
+    state is rescaled only when its maximum grows, which after the first
+    blocks of a long context is rare. The exponentials of all rows go in
+    one pass: row by row, each row's series waited for the previous one's
+    (a chain of multiply-add latencies rather than their throughput)."""
+    rows, width = scores.shape
+    for j in range(rows):
+        row = scores[j]
+        for t in range(in_block, width):  # (a partial last block)
+            row[t] = -np.inf
+        block_max = _row_max(row)
+        if block_max > m[j]:
+            correction = math.exp(m[j] - block_max)
+            l_sum[j] *= correction
+            out_row = acc[j]
+            for i in range(out_row.shape[0]):
+                out_row[i] *= correction
+            m[j] = block_max
+        # A row that has seen nothing yet has only -inf scores: shifted by
+        # 0 they give weights 0.
+        shift = m[j] if m[j] > -np.inf else np.float32(0.0)
+        for t in range(width):
+            row[t] -= shift
+    _exp_scores(flat_scores, exp_bits)
+    for j in range(rows):
+        row = scores[j]
+        s0 = s1 = s2 = s3 = np.float32(0.0)  # (independent sums, as in _row_max)
+        for t in range(0, width - width % 4, 4):
+            s0 += row[t]
+            s1 += row[t + 1]
+            s2 += row[t + 2]
+            s3 += row[t + 3]
+        for t in range(width - width % 4, width):
+            s0 += row[t]
+        l_sum[j] += (s0 + s1) + (s2 + s3)
+
+
 # Inlined: as a call, the reference counts of its eleven array arguments
 # (atomic updates) cost more than a third of the block's arithmetic.
 @numba.njit(inline="always", fastmath=_FAST, nogil=True)
-def _block(k_rows, v_rows, in_block, start, group, queries, scores, exp_bits, m, l_sum, acc):
+def _block(k_rows, v_rows, in_block, start, group, queries, scores, flat_scores, exp_bits, m,
+           l_sum, acc):
     """One block of one KV head into the online softmax state ``m``,
     ``l_sum``, ``acc`` of its query rows (the request's query tokens times
     the GQA group, ``queries`` scaled). ``k_rows`` and ``v_rows``
@@ -265,28 +327,7 @@ def _block(k_rows, v_rows, in_block, start, group, queries, scores, exp_bits, m,
         for j in range(rows4, rows):
             seen = j // group >= seen_from
             scores[j, t] = _dot(queries[j], krow, dim) if seen else -np.inf
-    # Online softmax: the block's weights replace its scores. A row's
-    # state is rescaled only when its maximum grows, which after the first
-    # blocks of a long context is rare.
-    for j in range(rows):
-        row = scores[j]
-        block_max = row[0]
-        for t in range(1, in_block):  # (a select, unlike max(), vectorises)
-            block_max = row[t] if row[t] > block_max else block_max
-        if block_max > m[j]:
-            correction = math.exp(m[j] - block_max)
-            l_sum[j] *= correction
-            out_row = acc[j]
-            for i in range(dim):
-                out_row[i] *= correction
-            m[j] = block_max
-        if m[j] == -np.inf:  # nothing seen yet
-            for t in range(in_block):
-                row[t] = 0.0
-            continue
-        _exp_scores(row, in_block, m[j], exp_bits)
-        for t in range(in_block):
-            l_sum[j] += row[t]
+    _softmax_step(scores, flat_scores, in_block, m, l_sum, acc, exp_bits)
     whole = in_block - in_block % 4
     for j in range(0, rows4, 4):
         o0, o1, o2, o3 = acc[j], acc[j + 1], acc[j + 2], acc[j + 3]
@@ -371,6 +412,10 @@ def _attention(q, flat, block_stride, head_stride, block_size, code, scales, blo
     m_part = np.empty((items, heads, max_q * group), np.float32)
     l_part = np.empty((items, heads, max_q * group), np.float32)
     acc_part = np.empty((items, heads, max_q * group, dim), np.float32)
+    # The pool as rows of ``dim`` elements: a block's K and V rows are
+    # slices of it (a reshape per block calls into numba's C helper, which
+    # cost about a quarter of a bf16 block's arithmetic).
+    pool_rows = flat.reshape((flat.shape[0] // dim, dim))
     for item in numba.prange(items):
         r = np.searchsorted(first_item, item, side="right") - 1
         length = seq_lens[r]
@@ -390,8 +435,9 @@ def _attention(q, flat, block_stride, head_stride, block_size, code, scales, blo
         v_bits = np.zeros(page, np.uint32)
         k_rows = k_bits.view(np.float32).reshape((block_size, dim))
         v_rows = v_bits.view(np.float32).reshape((block_size, dim))
-        scores = np.empty((rows, block_size), np.float32)
-        exp_bits = np.empty(block_size, np.int32)
+        flat_scores = np.empty(rows * block_size, np.float32)  # (no reshape per block)
+        scores = flat_scores.reshape((rows, block_size))
+        exp_bits = np.empty(rows * block_size, np.int32)
         m = m_part[item]
         l_sum = l_part[item]
         acc = acc_part[item]
@@ -412,17 +458,19 @@ def _attention(q, flat, block_stride, head_stride, block_size, code, scales, blo
                     nxt = block_table[r, b + 2] * block_stride + h * head_stride
                     for off in range(nxt, nxt + 2 * page, 64 // flat.itemsize):
                         _prefetch(flat, off)
-                k_page = flat[base:base + page]
-                v_page = flat[base + page:base + 2 * page]
                 if code <= 1:  # (compiled for fp8's bytes too, never run for them)
-                    _block(k_page.reshape((block_size, dim)), v_page.reshape((block_size, dim)),
-                           in_block, start, group, queries[h], scores, exp_bits, m[h], l_sum[h],
+                    row = base // dim
+                    _block(pool_rows[row:row + block_size],
+                           pool_rows[row + block_size:row + 2 * block_size], in_block, start,
+                           group, queries[h], scores, flat_scores, exp_bits, m[h], l_sum[h],
                            acc[h])
                 else:
-                    _to_float(k_page[:n], code, scales[0], k_bits, k_bits.view(np.float32))
-                    _to_float(v_page[:n], code, scales[1], v_bits, v_bits.view(np.float32))
-                    _block(k_rows, v_rows, in_block, start, group, queries[h], scores, exp_bits,
-                           m[h], l_sum[h], acc[h])
+                    _to_float(flat[base:base + n], code, scales[0], k_bits,
+                              k_bits.view(np.float32))
+                    _to_float(flat[base + page:base + page + n], code, scales[1], v_bits,
+                              v_bits.view(np.float32))
+                    _block(k_rows, v_rows, in_block, start, group, queries[h], scores,
+                           flat_scores, exp_bits, m[h], l_sum[h], acc[h])
     # Each (request, head): its splits merged by log-sum-exp.
     for rh in numba.prange(num_reqs * heads):
         r = rh // heads
@@ -457,6 +505,8 @@ def _flat(pages: torch.Tensor) -> tuple[np.ndarray, int, int]:
     if pages.stride()[2:] != (block_size * dim, dim, 1):
         raise ValueError(f"K and V pages must be contiguous, got strides {pages.stride()}")
     block_stride, head_stride = pages.stride()[:2]
+    if block_stride % dim or head_stride % dim:  # (the kernel reads the pool as rows)
+        raise ValueError(f"block and head strides must be whole rows, got {pages.stride()}")
     span = (blocks - 1) * block_stride + (heads - 1) * head_stride + 2 * block_size * dim
     flat = pages.as_strided((span,), (1,))
     if pages.dtype not in (torch.float32, torch.uint8):
