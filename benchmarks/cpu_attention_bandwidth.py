@@ -1,7 +1,8 @@
 """K/V read bandwidth of the CPU co-attention kernel, by thread count.
 
 Llama-3-8B shape (head_dim 128, GQA 4: 32 query heads over 8 KV heads),
-16-token blocks, bf16 (or, with --dtypes, fp16 and fp8 pages), one request decoding one token over 131,072 tokens of
+16-token blocks, bf16 (or, with --dtypes, fp16 and fp8 pages), one request
+decoding one token over 131,072 tokens of
 one layer's host pages ``[blocks, H, 2, 16, 128]`` (layout.py), blocks in
 random order. A call attends 4 or 8 KV heads: all of a pool of that many
 ("own"), and for 4 also half of an 8-head pool ("slice": the heads CPU
@@ -39,7 +40,8 @@ DIM, GROUP, BLOCK, POOL_HEADS = 128, 4, 16, 8
 CHUNK = 64 << 20  # H2D copy size: short enough to time the window finely
 # Page formats: (torch dtype of the pages, fp8 format passed to the kernel).
 DTYPES = {"bf16": (torch.bfloat16, None), "fp16": (torch.float16, None),
-          "fp8_e4m3": (torch.uint8, torch.float8_e4m3fn), "fp8_e5m2": (torch.uint8, torch.float8_e5m2)}
+          "fp8_e4m3": (torch.uint8, torch.float8_e4m3fn),
+          "fp8_e5m2": (torch.uint8, torch.float8_e5m2)}
 
 
 def parse_args() -> argparse.Namespace:

@@ -177,7 +177,8 @@ def _dot(a, b, dim):
 def _row_max(row):
     """The largest of ``row`` (at least one element) by four independent
     running maxima: the rows are a block long, too short for LLVM's vector
-    loops, and one running maximum is a chain of dependent compares."""
+    loops, and one running maximum is a chain of dependent compares.
+    (Selects, not max(), which numba compiles with NaN branches.)"""
     n = row.shape[0]
     m0 = m1 = m2 = m3 = row[0]
     for t in range(0, n - n % 4, 4):
