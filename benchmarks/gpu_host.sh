@@ -2,7 +2,7 @@
 # Stages of a GPU-host session (see ../shared/gpu/README.md for the wheel kit).
 # Usage: bash benchmarks/gpu_host.sh install|check|ray-example|bench|bench-long|bench-tp|capacity
 #                                   |place-short|place-512k|place-capacity|fp8|fp8-capacity|spec|spec-steps|serve-load|cpu-attn
-#                                   |long-tp4|x4|load-lanes|coattn|coattn-auto|co-spec
+#                                   |long-tp4|x4|load-lanes|coattn|coattn-gate|coattn-auto|co-spec
 #        bash benchmarks/gpu_host.sh background "STAGE [STAGE...]"   (returns at once)
 #        bash benchmarks/gpu_host.sh wait SECONDS   (until the background stages end)
 # Logs and results go to $OUT (or ./gpu-out). A device command may run 10
@@ -273,6 +273,17 @@ case "$1" in
         --timeout "$limit" ${CG:+--cudagraph-mode $CG} 2>&1 | tail -30
     done
     grep -h "HEADINFER CPU co-attention" "$out"/coattn_*.log | sort | uniq -c | tee "$out/coattn_split.txt"
+    ;;
+  coattn-gate)
+    # The per-step gate and what piecewise graphs cost, every head offloaded,
+    # 32 layers, 4K and 32K: R0 without co-attention (full graphs), with
+    # auto (under the gate's threshold a step makes the same reads between
+    # piecewise graphs), and without it under piecewise graphs only.
+    reinstall
+    timeout 400 python3 benchmarks/bench_headinfer.py --out "$out/coattn_gate.json" --layers 32 \
+      --contexts 4096,32768 --configs R0,R0+cpuauto --decode-tokens 32 --timeout 190 2>&1 | tail -12
+    timeout 250 python3 benchmarks/bench_headinfer.py --out "$out/coattn_gate_piecewise.json" --layers 32 \
+      --contexts 4096,32768 --configs R0 --decode-tokens 32 --timeout 240 --cudagraph-mode PIECEWISE 2>&1 | tail -6
     ;;
   coattn-auto)
     # Co-attention beside automatic placement: one 512K request on 32 layers
