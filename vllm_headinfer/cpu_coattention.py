@@ -15,9 +15,10 @@ every KV head of a block in turn (they lie next to each other in the pool),
 reads each K and V row once for all query heads of the GQA group and all
 query tokens of the request, converts it to fp32 (bf16 in registers, fp16
 and fp8 through a widened copy of the page), and keeps an online softmax
-per query in fp32; splits of one (request, head) are merged by
-log-sum-exp. Query tokens are causal: query ``i`` of a request with ``q`` query tokens and ``L`` tokens of
-context sees positions ``< L - q + i + 1``.
+per query in fp32. While a block is computed, hints fetch the same head's
+pages two blocks ahead a few rows at a time. Splits of one (request, head)
+are merged by log-sum-exp. Query tokens are causal: query ``i`` of a request with ``q`` query tokens and
+``L`` tokens of context sees positions ``< L - q + i + 1``.
 """
 
 from __future__ import annotations
@@ -174,6 +175,13 @@ def _dot(a, b, dim):
 
 
 @numba.njit(inline="always")
+def _prefetch_span(pool, first, end):
+    """Hints for the cache lines of ``pool[first:end]``."""
+    for off in range(first, end, 64 // pool.itemsize):
+        _prefetch(pool, off)
+
+
+@numba.njit(inline="always")
 def _row_max(row):
     """The largest of ``row`` (at least one element) by four independent
     running maxima: the rows are a block long, too short for LLVM's vector
@@ -238,7 +246,7 @@ def _softmax_step(scores, flat_scores, in_block, m, l_sum, acc, exp_bits):
 # (atomic updates) cost more than a third of the block's arithmetic.
 @numba.njit(inline="always", fastmath=_FAST, nogil=True)
 def _block(k_rows, v_rows, in_block, start, group, queries, scores, flat_scores, exp_bits, m,
-           l_sum, acc):
+           l_sum, acc, pool, ahead):
     """One block of one KV head into the online softmax state ``m``,
     ``l_sum``, ``acc`` of its query rows (the request's query tokens times
     the GQA group, ``queries`` scaled). ``k_rows`` and ``v_rows``
@@ -246,7 +254,12 @@ def _block(k_rows, v_rows, in_block, start, group, queries, scores, flat_scores,
     element is widened where it is used, in registers). ``start``: the
     block's first position minus the first query's. Query rows go four at a
     time, the last few one by one, and K and V rows four at a time where
-    causality allows, so each element loaded feeds four multiply-adds."""
+    causality allows, so each element loaded feeds four multiply-adds.
+    ``ahead``: where the K and V pages of a later block of this head start
+    in ``pool`` (or -1): hints to fetch them go out a few rows at a time
+    between the dot products, so the memory works while this block's
+    arithmetic runs; issued all at once, more hints than the core has miss
+    buffers stalled the loads behind them."""
     rows, dim = queries.shape
     rows4 = rows - rows % 4  # rows taken four at a time
     # Four K rows at once where every query row sees all of them (the
@@ -255,7 +268,11 @@ def _block(k_rows, v_rows, in_block, start, group, queries, scores, flat_scores,
     whole = 0
     if start + in_block <= 1:
         whole = in_block - in_block % 4
+    page = k_rows.shape[0] * dim
     for t in range(0, whole, 4):
+        if ahead >= 0:  # (K and V rows t to t + 3 of the later block)
+            _prefetch_span(pool, ahead + t * dim, ahead + (t + 4) * dim)
+            _prefetch_span(pool, ahead + page + t * dim, ahead + page + (t + 4) * dim)
         ka, kb, kc, kd = k_rows[t], k_rows[t + 1], k_rows[t + 2], k_rows[t + 3]
         for j in range(0, rows4, 4):
             a0, a1, a2, a3 = queries[j], queries[j + 1], queries[j + 2], queries[j + 3]
@@ -328,6 +345,9 @@ def _block(k_rows, v_rows, in_block, start, group, queries, scores, flat_scores,
         for j in range(rows4, rows):
             seen = j // group >= seen_from
             scores[j, t] = _dot(queries[j], krow, dim) if seen else -np.inf
+    if ahead >= 0:  # the rows the loop above did not cover
+        _prefetch_span(pool, ahead + whole * dim, ahead + page)
+        _prefetch_span(pool, ahead + page + whole * dim, ahead + 2 * page)
     _softmax_step(scores, flat_scores, in_block, m, l_sum, acc, exp_bits)
     whole = in_block - in_block % 4
     for j in range(0, rows4, 4):
@@ -452,26 +472,25 @@ def _attention(q, flat, block_stride, head_stride, block_size, code, scales, blo
             start = b * block_size - (length - nq)
             for h in range(heads):
                 base = block + h * head_stride
-                # The same head two blocks ahead, a cache line at a time:
-                # spread over the heads, the hints keep the memory busy
-                # without a burst that would stall the loads of this block.
+                # The same head two blocks ahead is fetched while this one
+                # is computed (the next block of context is a random page
+                # of the pool, which the hardware prefetcher cannot guess).
+                ahead = -1
                 if b + 2 < b_end:
-                    nxt = block_table[r, b + 2] * block_stride + h * head_stride
-                    for off in range(nxt, nxt + 2 * page, 64 // flat.itemsize):
-                        _prefetch(flat, off)
+                    ahead = block_table[r, b + 2] * block_stride + h * head_stride
                 if code <= 1:  # (compiled for fp8's bytes too, never run for them)
                     row = base // dim
                     _block(pool_rows[row:row + block_size],
                            pool_rows[row + block_size:row + 2 * block_size], in_block, start,
                            group, queries[h], scores, flat_scores, exp_bits, m[h], l_sum[h],
-                           acc[h])
+                           acc[h], flat, ahead)
                 else:
                     _to_float(flat[base:base + n], code, scales[0], k_bits,
                               k_bits.view(np.float32))
                     _to_float(flat[base + page:base + page + n], code, scales[1], v_bits,
                               v_bits.view(np.float32))
                     _block(k_rows, v_rows, in_block, start, group, queries[h], scores,
-                           flat_scores, exp_bits, m[h], l_sum[h], acc[h])
+                           flat_scores, exp_bits, m[h], l_sum[h], acc[h], flat, ahead)
     # Each (request, head): its splits merged by log-sum-exp.
     for rh in numba.prange(num_reqs * heads):
         r = rh // heads
