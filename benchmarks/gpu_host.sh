@@ -26,6 +26,12 @@ lane() {  # lane GPUS NAME STAGE [VAR=VALUE...]: a stage on some GPUs, in the ba
   local gpus=$1 name=$2 stage=$3; shift 3; mkdir -p "$out/$name"
   env CUDA_VISIBLE_DEVICES="$gpus" OUT="$out/$name" "$@" bash "$0" "$stage" > "$out/$name/lane.log" 2>&1 &
 }
+# Stage settings that co-spec and load-lanes share: the co-attention (CUDA
+# graphs) and mtp checks against FLASH_ATTN, and ngram (k = 7) on the edit
+# workload at 128K with both backends.
+COATTN_MTP_CHECK=("T=tests/gpu/test_cuda_coattention.py tests/gpu/test_cuda_speculative.py"
+                  "K=(coattention and cuda-graphs) or mtp" KERNELS=0 CHECK_TIMEOUT=1500)
+EDIT_SPEC=(SPEC_CONFIGS=R0,R0+ngram7,FLASH_ATTN,FLASH_ATTN+ngram7 DECODE=96)
 accepted_gib() {  # per-rank cpu_kv_gib startup accepts now for $1 ranks, times $2, less $3 GiB
   python3 -c "from vllm_headinfer.config import available_host_bytes as a, host_limit_per_rank as l; print(round(l(a(), $1) / 2**30 * $2 - $3, 2))"
 }
@@ -220,30 +226,29 @@ case "$1" in
     # "SHAPES='32l 8l' bash $0 coattn" for them with a reworked kernel),
     # ngram (k = 7) on the edit workload at 128K
     # with both backends, then co-attention beside auto placement at 512K.
-    T="tests/gpu/test_cuda_coattention.py tests/gpu/test_cuda_speculative.py" \
-      K="(coattention and cuda-graphs) or mtp" KERNELS=0 CHECK_TIMEOUT=1500 bash "$0" check
+    env "${COATTN_MTP_CHECK[@]}" bash "$0" check
     bash "$0" cpu-attn
     SHAPES=4l bash "$0" coattn
-    SPEC_CONFIGS=R0,R0+ngram7,FLASH_ATTN,FLASH_ATTN+ngram7 DECODE=96 bash "$0" spec
+    env "${EDIT_SPEC[@]}" bash "$0" spec
     bash "$0" coattn-auto
     ;;
   load-lanes)
     # Two or four GPUs side by side (longer than a device command: run in
     # background). The load table in two lanes: FLASH_ATTN then auto on GPU 0
     # (workload (a) compares them on one GPU), R0 on GPU 1; each HEADINFER
-    # server has 120 GiB of host pool (90 on two GPUs) and co-attention at most 15 threads
-    # (as on the one-GPU host). With four GPUs also: co-attention (CUDA
-    # graphs) and mtp against FLASH_ATTN on GPU 2 (7 threads), ngram (k = 7)
-    # on the edit workload on GPU 3; then co-attention at 512K on 4 layers
-    # and the kernel's rate with the host to themselves.
+    # server has 120 GiB of host pool (90 on two GPUs) and co-attention at
+    # most 15 threads (as on the one-GPU host). With four GPUs also:
+    # co-attention (CUDA graphs) and mtp against FLASH_ATTN on GPU 2 (7
+    # threads), ngram (k = 7) on the edit workload on GPU 3; then
+    # co-attention at 512K on 4 layers and the kernel's rate with the host
+    # to themselves.
     reinstall
     gpus=$(nvidia-smi -L | wc -l); gib=$([ "$gpus" -ge 4 ] && echo 120 || echo 90)
     lane 0 load-fa serve-load SERVE_CONFIGS=FLASH_ATTN,auto CPU_KV_GIB=$gib VLLM_HEADINFER_CPU_ATTENTION_THREADS=15
     lane 1 load-r0 serve-load SERVE_CONFIGS=R0 CPU_KV_GIB=$gib VLLM_HEADINFER_CPU_ATTENTION_THREADS=15
     if [ "$gpus" -ge 4 ]; then
-      lane 2 checks check T="tests/gpu/test_cuda_coattention.py tests/gpu/test_cuda_speculative.py" \
-        K="(coattention and cuda-graphs) or mtp" KERNELS=0 CHECK_TIMEOUT=1500 VLLM_HEADINFER_CPU_ATTENTION_THREADS=7
-      lane 3 spec spec SPEC_CONFIGS=R0,R0+ngram7,FLASH_ATTN,FLASH_ATTN+ngram7 DECODE=96
+      lane 2 checks check "${COATTN_MTP_CHECK[@]}" VLLM_HEADINFER_CPU_ATTENTION_THREADS=7
+      lane 3 spec spec "${EDIT_SPEC[@]}"
     fi
     wait
     SHAPES=4l bash "$0" coattn

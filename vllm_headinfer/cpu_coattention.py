@@ -17,8 +17,9 @@ query tokens of the request, converts it to fp32 (bf16 in registers, fp16
 and fp8 through a widened copy of the page), and keeps an online softmax
 per query in fp32. While a block is computed, hints fetch the same head's
 pages two blocks ahead a few rows at a time. Splits of one (request, head)
-are merged by log-sum-exp. Query tokens are causal: query ``i`` of a request with ``q`` query tokens and
-``L`` tokens of context sees positions ``< L - q + i + 1``.
+are merged by log-sum-exp. Query tokens are causal: query ``i`` of a
+request with ``q`` query tokens and ``L`` tokens of context sees positions
+``< L - q + i + 1``.
 """
 
 from __future__ import annotations
