@@ -300,9 +300,16 @@ case "$1" in
     ;;
   cpu-attn)
     # The CPU decode-attention kernel's K/V read rate by thread count, alone
-    # and with the link busy.
+    # and with the link busy; auto's startup measurement (both readers at
+    # once, all cores but one); what a co-attending layer adds besides the
+    # kernel.
     reinstall
     timeout 300 python3 benchmarks/cpu_attention_bandwidth.py --out "$out/cpu_attn_bw.json" 2>&1 | tail -24
+    timeout 120 python3 -c "import os, torch; from vllm_headinfer.coattention_probe import measure_rates as m
+t = len(os.sched_getaffinity(0)) - 1
+for _ in range(3): print('probe threads', t, 'CPU, GPU GB/s:', [round(r / 1e9, 1) for r in m(t, torch.bfloat16, None, 128, 16)])" \
+      2>&1 | tail -4 | tee "$out/coattn_probe.txt"
+    timeout 200 python3 benchmarks/coattention_overhead.py --out "$out/coattn_overhead.json" 2>&1 | tail -6
     ;;
   capacity)
     # R0 at the largest budget HEADINFER accepts at startup on this host; if
