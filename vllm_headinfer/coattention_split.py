@@ -23,8 +23,8 @@ from vllm_headinfer.placement import describe_runs
 
 # Below this many cores per rank, auto leaves co-attention off: one core
 # stays with the rank's Python thread (it launches the GPU's work), and one
-# or two kernel threads (about 16 GB/s of host reads each on the H100 host,
-# against ~48 GB/s over the link) would not win back what co-attention
+# or two kernel threads (5-7 GB/s of host reads each on the H100 host,
+# against ~50 GB/s over the link) would not win back what co-attention
 # costs: steps without full CUDA graphs and a host wait in every layer.
 MIN_CORES_PER_RANK = 4
 
