@@ -301,9 +301,9 @@ case "$1" in
   cpu-attn)
     # The CPU decode-attention kernel's K/V read rate by thread count, alone
     # and with the link busy, over 1, 2, 4 and 8 heads (auto placement
-    # leaves layers 1 or 2 offloaded heads); auto's startup measurement (both readers at
-    # once, all cores but one); what a co-attending layer adds besides the
-    # kernel.
+    # leaves layers 1 or 2 offloaded heads); auto's startup measurement
+    # (both readers at once, all cores but one); what a co-attending layer
+    # adds besides the kernel.
     reinstall
     timeout 300 python3 benchmarks/cpu_attention_bandwidth.py --out "$out/cpu_attn_bw.json" --heads 1,2,4,8 2>&1 | tail -40
     timeout 120 python3 -c "import os, torch; from vllm_headinfer.coattention_probe import measure_rates as m

@@ -78,7 +78,7 @@ def _gpu_reader(source: torch.Tensor, dtype: torch.dtype, head_size: int, block_
             softmax_scale=head_size**-0.5, causal=True, block_table=table, fa_version=version,
         )
 
-    return read, 2 * k.numel() * dtype.itemsize
+    return read, pages.nbytes
 
 
 def measure_rates(
