@@ -31,8 +31,9 @@ KV_HEADS, GROUP, DIM, BLOCK = 8, 4, 128, 16
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--contexts", default="16,4096", help="tokens of the one decoding request")
-    p.add_argument("--threads", default=str(max(1, len(os.sched_getaffinity(0)) - 1)))
+    p.add_argument("--contexts", default="16,4096,32768", help="tokens of the one decoding request")
+    p.add_argument("--threads", default=str(max(1, len(os.sched_getaffinity(0)) - 1)),
+                   help="at most this many (the kernel takes fewer for short contexts)")
     p.add_argument("--cpu-heads", type=int, default=3)
     p.add_argument("--layers", type=int, default=320, help="layer calls per repetition")
     p.add_argument("--reps", type=int, default=5)
@@ -94,8 +95,15 @@ def main() -> None:
         for context in [int(c) for c in args.contexts.split(",")]:
             rows.append(measure(context, threads, args.cpu_heads, args.layers, args.reps))
             print(json.dumps(rows[-1]), flush=True)
+    import numba
+
+    with open("/proc/self/maps") as maps:  # which OpenMP runtime numba's threads run on
+        omp = sorted({line.split()[-1] for line in maps if "omp" in line.rsplit("/", 1)[-1]})
+    print("numba threading layer:", numba.threading_layer(), "OpenMP libraries:", omp)
     with open(args.out, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+        json.dump({"device": torch.cuda.get_device_name(), "threading_layer": numba.threading_layer(),
+                   "omp_libraries": omp, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+                   "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

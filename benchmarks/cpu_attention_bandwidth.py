@@ -81,14 +81,16 @@ def host_pages(context: int, heads: int, dtype: str) -> tuple[torch.Tensor, mmap
 
 
 def decode_call(pages: torch.Tensor, heads: int, context: int, dtype: str):
-    """A closure: one decode step of one request over the first ``heads`` of ``pages``."""
+    """A closure: one decode step of one request over the first ``heads`` of
+    ``pages``, with a given number of threads."""
     fp8 = DTYPES[dtype][1]
     table = torch.randperm(pages.shape[0], dtype=torch.int32)[None]  # scattered, as in serving
     query = torch.randn(1, heads * GROUP, DIM).to(torch.bfloat16)
     seq_lens = torch.tensor([context], dtype=torch.int32)
     starts = torch.tensor([0, 1], dtype=torch.int32)
     out, part = torch.empty_like(query), pages[:, :heads]
-    return lambda: decode_attention(query, part, table, seq_lens, starts, DIM**-0.5, out, fp8)
+    return lambda threads: decode_attention(query, part, table, seq_lens, starts, DIM**-0.5, out,
+                                            threads=threads, fp8=fp8)
 
 
 def timed(fn) -> float:
@@ -150,8 +152,8 @@ class LinkLoad:
         return seconds, gbps, last < len(marks) - 1
 
 
-def measure(fn, threads: int, reps: int, load: LinkLoad | None, kv_bytes: int) -> dict:
-    numba.set_num_threads(threads)
+def measure(call, threads: int, reps: int, load: LinkLoad | None, kv_bytes: int) -> dict:
+    fn = lambda: call(threads)  # noqa: E731
     fn()  # thread pool up, caches warm
     alone = statistics.median(timed(fn) for _ in range(reps))
     row = {"threads": threads, "alone_ms": alone * 1e3, "alone_gbps": kv_bytes / alone / 1e9}
@@ -175,7 +177,7 @@ def run_cases(args, load: LinkLoad | None) -> list[dict]:
                 size = heads if pages == "own" else POOL_HEADS
                 pools[size] = pools.get(size) or host_pages(args.context, size, dtype)
                 fn = decode_call(pools[size][0], heads, args.context, dtype)
-                fn()  # JIT compile (or load numba's cache) outside the timing
+                fn(1)  # JIT compile (or load numba's cache) outside the timing
                 for threads in thread_counts(args.threads):
                     rows.append({"dtype": dtype, "kv_heads": heads, "pages": pages,
                                  "kv_bytes": kv_bytes,

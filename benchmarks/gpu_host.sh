@@ -267,14 +267,13 @@ case "$1" in
   coattn)
     # CPU co-attention, every head offloaded: R0 without it and with auto's
     # measured split; 128K on 32 layers, 256K on 8 layers, 512K on 4 layers
-    # (SHAPES: some of "32l 8l 4l").
+    # (SHAPES: some of "32l 8l 4l"; COATTN_CONFIGS: other configurations).
     reinstall
-    shapes=" ${SHAPES:-32l 8l 4l} "
-    for shape in "32l 131072 240" "8l 262144 270" "4l 524288 280"; do
-      read -r name context limit <<< "$shape"
-      [[ "$shapes" == *" $name "* ]] || continue
+    declare -A shape_of=([32l]="131072 240" [8l]="262144 270" [4l]="524288 280")
+    for name in ${SHAPES:-32l 8l 4l}; do  # in the order given
+      read -r context limit <<< "${shape_of[$name]}"
       timeout 570 python3 benchmarks/bench_headinfer.py --out "$out/coattn_$name.json" \
-        --layers "${name%l}" --contexts "$context" --configs R0,R0+cpuauto --decode-tokens 8 \
+        --layers "${name%l}" --contexts "$context" --configs "${COATTN_CONFIGS:-R0,R0+cpuauto}" --decode-tokens 8 \
         --timeout "$limit" ${CG:+--cudagraph-mode $CG} 2>&1 | tail -30
     done
     grep -h "HEADINFER CPU co-attention" "$out"/coattn_*.log | sort | uniq -c | tee "$out/coattn_split.txt"
@@ -293,24 +292,28 @@ case "$1" in
   coattn-auto)
     # Co-attention beside automatic placement: one 512K request on 32 layers
     # (the device keeps what it can, as in place-512k), without and with
-    # auto's split of the offloaded heads.
+    # auto's split of the offloaded heads (AUTO_CONFIGS: one of them).
     reinstall
     timeout 700 python3 benchmarks/bench_headinfer.py --out "$out/coattn_auto_512k.json" --layers 32 \
-      --contexts 524288 --configs auto,auto+cpuauto --cpu-kv-gib 90 --decode-tokens 8 --timeout 290 2>&1 | tail -8
+      --contexts 524288 --configs "${AUTO_CONFIGS:-auto,auto+cpuauto}" --cpu-kv-gib 90 --decode-tokens 8 --timeout 290 2>&1 | tail -8
     ;;
   cpu-attn)
     # The CPU decode-attention kernel's K/V read rate by thread count, alone
     # and with the link busy, over 1, 2, 4 and 8 heads (auto placement
     # leaves layers 1 or 2 offloaded heads); auto's startup measurement
     # (both readers at once, all cores but one); what a co-attending layer
-    # adds besides the kernel.
+    # adds besides the kernel (HEADS, THREADS: a part of the table), by the
+    # OpenMP wait policy too.
     reinstall
-    timeout 300 python3 benchmarks/cpu_attention_bandwidth.py --out "$out/cpu_attn_bw.json" --heads 1,2,4,8 2>&1 | tail -40
+    timeout 300 python3 benchmarks/cpu_attention_bandwidth.py --out "$out/cpu_attn_bw.json" \
+      --heads "${HEADS:-1,2,4,8}" ${THREADS:+--threads "$THREADS"} 2>&1 | tail -40
     timeout 120 python3 -c "import os, torch; from vllm_headinfer.coattention_probe import measure_rates as m
 t = len(os.sched_getaffinity(0)) - 1
 for _ in range(3): print('probe threads', t, 'CPU, GPU GB/s:', [round(r / 1e9, 1) for r in m(t, torch.bfloat16, None, 128, 16)])" \
       2>&1 | tail -4 | tee "$out/coattn_probe.txt"
     timeout 200 python3 benchmarks/coattention_overhead.py --out "$out/coattn_overhead.json" 2>&1 | tail -6
+    OMP_WAIT_POLICY=ACTIVE timeout 100 python3 benchmarks/coattention_overhead.py \
+      --out "$out/coattn_overhead_active.json" 2>&1 | tail -3
     ;;
   capacity)
     # R0 at the largest budget HEADINFER accepts at startup on this host; if

@@ -188,11 +188,11 @@ def assert_same_outputs(expected: list[dict], actual: list[dict], what: str) -> 
             )
 
 
-def expand_counts(text: str) -> list[int]:
-    """``3 in layers 0-1, 2 in 2`` -> ``[3, 3, 2]``."""
+def expand_counts(text: str) -> list[float]:
+    """``3 in layers 0-1, 2.5 in 2`` -> ``[3, 3, 2.5]``."""
     counts = []
-    for count, first, last in re.findall(r"(\d+) in (?:layers? )?(\d+)(?:-(\d+))?", text):
-        counts += [int(count)] * (int(last or first) - int(first) + 1)
+    for count, first, last in re.findall(r"([\d.]+) in (?:layers? )?(\d+)(?:-(\d+))?", text):
+        counts += [float(count) if "." in count else int(count)] * (int(last or first) - int(first) + 1)
     return counts
 
 

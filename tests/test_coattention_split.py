@@ -1,6 +1,6 @@
 """CPU co-attention's policy (coattention_split) and its settings.
 
-The per-layer split against brute force over every head count, the thread
+The per-layer split against brute force over every share in sixteenths of a head, the thread
 count of a rank, auto's decisions from the cores and the measured rates, the
 startup line, and how config.py parses and checks the two settings.
 """
@@ -16,7 +16,8 @@ from vllm_headinfer.coattention_split import (
     MIN_CPU_SHARE_S,
     RankSplit,
     auto_split,
-    balanced_cpu_heads,
+    SHARE_STEPS,
+    balanced_cpu_share,
     kernel_threads,
     rank_cores,
     startup_line,
@@ -26,36 +27,40 @@ from vllm_headinfer.config import HeadInferConfig, HeadInferConfigError, check_c
 RATES = [1e9, 16e9, 30e9, 48e9, 50e9, 60e9, 91.8e9, 200e9]
 
 
-def slower(c: int, offloaded: int, cpu: float, gpu: float) -> float:
+def slower(c: float, offloaded: int, cpu: float, gpu: float) -> float:
     return max(c / cpu, (offloaded - c) / gpu)
 
 
 @pytest.mark.parametrize("offloaded", range(0, 9))
 def test_each_layer_waits_least_for_its_slower_reader(offloaded):
+    shares = [n / SHARE_STEPS for n in range(offloaded * SHARE_STEPS + 1)]
     for cpu, gpu in itertools.product(RATES, RATES):
-        c = balanced_cpu_heads(offloaded, cpu, gpu)
-        best = min(slower(n, offloaded, cpu, gpu) for n in range(offloaded + 1))
-        assert slower(c, offloaded, cpu, gpu) == best, (offloaded, cpu, gpu, c)
-        # Of equally good counts, the fewest CPU heads.
-        assert all(slower(n, offloaded, cpu, gpu) > best for n in range(c)), (offloaded, cpu, gpu, c)
-        # Within one head of the share at which both would finish together.
-        assert abs(c - offloaded * cpu / (cpu + gpu)) < 1
+        c = balanced_cpu_share(offloaded, cpu, gpu)
+        assert c in shares
+        best = min(slower(n, offloaded, cpu, gpu) for n in shares)
+        assert slower(c, offloaded, cpu, gpu) == pytest.approx(best, rel=1e-12), (offloaded, cpu, gpu, c)
+        # Of equally good shares, the smallest.
+        assert all(slower(n, offloaded, cpu, gpu) > best * (1 + 1e-12) for n in shares if n < c)
+        # Within a sixteenth of the share at which both would finish together.
+        assert abs(c - offloaded * cpu / (cpu + gpu)) < 1 / SHARE_STEPS
 
 
 def test_examples():
-    assert balanced_cpu_heads(8, 48e9, 48e9) == 4  # equal rates: half each
-    assert balanced_cpu_heads(8, 96e9, 48e9) == 5  # 5.33: 5 CPU heads, the GPU's 3 take longer
-    assert balanced_cpu_heads(1, 60e9, 48e9) == 1  # one head: to the faster reader
-    assert balanced_cpu_heads(1, 40e9, 48e9) == 0
-    assert balanced_cpu_heads(4, 0.0, 48e9) == 0
-    assert balanced_cpu_heads(0, 60e9, 48e9) == 0
+    assert balanced_cpu_share(8, 48e9, 48e9) == 4  # equal rates: half each
+    assert isinstance(balanced_cpu_share(8, 48e9, 48e9), int)  # whole heads stay whole
+    assert balanced_cpu_share(8, 96e9, 48e9) == 5.3125  # 5.33: the CPU's 5 5/16 finish first
+    assert balanced_cpu_share(8, 44e9, 49.5e9) == 3.75  # run 15's in-engine rates: 3.76
+    assert balanced_cpu_share(1, 60e9, 48e9) == 0.5625  # one head: 9/16 to the faster reader
+    assert balanced_cpu_share(1, 40e9, 48e9) == 0.4375
+    assert balanced_cpu_share(4, 0.0, 48e9) == 0
+    assert balanced_cpu_share(0, 60e9, 48e9) == 0
 
 
 def test_totals_follow_the_rates_share():
     split = RankSplit(cpu_rate=60e9, gpu_rate=48e9)
-    heads = split.layer_heads([8] * 16 + [7] * 16)
-    share = sum(heads) / (8 * 16 + 7 * 16)
-    assert abs(share - 60 / 108) < 1 / 7
+    shares = split.layer_shares([8] * 16 + [7] * 16 + [1] * 4)
+    share = sum(shares) / (8 * 16 + 7 * 16 + 4)
+    assert abs(share - 60 / 108) < 1 / SHARE_STEPS / 7
 
 
 def test_threads_of_a_rank():
@@ -70,18 +75,19 @@ def test_auto_is_off_without_cores_and_measures_otherwise():
         raise AssertionError("measured with too few cores")
 
     off = auto_split(MIN_CORES_PER_RANK - 1, None, never)
-    assert off.cpu_heads(8) == 0 and "3 core(s)" in off.off_reason
+    assert off.cpu_share(8) == 0 and "3 core(s)" in off.off_reason
     measured = []
     split = auto_split(MIN_CORES_PER_RANK, None, lambda t: measured.append(t) or (60e9, 48e9))
     assert measured == [MIN_CORES_PER_RANK - 1] and split.threads == MIN_CORES_PER_RANK - 1
-    assert split.cpu_heads(8) == balanced_cpu_heads(8, 60e9, 48e9) > 0
+    assert split.cpu_share(8) == balanced_cpu_share(8, 60e9, 48e9) > 0
     assert auto_split(16, 6, lambda t: measured.append(t) or (60e9, 48e9)).threads == 6
     assert measured[-1] == 6
 
 
-def test_fixed_counts_are_capped_per_layer():
-    assert RankSplit(fixed=3).layer_heads([0, 2, 3, 8]) == [0, 2, 3, 3]
-    assert RankSplit(fixed=0).layer_heads([8]) == [0]
+def test_fixed_shares_are_capped_per_layer():
+    assert RankSplit(fixed=3).layer_shares([0, 2, 3, 8]) == [0, 2, 3, 3]
+    assert RankSplit(fixed=2.5).layer_shares([1, 2, 3]) == [1, 2, 2.5]
+    assert RankSplit(fixed=0).layer_shares([8]) == [0]
 
 
 def test_auto_coattends_steps_whose_cpu_share_is_long_enough():
@@ -93,6 +99,7 @@ def test_auto_coattends_steps_whose_cpu_share_is_long_enough():
     assert (tokens - 1) * 3 * token_head / 30e9 < MIN_CPU_SHARE_S <= tokens * 3 * token_head / 30e9
     assert 15_000 < tokens < 25_000  # 1 ms of a 30 GB/s reader over 3 heads
     assert abs(split.min_step_tokens(6, token_head) - tokens / 2) <= 1  # twice the heads
+    assert abs(split.min_step_tokens(1.5, token_head) - tokens * 2) <= 1  # half the heads
     assert split.min_step_tokens(0, token_head) == 0
     assert RankSplit(threads=15, fixed=3).min_step_tokens(3, token_head) == 0
 
@@ -116,11 +123,13 @@ def test_startup_line():
     assert startup_line(RankSplit(fixed=1), [0, 1], [0, 0]) is None
     assert startup_line(RankSplit(fixed=0, off_reason="why"), [0], [2]) == "off (auto: why)"
     line = startup_line(RankSplit(threads=15, cpu_rate=60e9, gpu_rate=48e9), [0, 1, 2], [4, 4, 1])
-    assert line.startswith("CPU threads attend 5/9 offloaded KV head-layers per rank "
-                           "(2 in layers 0-1, 1 in 2), 15 thread(s); measured CPU 60.0 GB/s, "
-                           "GPU link 48.0 GB/s"), line
-    slow = startup_line(RankSplit(cpu_rate=5e9, gpu_rate=48e9), [0], [4])
-    assert slow.startswith("off (auto: measured CPU 5.0 GB/s") and "too slow" in slow
+    assert line.startswith("CPU threads attend 5.0625/9 offloaded KV head-layers per rank "
+                           "(2.25 in layers 0-1, 0.5625 in 2), 15 thread(s); measured CPU "
+                           "60.0 GB/s, GPU link 48.0 GB/s"), line
+    line = startup_line(RankSplit(threads=15, cpu_rate=48e9, gpu_rate=48e9), [0, 1], [4, 4])
+    assert line.startswith("CPU threads attend 4/8 offloaded KV head-layers per rank (2 in layers 0-1)")
+    slow = startup_line(RankSplit(cpu_rate=0.1e9, gpu_rate=48e9), [0], [4])
+    assert slow.startswith("off (auto: measured CPU 0.1 GB/s") and "too slow" in slow
     assert startup_line(RankSplit(threads=1, fixed=2), [3], [4]).endswith("fixed by cpu_attention")
 
 
@@ -129,11 +138,15 @@ def test_startup_line():
     ({"cpu_attention": "off"}, "off", "auto"),
     ({"cpu_attention": 0, "cpu_attention_threads": 1}, 0, 1),
     ({"cpu_attention": 3, "cpu_attention_threads": "auto"}, 3, "auto"),
+    ({"cpu_attention": 2.0}, 2, "auto"),
+    ({"cpu_attention": 0.0625}, 0.0625, "auto"),
+    ({"cpu_attention": 3.75}, 3.75, "auto"),
 ])
 def test_settings_parse(raw, attention, threads):
     cfg = HeadInferConfig.parse(raw)
     assert (cfg.cpu_attention, cfg.cpu_attention_threads) == (attention, threads)
-    assert cfg.fixed_cpu_heads == {"auto": None, "off": 0}.get(attention, attention)
+    assert type(cfg.cpu_attention) is type(attention)
+    assert cfg.fixed_cpu_share == {"auto": None, "off": 0}.get(attention, attention)
 
 
 def test_settings_from_environment(monkeypatch):
@@ -141,14 +154,18 @@ def test_settings_from_environment(monkeypatch):
     monkeypatch.setenv("VLLM_HEADINFER_CPU_ATTENTION_THREADS", "7")
     cfg = HeadInferConfig.parse({})
     assert (cfg.cpu_attention, cfg.cpu_attention_threads) == (2, 7)
+    monkeypatch.setenv("VLLM_HEADINFER_CPU_ATTENTION", "1.5")
+    assert HeadInferConfig.parse({}).fixed_cpu_share == 1.5
     monkeypatch.setenv("VLLM_HEADINFER_CPU_ATTENTION", "off")
-    assert HeadInferConfig.parse({}).fixed_cpu_heads == 0
+    assert HeadInferConfig.parse({}).fixed_cpu_share == 0
 
 
 @pytest.mark.parametrize("raw,needles", [
-    ({"cpu_attention": -1}, ["cpu_attention", "'auto', 'off' or an integer", ">= 0"]),
+    ({"cpu_attention": -1}, ["cpu_attention", "'auto', 'off' or a number of KV heads >= 0",
+                              "a multiple of 1/16"]),
     ({"cpu_attention": "all"}, ["cpu_attention", "'all'"]),
-    ({"cpu_attention": 1.5}, ["cpu_attention"]),
+    ({"cpu_attention": 1.3}, ["cpu_attention", "1.3", "sixteenths"]),
+    ({"cpu_attention": float("inf")}, ["cpu_attention"]),
     ({"cpu_attention": True}, ["cpu_attention"]),
     ({"cpu_attention_threads": 0}, ["cpu_attention_threads", ">= 1"]),
     ({"cpu_attention_threads": "off"}, ["cpu_attention_threads", "'auto'"]),

@@ -5,9 +5,10 @@ Cases cover GQA ratios 1, 4, 6, 7 and 8, head sizes 64 and 128, blocks of 16 and
 contexts long enough to split, query lengths of 1 (decode) and several
 (speculative verify, causal), and bf16, fp16, fp32 and fp8 pages (the
 reference reads fp8 pages as value times scale); every fp16, fp8 e5m2 and
-e4m3fn value widens exactly (subnormals, infinities and NaNs too). Then a
-layer's CPU share as the data path calls the kernel, against the CPU path's
-torch attention.
+e4m3fn value widens exactly (subnormals, infinities and NaNs too). A split
+head: the kernel's part and the torch path's first blocks (the GPU's part on
+CUDA) merge to the whole head's attention. Then a layer's CPU share as the
+data path calls the kernel, against the CPU path's torch attention.
 """
 
 from __future__ import annotations
@@ -105,6 +106,51 @@ def test_long_context_splits_and_merges():
     assert torch.allclose(out, expected, atol=1e-5, rtol=1e-5), (out - expected).abs().max()
 
 
+@pytest.mark.parametrize("keep", [1, 8, 15])
+def test_a_split_heads_parts_merge_to_the_whole_head(keep):
+    """Head 0 of the pages split: the GPU's first ``keep`` sixteenths of
+    each request's blocks (by the torch path, as the CPU platform computes
+    them) and the kernel's rest, merged by log-sum-exp, against the float64
+    reference over the whole head; head 1 whole. Contexts of one block (no
+    GPU part), long ones (several kernel splits), and verify queries whose
+    positions bound the GPU's part."""
+    from vllm_headinfer.coattention_path import merge_split_head, split_prefix_tokens
+    from vllm_headinfer.cpu_coattention import split_cut
+    from vllm_headinfer.layout import host_kv
+    from vllm_headinfer.torch_attention import prefix_attention
+
+    gen = torch.Generator().manual_seed(keep)
+    group, dim, block = 4, 64, 16
+    seq_lens = [1, 16, 17, 200, block * BLOCKS_PER_SPLIT * 2 + 9, 40, 33]
+    query_lens = [1, 1, 1, 3, 1, 5, 17]
+    width = max(math.ceil(n / block) for n in seq_lens)
+    num_blocks = len(seq_lens) * width + 1
+    pages = torch.randn(num_blocks, 2, 2, block, dim, generator=gen)
+    table = torch.randperm(num_blocks, generator=gen)[: len(seq_lens) * width].view(len(seq_lens), width)
+    starts = torch.tensor([0, *itertools_accumulate(query_lens)])
+    tokens = int(starts[-1])
+    query = torch.randn(tokens, 2 * group, dim, generator=gen)
+    lengths = torch.tensor(seq_lens)
+    prefix = split_prefix_tokens(lengths, starts, block, keep)
+    cuts = [split_cut(n, q, block, keep) * block for n, q in zip(seq_lens, query_lens)]
+    assert prefix.tolist() == cuts
+    assert prefix[0] == 0 and prefix[4] > 0  # both kinds of request
+    assert all(p <= n - q for p, n, q in zip(cuts, seq_lens, query_lens))
+    out = torch.empty(tokens, group, dim)
+    cpu_out, cpu_lse = torch.empty(tokens, group, dim), torch.empty(group, tokens)
+    decode_attention(query, pages, table, lengths, starts, dim**-0.5, out, split_keep=keep,
+                     split_out=cpu_out, split_lse=cpu_lse)
+    gpu_out, gpu_lse = torch.empty_like(cpu_out), torch.empty_like(cpu_lse)
+    prefix_attention(query[:, :group], *host_kv(pages[:, :1]), table, starts, prefix, dim**-0.5,
+                     gpu_out, gpu_lse)
+    merged = torch.empty_like(cpu_out)
+    merge_split_head(merged, gpu_out, gpu_lse, cpu_out, cpu_lse)
+    expected = reference(query, pages, table, lengths, starts, dim**-0.5).float()
+    assert torch.allclose(merged, expected[:, :group], atol=1e-5, rtol=1e-5), \
+        (merged - expected[:, :group]).abs().max()
+    assert torch.allclose(out, expected[:, group:], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
 def test_fp8_pages_read_with_their_scales(fp8):
     gen = torch.Generator().manual_seed(4)
@@ -130,21 +176,23 @@ def test_fp8_pages_read_with_their_scales(fp8):
     assert torch.allclose(out.double(), expected, atol=1e-5, rtol=1e-5), (out.double() - expected).abs().max()
 
 
+@pytest.mark.parametrize("share", [2, 1.5])
 @pytest.mark.parametrize("kv_cache_dtype,scales", [
     ("auto", None), ("fp8_e4m3", (0.5, 0.25)), ("fp8_e5m2", ([0.5, 2.0, 1.0, 0.25], [1.0, 0.5, 4.0, 2.0])),
 ])
-def test_a_layers_cpu_share(kv_cache_dtype, scales):
-    """A layer's CPU share (coattention_path.CpuShare): the last two of its
-    three offloaded heads (KV heads 2-3 of 4, query heads 4-7 of 8) through
-    the kernel, against the CPU data path's torch attention of the same
-    heads; fp8 pages with one scale per tensor or per head (one kernel call
-    per head then)."""
+def test_a_layers_cpu_share(kv_cache_dtype, scales, share):
+    """A layer's CPU share (coattention_path.CpuShare) of its three
+    offloaded heads (KV heads 1-3 of 4, query heads 2-7 of 8): 2 heads (KV
+    heads 2-3) through the kernel, or 1.5 (KV head 3 whole, the later half
+    of KV head 2's blocks, merged with the torch path's first half), against
+    the CPU data path's torch attention of the same heads; fp8 pages with
+    one scale per tensor or per head (one kernel call per head then)."""
     from types import SimpleNamespace
 
-    from vllm_headinfer.coattention_path import CpuShare, HostStep
+    from vllm_headinfer.coattention_path import CpuShare, HostStep, merge_split_head, split_prefix_tokens
     from vllm_headinfer.kv_quant import Fp8Scales, fp8_dtype
     from vllm_headinfer.layout import host_kv
-    from vllm_headinfer.torch_attention import paged_attention
+    from vllm_headinfer.torch_attention import paged_attention, prefix_attention
 
     gen = torch.Generator().manual_seed(5)
     heads, group, dim, block, offloaded = 4, 2, 64, 16, 3
@@ -161,12 +209,23 @@ def test_a_layers_cpu_share(kv_cache_dtype, scales):
     ids = torch.randperm(num_blocks, generator=gen)
     table = ids[: len(seq_lens) * width].view(len(seq_lens), width)
     starts = torch.tensor([0, *itertools_accumulate(query_lens)])
-    step = HostStep(table, torch.tensor(seq_lens), starts, int(starts[-1]))
-    query = torch.randn(int(starts[-1]), heads * group, dim, generator=gen)
-    share = CpuShare(impl, 2, threads=1)
-    assert (share.kv_heads, share.query_heads) == (slice(2, 4), slice(4, 8))
+    tokens = int(starts[-1])
+    step = HostStep(table, torch.tensor(seq_lens), starts, tokens)
+    query = torch.randn(tokens, heads * group, dim, generator=gen)
+    cpu = CpuShare(impl, share, threads=1)
+    assert (cpu.kv_heads, cpu.query_heads, cpu.whole_query_heads) == (slice(2, 4), slice(4, 8),
+                                                                      slice(8 - 2 * int(share), 8))
     out = torch.zeros_like(query)
-    share.attend(layer, query[:, share.query_heads], pages, step, out[:, share.query_heads])
+    split_out, split_lse = torch.empty(tokens, group, dim), torch.empty(group, tokens)
+    cpu.attend(layer, query[:, cpu.query_heads], pages, step, out[:, cpu.whole_query_heads],
+               split_out=split_out, split_lse=split_lse)
+    if cpu.split_keep:
+        assert (cpu.split_keep, cpu.gpu_heads, cpu.split_query_heads) == (8, 1, slice(4, 6))
+        prefix = split_prefix_tokens(step.seq_lens, starts, block, cpu.split_keep)
+        gpu_out, gpu_lse = torch.empty_like(split_out), torch.empty_like(split_lse)
+        prefix_attention(query[:, 4:6], *host_kv(pages[:, 1:2]), table, starts, prefix, impl.scale,
+                         gpu_out, gpu_lse, Fp8Scales.of(layer, kv_cache_dtype, slice(2, 3)))
+        merge_split_head(out[:, 4:6], gpu_out, gpu_lse, split_out, split_lse)
     expected = torch.zeros_like(query)
     paged_attention(query[:, 4:8], *host_kv(pages[:, 1:3]), table, starts, torch.tensor(seq_lens),
                     impl.scale, expected[:, 4:8], Fp8Scales.of(layer, kv_cache_dtype, slice(2, 4)))

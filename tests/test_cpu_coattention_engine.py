@@ -5,8 +5,10 @@ resident ones as before.
 
 HEADINFER with cpu_attention 1 and H_off (every offloaded head on the kernel)
 at R = 0 (one of the two heads, then both; the second set through its
-environment variable), and at R = 1 with a count above H_off (capped at the
-one offloaded head), against the default backend on the mixed batch of
+environment variable), at R = 1 with a count above H_off (capped at the
+one offloaded head), and with split heads (1.5 at R = 0: one head whole and
+the later half of each request's blocks of the other, merged with the torch
+path's part; 0.25 at R = 1), against the default backend on the mixed batch of
 test_equivalence under chunked prefill: identical greedy tokens, logprobs
 within 1e-3. That the kernel served decode steps is asserted from its call
 counts, and auto leaves it off on CPU. Verify steps of
@@ -28,6 +30,8 @@ ENGINES = {
     "R0-cpu1": (0, 1, {}, 1),
     "R0-cpu2-env": (0, None, {"VLLM_HEADINFER_CPU_ATTENTION": "2"}, 2),
     "R1-cpu8": (1, 8, {}, 1),
+    "R0-cpu1.5": (0, 1.5, {}, 1.5),
+    "R1-cpu0.25": (1, 0.25, {}, 0.25),
     "R0-auto": (0, "auto", {}, 0),
 }
 
@@ -57,12 +61,12 @@ def results(tiny_models, tmp_path_factory):
     return merged
 
 
-def coattention_counts(log: list[str]) -> list[int] | None:
+def coattention_counts(log: list[str]) -> list[float] | None:
     """CPU heads per layer from the startup line; None without one."""
     lines = [ln for ln in log if "HEADINFER CPU co-attention" in ln]
     if not lines:
         return None
-    m = re.search(r"attend (\d+)/(\d+) offloaded KV head-layers per rank \(([^)]*)\)", lines[-1])
+    m = re.search(r"attend ([\d.]+)/(\d+) offloaded KV head-layers per rank \(([^)]*)\)", lines[-1])
     assert m, lines[-1]
     return expand_counts(m[3])
 

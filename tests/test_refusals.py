@@ -52,7 +52,7 @@ CASES = {
     "prefill-path": ("gqa", headinfer_llm(prefill_path="gpu"), {}, ["prefill_path", "uva", "staged"]),
     "staging-mib-small": ("gqa", headinfer_llm(staging_mib=8), {}, ["staging_mib", "16"]),
     "staging-mib-string": ("gqa", headinfer_llm(staging_mib="big"), {}, ["staging_mib"]),
-    "cpu-attention-negative": ("gqa", headinfer_llm(cpu_attention=-1), {}, ["cpu_attention", "'auto', 'off' or an integer"]),
+    "cpu-attention-negative": ("gqa", headinfer_llm(cpu_attention=-1), {}, ["cpu_attention", "'auto', 'off' or a number of KV heads"]),
     "cpu-attention-threads-zero": ("gqa", headinfer_llm(cpu_attention_threads=0), {}, ["cpu_attention_threads", ">= 1"]),
     "env-cpu-attention": ("gqa", headinfer_llm(), {"VLLM_HEADINFER_CPU_ATTENTION": "all"}, ["cpu_attention", "VLLM_HEADINFER_CPU_ATTENTION"]),
     "settings-without-backend": ("gqa", {"additional_config": {"headinfer": {"resident_kv_heads": 1}}}, {}, ["additional_config.headinfer", "HEADINFER"]),

@@ -66,9 +66,10 @@ HEADINFER = {
     f"R{H}": headinfer_llm(H, cpu_kv_gib=0.05),
     "auto": {**headinfer_llm(cpu_kv_gib=0.05), "kv_cache_memory_bytes": AUTO_BUDGET},
 }
-# CPU co-attention of one of R = 0's two offloaded heads: verify steps of
-# several query tokens per request through the CPU kernel.
-COATTENTION = headinfer_llm(0, cpu_kv_gib=0.05, cpu_attention=1)
+# CPU co-attention of one and a half of R = 0's two offloaded heads: verify
+# steps of several query tokens per request through the CPU kernel, and a
+# split head whose GPU part ends before each request's first query.
+COATTENTION = headinfer_llm(0, cpu_kv_gib=0.05, cpu_attention=1.5)
 
 
 def scenario() -> dict:
@@ -119,7 +120,7 @@ def results(tiny_models, draft_path, mtp_path, tmp_path_factory):
         engine("default-ngram", {**LLM, **NGRAM}),
     ]]
     runs += [[engine(f"{name}-ngram", {**LLM, **NGRAM, **hi})] for name, hi in HEADINFER.items()]
-    runs += [[engine("R0-cpu1-ngram", {**LLM, **NGRAM, **COATTENTION})]]
+    runs += [[engine("R0-cpu1.5-ngram", {**LLM, **NGRAM, **COATTENTION})]]
 
     def drafted(tag: str, extra: dict, model: str = "m") -> list[dict]:
         """One drafter's engines (``extra``: its speculative config and, for
@@ -182,13 +183,13 @@ def test_headinfer_with_ngram_matches(results, name):
 
 
 def test_cpu_coattention_in_verify_steps(results):
-    hi = _outputs(results, "R0-cpu1-ngram")
+    hi = _outputs(results, "R0-cpu1.5-ngram")
     assert hi["metrics"]["vllm:spec_decode_num_accepted_tokens"] > 0, hi["metrics"]
     for reference in ("default-ngram", "default"):
         assert_same_outputs(
-            _outputs(results, reference)["outputs"], hi["outputs"], f"R0+cpu1+ngram vs {reference}"
+            _outputs(results, reference)["outputs"], hi["outputs"], f"R0+cpu1.5+ngram vs {reference}"
         )
-    calls = engine_ok(results, "R0-cpu1-ngram")["coattention_calls"]
+    calls = engine_ok(results, "R0-cpu1.5-ngram")["coattention_calls"]
     assert calls.get("verify", 0) > 0 and calls.get("decode", 0) > 0, calls
 
 

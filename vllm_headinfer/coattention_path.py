@@ -2,10 +2,16 @@
 attend the last offloaded KV heads of a layer in host memory while the GPU
 reads the others over the link.
 
-A layer's KV heads are then ``[0, R)`` resident, ``[R, H - c)`` offloaded and
-read by the GPU, ``[H - c, H)`` offloaded and attended by CPU threads with
-``cpu_coattention.decode_attention``, straight from the host pool's CPU tensor (a head slice of its pages, read in place). Query
-heads follow their KV head, so each part writes its own slice of the output.
+With a CPU share of ``c`` heads (coattention_split: a multiple of 1/16) a
+layer's KV heads are ``[0, R)`` resident, then offloaded: the GPU reads the
+first ones whole, CPU threads attend the last ``floor(c)`` with
+``cpu_coattention.decode_attention``, straight from the host pool's CPU
+tensor (a head slice of its pages, read in place), and where ``c`` has a
+fraction the head between them is split: the GPU attends the first blocks of
+each request's context (``split_prefix_tokens``), the kernel the rest, and
+vLLM's merge of partial attentions combines the two by their log-sum-exps.
+Query heads follow their KV head, so each part writes its own slice of the
+output.
 
 On CUDA, per layer (``coattend``):
 
@@ -14,10 +20,11 @@ On CUDA, per layer (``coattend``):
    written into the pool (through its UVA view) earlier on the same stream,
    so once the event has completed the CPU reads them;
 2. the GPU's attention is launched as without co-attention, over its
-   narrower slice of the pool's UVA view;
-3. the host waits for the event and runs the kernel into a pinned output
-   buffer, while the GPU reads its share;
-4. that output is copied into the layer's output on the current stream.
+   narrower slice of the pool's UVA view, then its part of the split head;
+3. the host waits for the event and runs the kernel into pinned output
+   buffers, while the GPU reads its share;
+4. those outputs are copied to the device on the current stream, and the
+   split head's two parts merged.
 
 Step 3 is host work inside the layer, so such steps cannot run inside CUDA
 graphs: where co-attention is on, metadata.py keeps attention out of full
@@ -34,14 +41,19 @@ from __future__ import annotations
 
 import collections
 import os
-import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from vllm.platforms import current_platform
 from vllm.utils.math_utils import cdiv
 
-from vllm_headinfer.coattention_split import RankSplit, auto_split, kernel_threads, rank_cores
+from vllm_headinfer.coattention_split import (
+    SHARE_STEPS,
+    RankSplit,
+    auto_split,
+    kernel_threads,
+    rank_cores,
+)
 from vllm_headinfer.config import HeadInferConfig, ranks_per_node
 from vllm_headinfer.kv_quant import Fp8Scales, fp8_dtype
 
@@ -49,20 +61,6 @@ from vllm_headinfer.kv_quant import Fp8Scales, fp8_dtype
 # one query token per request, "verify": more); the tests' engine runner
 # reports them to show the path ran.
 CALLS: collections.Counter = collections.Counter()
-
-_thread_state = threading.local()
-
-
-def use_threads(threads: int) -> None:
-    """The kernel's thread count for the calling thread (numba keeps it per
-    thread), set once per thread."""
-    import numba
-
-    threads = min(threads, numba.config.NUMBA_NUM_THREADS)
-    if getattr(_thread_state, "threads", None) != threads:
-        numba.set_num_threads(threads)
-        _thread_state.threads = threads
-
 
 # Auto's measurement, once per process (and page format).
 _measured: dict[tuple, RankSplit] = {}
@@ -73,8 +71,8 @@ def rank_split(vllm_config, spec) -> RankSplit:
     cfg = HeadInferConfig.from_vllm_config(vllm_config)
     cores = rank_cores(len(os.sched_getaffinity(0)), ranks_per_node(vllm_config))
     threads = cfg.cpu_attention_threads if isinstance(cfg.cpu_attention_threads, int) else None
-    if cfg.fixed_cpu_heads is not None:
-        return RankSplit(threads=threads or kernel_threads(cores), fixed=cfg.fixed_cpu_heads)
+    if cfg.fixed_cpu_share is not None:
+        return RankSplit(threads=threads or kernel_threads(cores), fixed=cfg.fixed_cpu_share)
     if not current_platform.is_cuda():
         return RankSplit(fixed=0)  # auto on CPU: no link to relieve
     if cfg.resolved_decode_path != "uva":
@@ -101,6 +99,21 @@ class HostStep:
     query_start_loc: torch.Tensor  # [requests + 1]
     tokens: int  # query tokens of the step's requests (without padding)
     ready: torch.cuda.Event | None = None
+    # split_prefix_tokens on the device, by split_keep (computed once a step).
+    device_prefixes: dict = field(default_factory=dict)
+
+
+def split_prefix_tokens(seq_lens: torch.Tensor, query_start_loc: torch.Tensor, block_size: int,
+                        keep: int) -> torch.Tensor:
+    """Tokens of each request's split head that the GPU attends (int32, on
+    the tensors' device, without a host sync): the first ``keep``
+    sixteenths of its blocks but none holding a query position, as
+    ``cpu_coattention.split_cut`` leaves them."""
+    n = seq_lens.shape[0]
+    query_lens = query_start_loc[1 : n + 1] - query_start_loc[:n]
+    blocks = (seq_lens + block_size - 1) // block_size
+    cut = torch.minimum(blocks * keep // SHARE_STEPS, (seq_lens - query_lens) // block_size)
+    return (cut.clamp(min=0) * block_size).to(torch.int32)
 
 
 class HostStepCopies:
@@ -141,18 +154,26 @@ class HostStepCopies:
 
 
 class CpuShare:
-    """The last ``heads`` offloaded KV heads of a layer, which CPU threads
-    attend in short-query steps."""
+    """The offloaded heads of a layer that CPU threads attend in
+    short-query steps: ``share`` heads, a multiple of 1/SHARE_STEPS (the
+    module docstring says how a fraction splits one more head)."""
 
-    def __init__(self, impl, heads: int, threads: int) -> None:
+    def __init__(self, impl, share: float, threads: int) -> None:
         h, g = impl.num_kv_heads, impl.group
-        self.heads = heads
+        whole, part = divmod(round(share * SHARE_STEPS), SHARE_STEPS)
+        # Sixteenths of each request's blocks of the split head that the
+        # GPU attends; 0: no split head.
+        self.split_keep = SHARE_STEPS - part if part else 0
+        self.heads = whole + (1 if part else 0)  # heads the kernel reads
         self.threads = threads
         self.group = g
-        self.gpu_heads = impl.num_offloaded - heads  # offloaded heads the GPU reads
-        self.pool_start = self.gpu_heads  # first CPU head in the pool's pages
-        self.kv_heads = slice(h - heads, h)
-        self.query_heads = slice((h - heads) * g, h * g)
+        self.gpu_heads = impl.num_offloaded - self.heads  # offloaded heads the GPU reads whole
+        self.pool_start = self.gpu_heads  # first kernel head in the pool's pages
+        self.kv_heads = slice(h - self.heads, h)
+        self.query_heads = slice((h - self.heads) * g, h * g)
+        split = 1 if part else 0
+        self.split_query_heads = slice((h - self.heads) * g, (h - self.heads + split) * g)
+        self.whole_query_heads = slice((h - whole) * g, h * g)  # the heads the CPU takes whole
         self.scale = impl.scale
         self.kv_cache_dtype = impl.kv_cache_dtype
         self._runs: list[tuple[slice, dict]] | None = None
@@ -176,48 +197,73 @@ class CpuShare:
                                                  "v_scale": v[i]}) for i in range(self.heads)]
         return self._runs
 
-    def attend(self, layer, query, pages, step: HostStep, out, query_scale=lambda layer: 1.0):
-        """The share's attention on the host: ``query`` and ``out``
-        ``[step.tokens, heads * G, D]``, ``pages`` the layer's host pages
-        ``[blocks, H_off, 2, N, D]``. ``query_scale(layer)`` is the scale of
-        fp8 queries (1 for plain ones)."""
+    def attend(self, layer, query, pages, step: HostStep, out, query_scale=lambda layer: 1.0,
+               split_out=None, split_lse=None):
+        """The share's attention on the host: ``query`` ``[step.tokens,
+        heads * G, D]``, ``pages`` the layer's host pages ``[blocks, H_off,
+        2, N, D]``; ``out`` gets the heads the CPU takes whole, and a split
+        head's part goes to ``split_out`` ``[tokens, G, D]`` with its
+        log-sum-exps ``split_lse`` ``[G, tokens]``. ``query_scale(layer)``
+        is the scale of fp8 queries (1 for plain ones)."""
         from vllm_headinfer.cpu_coattention import decode_attention
 
-        use_threads(self.threads)
         g = self.group
+        split = 1 if self.split_keep else 0
         for heads, kwargs in self._kernel_runs(layer, query_scale):
             rows = slice(heads.start * g, heads.stop * g)
+            first = split if heads.start == 0 else 0  # the run holds the split head
+            if first:
+                kwargs = {**kwargs, "split_keep": self.split_keep, "split_out": split_out,
+                          "split_lse": split_lse}
             decode_attention(
                 query[:, rows],
                 pages[:, self.pool_start + heads.start : self.pool_start + heads.stop],
                 step.block_table, step.seq_lens, step.query_start_loc,
-                out=out[:, rows], **kwargs,
+                out=out[:, (heads.start + first - split) * g : (heads.stop - split) * g],
+                threads=self.threads, **kwargs,
             )
         CALLS["verify" if step.tokens > step.seq_lens.shape[0] else "decode"] += 1
 
 
+def merge_split_head(dest, gpu_out, gpu_lse, cpu_out, cpu_lse) -> None:
+    """``dest`` ``[tokens, G, D]``: a split head's two parts (outputs
+    ``[tokens, G, D]``, log-sum-exps ``[G, tokens]``) merged by vLLM's merge
+    of partial attentions (a CUDA kernel on the GPU, torch on the CPU),
+    which gives an empty part (log-sum-exp of -inf or +inf) no weight."""
+    from vllm.v1.attention.ops.merge_attn_states import merge_attn_states
+
+    merged = dest if dest.is_contiguous() else torch.empty_like(cpu_out)
+    merge_attn_states(merged, gpu_out, gpu_lse, cpu_out, cpu_lse)
+    if merged is not dest:
+        dest.copy_(merged)
+
+
 class PinnedBuffers:
     """The CPU heads' queries and outputs of one layer call on the host
-    (CUDA), one pair per process, allocated at startup: layers run one after
-    the other, and a layer's copies have completed before the next layer
-    writes either buffer (it waits for its own later query copy first)."""
+    (CUDA), and a split head's output and log-sum-exps, one set per process,
+    allocated at startup: layers run one after the other, and a layer's
+    copies have completed before the next layer writes any buffer (it waits
+    for its own later query copy first)."""
 
     def __init__(self) -> None:
         self.nbytes = 0
-        self.query = self.output = torch.empty(0, dtype=torch.uint8)
+        self.query = self.output = self.split = torch.empty(0, dtype=torch.uint8)
         self.queries_copied: torch.cuda.Event | None = None
 
     def reserve(self, nbytes: int) -> None:
         if nbytes > self.nbytes:
-            self.query, self.output = (
-                torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(2))
+            self.query, self.output, self.split = (
+                torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(3))
             self.nbytes = nbytes
             self.queries_copied = torch.cuda.Event()
 
     @staticmethod
-    def view(buffer: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        numel = shape[0] * shape[1] * shape[2]
-        return buffer[: numel * dtype.itemsize].view(dtype).view(shape)
+    def view(buffer: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...],
+             offset: int = 0) -> torch.Tensor:
+        numel = 1
+        for size in shape:
+            numel *= size
+        return buffer[offset : offset + numel * dtype.itemsize].view(dtype).view(shape)
 
 
 pinned = PinnedBuffers()
@@ -225,13 +271,14 @@ pinned = PinnedBuffers()
 
 def reserve_pinned(vllm_config, num_heads: int, head_size: int) -> None:
     """Room for the largest short-query step: every request with its most
-    query tokens, all query heads (of at most 4 bytes an element)."""
+    query tokens, all query heads (of at most 4 bytes an element), and per
+    token a log-sum-exp of each query head."""
     from vllm_headinfer.metadata import in_place_query_len
 
     scheduler = vllm_config.scheduler_config
     tokens = min(scheduler.max_num_seqs * in_place_query_len(vllm_config),
                  scheduler.max_num_batched_tokens)
-    pinned.reserve(tokens * num_heads * head_size * 4)
+    pinned.reserve(tokens * num_heads * (head_size + 1) * 4)
 
 
 def coattend(ops, layer, query, kv_cache, pages, host, m, output) -> None:
@@ -239,14 +286,30 @@ def coattend(ops, layer, query, kv_cache, pages, host, m, output) -> None:
     module docstring's steps 1-4): ``pages`` the layer's host pages,
     ``host`` their UVA view."""
     share, step = ops.impl.cpu_share, m.host_step
-    t = step.tokens
-    shape = (t, share.heads * share.group, query.shape[2])
-    queries = pinned.view(pinned.query, query.dtype, shape)
+    t, g, dim = step.tokens, share.group, query.shape[2]
+    split = 1 if share.split_keep else 0
+    queries = pinned.view(pinned.query, query.dtype, (t, share.heads * g, dim))
     queries.copy_(query[:t, share.query_heads], non_blocking=True)
     pinned.queries_copied.record()
     ops.read_in_place(layer, query, kv_cache, host, m, output, share.gpu_heads)
+    if split:
+        keep = share.split_keep
+        if keep not in step.device_prefixes:
+            step.device_prefixes[keep] = split_prefix_tokens(
+                m.seq_lens, m.query_start_loc, pages.shape[3], keep)
+        gpu_out, gpu_lse = ops.attend_split_head(layer, query[:t], host, m, share.gpu_heads,
+                                                 step.device_prefixes[keep], output.dtype)
     step.ready.synchronize()
     pinned.queries_copied.synchronize()
-    out = pinned.view(pinned.output, output.dtype, shape)
-    share.attend(layer, queries, pages, step, out, ops.query_scale)
-    output[:t, share.query_heads].copy_(out, non_blocking=True)
+    out = pinned.view(pinned.output, output.dtype, (t, (share.heads - split) * g, dim))
+    split_out = split_lse = None
+    if split:
+        split_out = pinned.view(pinned.split, output.dtype, (t, g, dim))
+        split_lse = pinned.view(pinned.split, torch.float32, (g, t), offset=split_out.nbytes)
+    share.attend(layer, queries, pages, step, out, ops.query_scale, split_out, split_lse)
+    output[:t, share.whole_query_heads].copy_(out, non_blocking=True)
+    if split:
+        device = output.device
+        merge_split_head(output[:t, share.split_query_heads], gpu_out, gpu_lse,
+                         split_out.to(device, non_blocking=True),
+                         split_lse.to(device, non_blocking=True))

@@ -2,7 +2,7 @@
 
 Both readers of host memory at once, as in a decode step, each over
 synthetic pages of the layer's page format (blocks in random order, as in a
-served pool): on a side stream the GPU runs flash attention over pinned
+served pool; the CPU a half of each block's heads): on a side stream the GPU runs flash attention over pinned
 pages through their UVA view, as decode steps read offloaded heads, while
 CPU threads run the co-attention kernel over pages of their own. They share
 the host's memory, so each rate is taken while the other reader runs: the
@@ -87,19 +87,20 @@ def measure_rates(
     """(CPU, GPU) bytes/s of host memory read while both read it, the CPU
     with ``threads`` kernel threads over pages of ``dtype`` (fp8 bytes in
     the format ``fp8``), the GPU with flash attention over UVA."""
-    from vllm_headinfer.coattention_path import use_threads
-
-    use_threads(threads)
     page = 2 * block_size * head_size * dtype.itemsize
     blocks = PROBE_BYTES // (PROBE_HEADS * page)
-    pages = torch.ones(host_page_shape(blocks, PROBE_HEADS, block_size, head_size), dtype=dtype)
-    query = torch.ones(1, PROBE_HEADS * PROBE_GROUP, head_size)
+    pool = torch.ones(host_page_shape(blocks, PROBE_HEADS, block_size, head_size), dtype=dtype)
+    # The CPU reads the last half of each block's heads, as it reads its
+    # share of a layer in a step: run 15 measured whole 8-head blocks read
+    # 13-19% faster than the engine's 4-head share of them.
+    pages = pool[:, PROBE_HEADS // 2 :]
+    query = torch.ones(1, PROBE_HEADS // 2 * PROBE_GROUP, head_size)
     out = torch.empty_like(query)
     table = torch.randperm(blocks)[None]
     seq_lens, starts = torch.tensor([blocks * block_size]), torch.tensor([0, 1])
 
     def attend() -> None:
-        decode_attention(query, pages, table, seq_lens, starts, 1.0, out, fp8=fp8)
+        decode_attention(query, pages, table, seq_lens, starts, 1.0, out, threads=threads, fp8=fp8)
 
     stream = torch.cuda.Stream()
     with _pinned(PROBE_BYTES) as source:
@@ -122,4 +123,5 @@ def measure_rates(
         end.synchronize()
     torch.cuda.empty_cache()
     gpu_seconds = start.elapsed_time(end) / 1e3
-    return calls * pages.nbytes / cpu_seconds, GPU_CALLS * gpu_bytes / gpu_seconds
+    cpu_bytes = calls * pool.nbytes // 2
+    return cpu_bytes / cpu_seconds, GPU_CALLS * gpu_bytes / gpu_seconds

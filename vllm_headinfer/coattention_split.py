@@ -7,10 +7,16 @@ them in host memory while the GPU reads the other ``H_off - c`` over the link.
 Every head of a layer holds the same bytes, and the next layer needs this
 layer's output, so each layer waits for its slower reader: a step takes the
 sum over layers of ``max(c / cpu_rate, (H_off - c) / gpu_rate)`` head-reads.
-Each layer's count is therefore chosen on its own: the whole number of heads
-next to the ideal share ``H_off * cpu / (cpu + gpu)`` (where both readers
-finish together) whose slower reader finishes first. Over the layers the CPU
-then takes its rate's share of the offloaded bytes, within one head per layer.
+The ideal share, where both readers finish together, is
+``H_off * cpu / (cpu + gpu)`` heads, rarely a whole number: with whole heads
+the slower reader of a layer of 8 heads waits up to half a head (6%) for
+nothing, and a layer of one or two offloaded heads (what automatic placement
+leaves) could hardly be shared at all. So ``c`` counts sixteenths of a head:
+the CPU takes ``floor(c)`` heads whole and, of one more head (the split
+head), the later ``c - floor(c)`` of each request's blocks, while the GPU
+reads its first blocks; the two parts are merged by log-sum-exp. Each
+layer's share is the multiple of 1/16 next to the ideal one whose slower
+reader finishes first.
 """
 
 from __future__ import annotations
@@ -34,19 +40,29 @@ MIN_CORES_PER_RANK = 4
 # the output back), which a share this short would not win back.
 MIN_CPU_SHARE_S = 1e-3
 
+# A layer's CPU share is a multiple of 1/SHARE_STEPS of a head.
+SHARE_STEPS = 16
 
-def balanced_cpu_heads(offloaded: int, cpu_rate: float, gpu_rate: float) -> int:
-    """The CPU's heads of a layer with ``offloaded`` heads in host memory,
-    for the two readers' rates (bytes/s): the slower reader finishes first;
-    of two equal choices, the one with fewer CPU heads."""
+
+def balanced_cpu_share(offloaded: int, cpu_rate: float, gpu_rate: float) -> float:
+    """The CPU's share (heads, a multiple of 1/SHARE_STEPS) of a layer with
+    ``offloaded`` heads in host memory, for the two readers' rates
+    (bytes/s): the slower reader finishes first; of two equal choices, the
+    smaller share."""
     if offloaded <= 0 or cpu_rate <= 0:
         return 0
     if gpu_rate <= 0:
         return offloaded
-    ideal = offloaded * cpu_rate / (cpu_rate + gpu_rate)
+    ideal = offloaded * SHARE_STEPS * cpu_rate / (cpu_rate + gpu_rate)
     low = math.floor(ideal)
-    slower = lambda c: max(c / cpu_rate, (offloaded - c) / gpu_rate)  # noqa: E731
-    return min((low, min(offloaded, low + 1)), key=slower)
+    slower = lambda c: max(c / cpu_rate, (offloaded * SHARE_STEPS - c) / gpu_rate)  # noqa: E731
+    steps = min((low, min(offloaded * SHARE_STEPS, low + 1)), key=slower)
+    return steps // SHARE_STEPS if steps % SHARE_STEPS == 0 else steps / SHARE_STEPS
+
+
+def heads_text(share: float) -> str:
+    """A share of heads as people read it: 4, 3.75."""
+    return f"{share:g}"
 
 
 def rank_cores(node_cores: int, ranks_per_node: int) -> int:
@@ -62,32 +78,34 @@ def kernel_threads(cores: int) -> int:
 
 @dataclass(frozen=True)
 class RankSplit:
-    """Co-attention of one rank: a fixed count of heads per layer (0: off),
+    """Co-attention of one rank: a fixed share of heads per layer (0: off),
     or the two readers' measured rates (bytes/s) to balance. ``off_reason``
     says why auto turned it off, for the startup line."""
 
     threads: int = 1
-    fixed: int | None = None
+    fixed: float | None = None
     cpu_rate: float = 0.0
     gpu_rate: float = 0.0
     off_reason: str | None = None
 
-    def cpu_heads(self, offloaded: int) -> int:
+    def cpu_share(self, offloaded: int) -> float:
+        """The heads (in sixteenths) of a layer's ``offloaded`` heads that
+        CPU threads attend."""
         if self.fixed is not None:
             return min(self.fixed, offloaded)
-        return balanced_cpu_heads(offloaded, self.cpu_rate, self.gpu_rate)
+        return balanced_cpu_share(offloaded, self.cpu_rate, self.gpu_rate)
 
-    def layer_heads(self, offloaded: Sequence[int]) -> list[int]:
-        return [self.cpu_heads(n) for n in offloaded]
+    def layer_shares(self, offloaded: Sequence[int]) -> list[float]:
+        return [self.cpu_share(n) for n in offloaded]
 
-    def min_step_tokens(self, cpu_heads: int, token_head_bytes: int) -> int:
+    def min_step_tokens(self, cpu_share: float, token_head_bytes: int) -> int:
         """Context tokens (summed over a step's requests) from which a step
-        co-attends ``cpu_heads`` heads of ``token_head_bytes`` K/V bytes per
-        token: every step for a fixed count (what the setting asked for),
+        co-attends ``cpu_share`` heads of ``token_head_bytes`` K/V bytes per
+        token: every step for a fixed share (what the setting asked for),
         for auto the steps whose CPU share takes at least MIN_CPU_SHARE_S."""
-        if self.fixed is not None or cpu_heads <= 0:
+        if self.fixed is not None or cpu_share <= 0:
             return 0
-        return math.ceil(MIN_CPU_SHARE_S * self.cpu_rate / (cpu_heads * token_head_bytes))
+        return math.ceil(MIN_CPU_SHARE_S * self.cpu_rate / (cpu_share * token_head_bytes))
 
 
 def auto_split(
@@ -113,14 +131,15 @@ def startup_line(split: RankSplit, layer_indices: Sequence[int], offloaded: Sequ
         return None
     if split.off_reason is not None:
         return f"off (auto: {split.off_reason})"
-    heads = split.layer_heads(offloaded)
+    shares = split.layer_shares(offloaded)
     rates = (
         "fixed by cpu_attention" if split.fixed is not None else
         f"measured CPU {split.cpu_rate / 1e9:.1f} GB/s, GPU link {split.gpu_rate / 1e9:.1f} GB/s "
         "reading host memory at once"
     )
-    if not any(heads):
-        return (f"off (auto: {rates}: the CPU is too slow to take one of "
+    if not any(shares):
+        return (f"off (auto: {rates}: the CPU is too slow to take 1/{SHARE_STEPS} of "
                 f"{max(offloaded)} offloaded KV heads)")
-    return (f"CPU threads attend {sum(heads)}/{sum(offloaded)} offloaded KV head-layers per "
-            f"rank ({describe_runs(layer_indices, heads)}), {split.threads} thread(s); {rates}")
+    runs = describe_runs(layer_indices, [heads_text(s) for s in shares])
+    return (f"CPU threads attend {heads_text(sum(shares))}/{sum(offloaded)} offloaded KV "
+            f"head-layers per rank ({runs}), {split.threads} thread(s); {rates}")

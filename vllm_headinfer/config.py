@@ -16,6 +16,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from vllm_headinfer import BACKEND_NAME
+from vllm_headinfer.coattention_split import SHARE_STEPS
 from vllm_headinfer.kv_quant import accepted_kv_dtypes
 
 if TYPE_CHECKING:
@@ -78,8 +79,10 @@ SETTINGS = {
         "CPU co-attention: how many of each layer's offloaded KV heads CPU "
         "threads attend in decode and verify steps while the GPU reads the "
         "others: 'auto' (CUDA: measured at startup, off where it would not "
-        "help; off on CPU), 'off', or an integer >= 0 (capped at the layer's "
-        "offloaded heads). Default 'auto'.",
+        "help; off on CPU), 'off', or a number of heads >= 0 in sixteenths "
+        "(capped at the layer's offloaded heads; a fraction splits one more "
+        "head: 2.5 gives the CPU two heads and the later half of each "
+        "request's blocks of a third). Default 'auto'.",
     ),
     "cpu_attention_threads": (
         "VLLM_HEADINFER_CPU_ATTENTION_THREADS",
@@ -116,9 +119,9 @@ class HeadInferConfig:
     decode_path: str = "auto"
     prefill_path: str = "auto"
     staging_mib: int = 1024
-    # "auto", "off" or the offloaded heads per layer CPU threads attend
-    # (auto: measured at startup on CUDA, off on CPU).
-    cpu_attention: str | int = AUTO
+    # "auto", "off" or the offloaded heads per layer CPU threads attend, in
+    # sixteenths of a head (auto: measured at startup on CUDA, off on CPU).
+    cpu_attention: str | float = AUTO
     cpu_attention_threads: str | int = AUTO
 
     @classmethod
@@ -160,8 +163,7 @@ class HeadInferConfig:
             kwargs["staging_mib"] = _keyword_or_int(
                 "staging_mib", raw["staging_mib"], (), 16, "an integer >= 16")
         if "cpu_attention" in raw:
-            kwargs["cpu_attention"] = _keyword_or_int(
-                "cpu_attention", raw["cpu_attention"], (AUTO, OFF), 0, _CPU_ATTENTION_ACCEPTED)
+            kwargs["cpu_attention"] = _cpu_attention_setting(raw["cpu_attention"])
         if "cpu_attention_threads" in raw:
             kwargs["cpu_attention_threads"] = _keyword_or_int(
                 "cpu_attention_threads", raw["cpu_attention_threads"], (AUTO,), 1, _THREADS_ACCEPTED)
@@ -201,7 +203,7 @@ class HeadInferConfig:
         return "staged" in (self.resolved_decode_path, self.resolved_prefill_path)
 
     @property
-    def fixed_cpu_heads(self) -> int | None:
+    def fixed_cpu_share(self) -> float | None:
         """Offloaded heads per layer CPU threads attend as set ('off' is 0);
         None for 'auto', which the worker decides."""
         if self.cpu_attention == AUTO:
@@ -222,7 +224,8 @@ class HeadInferConfig:
 
 _RESIDENT_ACCEPTED = "'auto', an integer 0..H or a list of integers 0..H, one per layer"
 _POOL_ACCEPTED = "an integer number of tokens > 0 or 'max'"
-_CPU_ATTENTION_ACCEPTED = "'auto', 'off' or an integer number of KV heads >= 0"
+_CPU_ATTENTION_ACCEPTED = (
+    f"'auto', 'off' or a number of KV heads >= 0 in sixteenths (a multiple of 1/{SHARE_STEPS})")
 _THREADS_ACCEPTED = "'auto' or an integer >= 1"
 
 
@@ -268,6 +271,17 @@ def _keyword_or_int(key: str, value: Any, keywords: tuple[str, ...], minimum: in
     if number < minimum:
         raise _setting_error(key, value, accepted)
     return number
+
+
+def _cpu_attention_setting(value: Any) -> str | float:
+    """'auto', 'off', or heads in sixteenths (an integer stays an int)."""
+    if value in (AUTO, OFF):
+        return value
+    heads = _as_float("cpu_attention", value, _CPU_ATTENTION_ACCEPTED)
+    steps = heads * SHARE_STEPS
+    if not (heads >= 0 and math.isfinite(heads) and steps.is_integer()):
+        raise _setting_error("cpu_attention", value, _CPU_ATTENTION_ACCEPTED)
+    return int(heads) if heads.is_integer() else heads
 
 
 def _as_int(key: str, value: Any, accepted: str) -> int:
@@ -408,7 +422,7 @@ def _check_speculative(spec) -> None:
 def check_cpu_attention(cfg: HeadInferConfig, is_cuda: bool) -> None:
     """CPU co-attention shares out the offloaded heads that decode steps read
     in place: on CUDA a fixed count needs those steps on the 'uva' path."""
-    if is_cuda and cfg.fixed_cpu_heads and cfg.resolved_decode_path != "uva":
+    if is_cuda and cfg.fixed_cpu_share and cfg.resolved_decode_path != "uva":
         raise _setting_error(
             "cpu_attention",
             cfg.cpu_attention,

@@ -17,14 +17,21 @@ query tokens of the request, converts it to fp32 (bf16 in registers, fp16
 and fp8 through a widened copy of the page), and keeps an online softmax
 per query in fp32. While a block is computed, hints fetch the same head's
 pages two blocks ahead a few rows at a time. Splits of one (request, head)
-are merged by log-sum-exp. Query tokens are causal: query ``i`` of a
-request with ``q`` query tokens and ``L`` tokens of context sees positions
-``< L - q + i + 1``.
+are merged by log-sum-exp, by whichever thread finishes the request's last
+split: one parallel region per call (waking the threads is most of what a
+call costs over a short context, and short contexts wake fewer threads).
+Query tokens are causal: query ``i`` of a request with ``q`` query tokens
+and ``L`` tokens of context sees positions ``< L - q + i + 1``.
+
+The first head of the pages may be a split head: the GPU attends the first
+blocks of its context (``split_cut``) and the kernel the rest, and the two
+partial results are merged by their log-sum-exps, which the kernel returns.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 
 import numba
 import numpy as np
@@ -32,6 +39,8 @@ import torch
 from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic, overload
+
+from vllm_headinfer.coattention_split import SHARE_STEPS
 
 # Page formats: read as float32, as raw 16-bit words for bf16 and fp16
 # (numpy has no bf16), as bytes for fp8.
@@ -41,6 +50,38 @@ _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float8_e5
 # splits of about this size (a split costs a merge), short ones over at most
 # one split per thread.
 BLOCKS_PER_SPLIT = 64
+# Fewest (block, head) pages per thread: a thread woken for less work costs
+# more than it reads (a 16-token bf16 page of 128 dims, 8 KiB, takes a
+# thread about 1.4 us on the H100 host; waking one takes several).
+MIN_PAGES_PER_THREAD = 16
+@numba.njit(inline="always")
+def split_cut(length, query_len, block_size, keep):
+    """Blocks of a split head that the GPU attends for a request of
+    ``length`` tokens of context, ``query_len`` of them this step's queries:
+    ``keep`` sixteenths of its blocks (rounded down), but none that holds a query position
+    (every query sees all of the GPU's part, which it attends without a
+    causal mask), so the kernel always has the last block. The torch
+    formula in coattention_path computes the same on the device."""
+    if keep <= 0:
+        return 0
+    blocks = (length + block_size - 1) // block_size
+    return max(0, min(blocks * keep // SHARE_STEPS, (length - query_len) // block_size))
+
+
+@intrinsic
+def _fetch_add(typingctx, array, index, value):
+    """``array[index] += value`` atomically (sequentially consistent);
+    returns the value before. The thread that takes a request's count to 0
+    sees every other thread's writes made before they counted down."""
+
+    def codegen(context, builder, signature, args):
+        array_type = signature.args[0]
+        array_value = context.make_array(array_type)(context, builder, args[0])
+        pointer = cgutils.get_item_pointer(context, builder, array_type, array_value, [args[1]],
+                                           wraparound=False)
+        return builder.atomic_rmw("add", pointer, args[2], "seq_cst")
+
+    return types.int64(array, index, types.int64), codegen
 
 
 @intrinsic
@@ -409,28 +450,64 @@ def _plan(seq_lens, block_size, threads):
     return first_item, per_split
 
 
+@numba.njit(inline="always")
+def _merge(r, first_item, query_start, group, m_part, l_part, acc_part, out, lse):
+    """Request ``r``'s splits merged by log-sum-exp, every head and query
+    row, into ``out`` (normalised) and ``lse`` (natural log; -inf where the
+    row saw nothing)."""
+    heads, dim = out.shape[1], out.shape[3]
+    q0 = query_start[r]
+    rows = (query_start[r + 1] - q0) * group
+    for h in range(heads):
+        for j in range(rows):
+            qi, g = j // group, j % group
+            dst = out[q0 + qi, h, g]
+            top = -np.inf
+            for item in range(first_item[r], first_item[r + 1]):
+                top = max(top, m_part[item, h, j])
+            dst[:] = 0.0
+            if top == -np.inf:
+                lse[q0 + qi, h, g] = -np.inf
+                continue
+            total = 0.0
+            for item in range(first_item[r], first_item[r + 1]):
+                weight = math.exp(m_part[item, h, j] - top)
+                total += l_part[item, h, j] * weight
+                src = acc_part[item, h, j]
+                for i in range(dim):
+                    dst[i] += src[i] * weight
+            for i in range(dim):
+                dst[i] /= total
+            lse[q0 + qi, h, g] = top + math.log(total)
+
+
 @numba.njit(parallel=True, fastmath=_FAST, cache=True, nogil=True)
 def _attention(q, flat, block_stride, head_stride, block_size, code, scales, block_table,
-               seq_lens, query_start, scale, threads, out):
+               seq_lens, query_start, scale, split_keep, threads, out, lse):
     """Attention of every request's query rows ``q`` ``[tokens, heads,
-    group, dim]`` into ``out`` (same shape, float32). ``flat`` holds the
-    pages ``[blocks, heads, 2, block_size, dim]`` from the first one on, a
-    block and a head ``block_stride`` and ``head_stride`` elements apart
-    (the heads may be a slice of the pool's). Each work item (a split of a
-    request's blocks) reads its blocks one after the other, every head of a
-    block in turn: the heads of a block lie next to each other in the pool,
-    so the reads stream through memory rather than hopping between 8 KiB
-    pages. bf16 and float32 pages are read in place; fp16 and fp8 K and V
-    pages are widened to float32 first. The splits' partial states (running
-    max, sum, unnormalised output) are then merged by log-sum-exp."""
+    group, dim]`` into ``out`` (same shape, float32) and their log-sum-exps
+    into ``lse`` ``[tokens, heads, group]``. ``flat`` holds the pages
+    ``[blocks, heads, 2, block_size, dim]`` from the first one on, a block
+    and a head ``block_stride`` and ``head_stride`` elements apart (the
+    heads may be a slice of the pool's). With ``split_keep`` > 0 the first
+    head is a split head: its first ``split_cut`` blocks are left out. Each
+    work item (a split of a request's blocks) reads its blocks one after
+    the other, every head of a block in turn: the heads of a block lie next
+    to each other in the pool, so the reads stream through memory rather
+    than hopping between 8 KiB pages. bf16 and float32 pages are read in
+    place; fp16 and fp8 K and V pages are widened to float32 first. The
+    thread that finishes a request's last item merges its items' partial
+    states (running max, sum, unnormalised output)."""
     num_reqs = seq_lens.shape[0]
     tokens, heads, group, dim = q.shape
     page = block_size * dim
     first_item, per_split = _plan(seq_lens, block_size, threads)
     items = first_item[num_reqs]
     max_q = 0
+    remaining = np.empty(num_reqs, np.int64)  # items of each request not yet done
     for r in range(num_reqs):
         max_q = max(max_q, query_start[r + 1] - query_start[r])
+        remaining[r] = first_item[r + 1] - first_item[r]
     m_part = np.empty((items, heads, max_q * group), np.float32)
     l_part = np.empty((items, heads, max_q * group), np.float32)
     acc_part = np.empty((items, heads, max_q * group, dim), np.float32)
@@ -447,6 +524,7 @@ def _attention(q, flat, block_stride, head_stride, block_size, code, scales, blo
         num_blocks = (length + block_size - 1) // block_size
         b_first = (item - first_item[r]) * per_split
         b_end = min(num_blocks, b_first + per_split)
+        cut = split_cut(length, nq, block_size, split_keep)  # the split head's first block
         queries = np.empty((heads, rows, dim), np.float32)
         for h in range(heads):
             for qi in range(nq):
@@ -471,13 +549,13 @@ def _attention(q, flat, block_stride, head_stride, block_size, code, scales, blo
             in_block = min(block_size, length - b * block_size)
             n = in_block * dim
             start = b * block_size - (length - nq)
-            for h in range(heads):
+            for h in range(1 if b < cut else 0, heads):
                 base = block + h * head_stride
                 # The same head two blocks ahead is fetched while this one
                 # is computed (the next block of context is a random page
                 # of the pool, which the hardware prefetcher cannot guess).
                 ahead = -1
-                if b + 2 < b_end:
+                if b + 2 < b_end and (h > 0 or b + 2 >= cut):
                     ahead = block_table[r, b + 2] * block_stride + h * head_stride
                 if code <= 1:  # (compiled for fp8's bytes too, never run for them)
                     row = base // dim
@@ -492,30 +570,19 @@ def _attention(q, flat, block_stride, head_stride, block_size, code, scales, blo
                               v_bits.view(np.float32))
                     _block(k_rows, v_rows, in_block, start, group, queries[h], scores,
                            flat_scores, exp_bits, m[h], l_sum[h], acc[h], flat, ahead)
-    # Each (request, head): its splits merged by log-sum-exp.
-    for rh in numba.prange(num_reqs * heads):
-        r = rh // heads
-        h = rh % heads
-        q0 = query_start[r]
-        rows = (query_start[r + 1] - q0) * group
-        for j in range(rows):
-            qi, g = j // group, j % group
-            dst = out[q0 + qi, h, g]
-            top = -np.inf
-            for item in range(first_item[r], first_item[r + 1]):
-                top = max(top, m_part[item, h, j])
-            dst[:] = 0.0
-            if top == -np.inf:
-                continue
-            total = 0.0
-            for item in range(first_item[r], first_item[r + 1]):
-                weight = math.exp(m_part[item, h, j] - top)
-                total += l_part[item, h, j] * weight
-                src = acc_part[item, h, j]
-                for i in range(dim):
-                    dst[i] += src[i] * weight
-            for i in range(dim):
-                dst[i] /= total
+        if _fetch_add(remaining, r, np.int64(-1)) == 1:
+            _merge(r, first_item, query_start, group, m_part, l_part, acc_part, out, lse)
+
+
+_thread_count = threading.local()
+
+
+def _use_threads(threads: int) -> None:
+    """numba's thread count for the calling thread (numba keeps it per
+    thread), set only where it changes."""
+    if getattr(_thread_count, "value", None) != threads:
+        numba.set_num_threads(threads)
+        _thread_count.value = threads
 
 
 def _flat(pages: torch.Tensor) -> tuple[np.ndarray, int, int]:
@@ -543,6 +610,10 @@ def decode_attention(
     query_start_loc: torch.Tensor,
     scale: float,
     out: torch.Tensor,
+    threads: int | None = None,
+    split_keep: int = 0,
+    split_out: torch.Tensor | None = None,
+    split_lse: torch.Tensor | None = None,
     fp8: torch.dtype | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
@@ -554,8 +625,18 @@ def decode_attention(
     ``block_table`` ``[requests, max_blocks]``, ``seq_lens`` ``[requests]``
     (context including this step's tokens), ``query_start_loc``
     ``[requests + 1]``; writes ``out`` ``[tokens, H_off * G, D]``. All on the
-    CPU. Pages of an fp8 cache are ``uint8`` bytes in the format ``fp8``,
-    read as value times ``k_scale`` (K) or ``v_scale`` (V).
+    CPU. ``threads``: at most this many (None: numba's all), fewer where
+    the context is short.
+
+    With ``split_keep`` > 0 the first head is a split head: the GPU attends
+    the first ``split_cut(.., split_keep)`` blocks of each request, the
+    kernel the rest, into ``split_out`` ``[tokens, G, D]`` and their
+    log-sum-exps ``split_lse`` ``[G, tokens]`` (float32, the layout of
+    flash attention's); ``out`` then holds the other heads,
+    ``[tokens, (H_off - 1) * G, D]``.
+
+    Pages of an fp8 cache are ``uint8`` bytes in the format ``fp8``, read
+    as value times ``k_scale`` (K) or ``v_scale`` (V).
     """
     if fp8 is not None and pages.dtype != torch.uint8:
         raise TypeError(f"fp8 pages are uint8 bytes, not {pages.dtype}")
@@ -563,13 +644,24 @@ def decode_attention(
     if code is None:
         raise TypeError("CPU co-attention reads fp32, bf16, fp16, fp8 e4m3fn and e5m2 pages, "
                         f"not {fp8 or pages.dtype}")
-    heads, dim = pages.shape[1], pages.shape[4]
+    heads, block_size, dim = pages.shape[1], pages.shape[3], pages.shape[4]
     tokens = query.shape[0]
     q = query.reshape(tokens, heads, query.shape[1] // heads, dim).to(torch.float32).numpy()
     result = np.empty(q.shape, np.float32)
+    sums = np.empty(q.shape[:3], np.float32)
+    lengths = seq_lens.to(torch.int64).numpy()
+    pages_read = heads * int(((lengths + block_size - 1) // block_size).sum())
+    most = numba.config.NUMBA_NUM_THREADS
+    threads = max(1, min(threads or most, most, pages_read // MIN_PAGES_PER_THREAD))
+    _use_threads(threads)
     flat, block_stride, head_stride = _flat(pages)
-    _attention(q, flat, block_stride, head_stride, pages.shape[3], code,
+    _attention(q, flat, block_stride, head_stride, block_size, code,
                np.array([k_scale, v_scale], np.float32), block_table.to(torch.int64).numpy(),
-               seq_lens.to(torch.int64).numpy(), query_start_loc.to(torch.int64).numpy(),
-               np.float32(scale), numba.get_num_threads(), result)
-    out.copy_(torch.from_numpy(result).reshape(out.shape))
+               lengths, query_start_loc.to(torch.int64).numpy(), np.float32(scale),
+               split_keep, threads, result, sums)
+    result = torch.from_numpy(result)
+    if split_keep:
+        split_out.copy_(result[:, 0])
+        split_lse.copy_(torch.from_numpy(sums[:, 0]).T)
+        result = result[:, 1:]
+    out.copy_(result.reshape(out.shape))

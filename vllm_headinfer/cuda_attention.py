@@ -148,6 +148,23 @@ class CudaHeadAttention:
         k, v = host_kv(host[:, :heads])
         self._attend(layer, slice(r, r + heads), query[:, q], k, v, m.block_table, m, output[:, q])
 
+    def attend_split_head(self, layer, query, host, m, head: int, prefix_tokens, dtype):
+        """The GPU's part of CPU co-attention's split head, the offloaded
+        head ``head`` (of ``host``, the pool's UVA view): the first
+        ``prefix_tokens`` of each request, which precede all its queries
+        (so no causal mask). Returns the output ``[tokens, G, D]`` in
+        ``dtype`` and its log-sum-exps ``[G, tokens]``. Flash attention
+        picks its own split count: the result is merged with the CPU's part,
+        not compared with one FLASH_ATTN call bit for bit."""
+        impl = self.impl
+        kv = impl.num_resident + head
+        q = query[:, kv * impl.group : (kv + 1) * impl.group]
+        k, v = host_kv(host[:, head : head + 1])
+        out = torch.empty(q.shape, dtype=dtype, device=q.device)
+        return self._attend(layer, slice(kv, kv + 1), q, k, v, m.block_table, m, out,
+                            seqused_k=prefix_tokens, causal=False, scheduler_metadata=None,
+                            num_splits=0, return_softmax_lse=True)
+
     def _overlapped(self, layer, query, kv_cache, host, m, output, heads: int) -> None:
         """Resident and offloaded heads at the same time: the offloaded call
         waits on the link while the resident one reads device memory, so the
@@ -184,15 +201,16 @@ class CudaHeadAttention:
             "v_descale": layer._v_scale.expand(shape)[:, kv_heads],
         }
 
-    def _attend(self, layer, kv_heads, q, k, v, block_table, m, out, plan=None) -> None:
+    def _attend(self, layer, kv_heads, q, k, v, block_table, m, out, plan=None, **overrides):
         """Flash attention of ``q`` over paged K/V ``[blocks, heads, N, D]``
         (the layer's KV heads ``kv_heads``), with the split count of
         FLASH_ATTN's call and the all-heads plan for it
         (``m.scheduler_metadata`` unless ``plan`` is given), so that each
-        head is split and reduced as in that one call."""
+        head is split and reduced as in that one call; ``overrides``
+        replace arguments (a split head's part)."""
         if self.fp8 is not None:
             k, v = k.view(self.fp8), v.view(self.fp8)
-        flash_attn_varlen_func(
+        arguments = dict(
             q=q,
             k=fa_view(k),
             v=fa_view(v),
@@ -209,6 +227,7 @@ class CudaHeadAttention:
             num_splits=m.num_splits,
             **self._descales(layer, kv_heads, m),
         )
+        return flash_attn_varlen_func(**{**arguments, **overrides})
 
     def _staged(self, layer, q, host, m, out) -> bool:
         """Attention of the offloaded heads over staged copies; False when a

@@ -88,17 +88,17 @@ class HeadInferImpl(AttentionImpl[HeadInferMetadata]):
             self.ops = None
 
     def place(
-        self, offloaded: int, pool: HostKVPool | None, cpu_heads: int = 0, threads: int = 1
+        self, offloaded: int, pool: HostKVPool | None, cpu_share: float = 0, threads: int = 1
     ) -> None:
         """Adopts this layer's head split (its KV cache spec's offloaded
         heads), the host pool of those heads (None when none) and how many
-        of them CPU threads attend in short-query steps, with how many
-        threads."""
+        of them (in sixteenths) CPU threads attend in short-query steps,
+        with how many threads."""
         self.num_offloaded = offloaded
         self.num_resident = self.num_kv_heads - self.num_offloaded
         self.resident_q = self.num_resident * self.group
         self.host_pool = pool
-        self.cpu_share = CpuShare(self, cpu_heads, threads) if cpu_heads else None
+        self.cpu_share = CpuShare(self, cpu_share, threads) if cpu_share else None
         if self.ops is not None:
             self.ops.placed()
 
@@ -119,7 +119,8 @@ class HeadInferImpl(AttentionImpl[HeadInferMetadata]):
         """``(K pages, V pages, KV-head slice, query-head slice)`` of each part
         of this layer: the resident heads in the device pages, then the
         offloaded heads in the host pool (through its device view if ``uva``)
-        but the last ``cpu_heads``, which CPU co-attention takes.
+        but the last ``cpu_heads``, which CPU co-attention takes (a split
+        head among them).
         Pages are ``[blocks, heads, N, D]``."""
         r, rq = self.num_resident, self.resident_q
         parts = []
@@ -193,7 +194,31 @@ class HeadInferImpl(AttentionImpl[HeadInferMetadata]):
                 Fp8Scales.of(layer, self.kv_cache_dtype, kv_heads),
             )
         if share is not None:
-            t, heads = m.host_step.tokens, share.query_heads
-            pages = pool.layer(self._host_layer_name(layer))
-            share.attend(layer, query[:t, heads], pages, m.host_step, output[:t, heads])
+            self._coattend_on_cpu(layer, query, pool.layer(self._host_layer_name(layer)), m,
+                                  output, share)
         return output
+
+    def _coattend_on_cpu(self, layer, query, pages, m: HeadInferMetadata, output, share) -> None:
+        """CPU co-attention's heads on the CPU platform: the kernel's share,
+        and a split head's first blocks by the torch path (the GPU's part on
+        CUDA), merged as on CUDA."""
+        from vllm_headinfer.coattention_path import merge_split_head, split_prefix_tokens
+        from vllm_headinfer.torch_attention import prefix_attention
+
+        step, g = m.host_step, self.group
+        t, dim = step.tokens, query.shape[2]
+        split_out = torch.empty(t, g, dim, dtype=output.dtype)
+        split_lse = torch.empty(g, t, dtype=torch.float32)
+        share.attend(layer, query[:t, share.query_heads], pages, step,
+                     output[:t, share.whole_query_heads], split_out=split_out, split_lse=split_lse)
+        if share.split_keep:
+            head = share.gpu_heads
+            kv = self.num_resident + head
+            prefix = split_prefix_tokens(step.seq_lens, step.query_start_loc, pages.shape[3],
+                                         share.split_keep)
+            gpu_out, gpu_lse = torch.empty_like(split_out), torch.empty_like(split_lse)
+            prefix_attention(query[:t, share.split_query_heads], *host_kv(pages[:, head : head + 1]),
+                             step.block_table, step.query_start_loc, prefix, self.scale, gpu_out,
+                             gpu_lse, Fp8Scales.of(layer, self.kv_cache_dtype, slice(kv, kv + 1)))
+            merge_split_head(output[:t, share.split_query_heads], gpu_out, gpu_lse, split_out,
+                             split_lse)

@@ -35,7 +35,7 @@ FULL_ATTENTION_WINDOW = (-1, -1)
 IN_PLACE_QUERY_TILE = 32
 
 
-def _coattention_heads(vllm_config, kv_cache_spec) -> int:
+def _coattention_heads(vllm_config, kv_cache_spec) -> float:
     """Offloaded heads CPU co-attention takes in the layers of this KV cache
     group (its spec may hold one spec per layer)."""
     from vllm.v1.kv_cache_interface import iter_layer_specs
@@ -44,7 +44,7 @@ def _coattention_heads(vllm_config, kv_cache_spec) -> int:
     if not specs:
         return 0
     split = rank_split(vllm_config, specs[0])
-    return sum(split.cpu_heads(s.num_offloaded_kv_heads) for s in specs)
+    return sum(split.cpu_share(s.num_offloaded_kv_heads) for s in specs)
 
 
 def step_context_tokens(m: CommonAttentionMetadata) -> int:
@@ -166,17 +166,17 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
                 logger.info_once("HEADINFER CPU co-attention: %s", line)
         else:
             host_pools.release_layers(layer_names)
-        cpu_heads = split.cpu_heads(offloaded)
+        cpu_share = split.cpu_share(offloaded)
         layers = get_layers_from_vllm_config(vllm_config, Attention, layer_names)
         for layer in layers.values():
-            layer.impl.place(offloaded, pool, cpu_heads, split.threads)
+            layer.impl.place(offloaded, pool, cpu_share, split.threads)
         # A short-query step's metadata on the host, for the CPU kernel, in
         # steps with at least min_coattention_tokens of context.
         self.host_step_copies = None
         self.min_coattention_tokens = 0
-        if cpu_heads:
+        if cpu_share:
             self.min_coattention_tokens = split.min_step_tokens(
-                cpu_heads, kv_cache_spec.token_head_bytes)
+                cpu_share, kv_cache_spec.token_head_bytes)
             self.host_step_copies = HostStepCopies(
                 vllm_config.scheduler_config.max_num_seqs, kv_cache_spec.block_size
             )

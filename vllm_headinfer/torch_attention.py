@@ -109,3 +109,38 @@ def paged_attention(
             q, k, v, attn_mask=mask, scale=scale, enable_gqa=True
         )
         output[starts[r] : starts[r + 1]] = out[0].transpose(0, 1).to(output.dtype)
+
+
+def prefix_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    scale: float,
+    output: torch.Tensor,
+    lse: torch.Tensor,
+    fp8: Fp8Scales | None = None,
+) -> None:
+    """Attention of request r's query rows over the first ``prefix_lens[r]``
+    tokens of its context, all visible to every row (they precede its
+    queries): writes ``output`` ``[T, Hq, D]`` and the log-sum-exps ``lse``
+    ``[Hq, T]`` (natural log; -inf and a zero output for an empty prefix),
+    in float32 before rounding to ``output``'s dtype."""
+    block_size = k_cache.shape[2]
+    starts = query_start_loc.tolist()
+    for r, length in enumerate(prefix_lens.tolist()):
+        rows = slice(starts[r], starts[r + 1])
+        if length == 0:
+            output[rows] = 0
+            lse[:, rows] = -torch.inf
+            continue
+        ids = block_table[r : r + 1, : -(-length // block_size)]
+        k, v = _gather_kv(k_cache, v_cache, ids, length, torch.float32, fp8)
+        group = query.shape[1] // k.shape[1]
+        k, v = k[0].repeat_interleave(group, 0), v[0].repeat_interleave(group, 0)
+        q = query[rows].float().transpose(0, 1)  # [Hq, rows, D]
+        scores = q @ k.transpose(1, 2) * scale
+        lse[:, rows] = torch.logsumexp(scores, -1)
+        output[rows] = (torch.softmax(scores, -1) @ v).transpose(0, 1).to(output.dtype)

@@ -1,7 +1,9 @@
 """CPU co-attention on CUDA against FLASH_ATTN (skipped without a GPU and
 CUDA vLLM): the small model of engine_compare with cpu_attention 2 (R = 0: two
 of the four offloaded heads on the CPU kernel, two read by the GPU over the
-link; R = 2: both offloaded heads on the CPU) and "auto" (the startup
+link; R = 2: both offloaded heads on the CPU), 1.5 (a split head: the GPU
+attends the first half of each request's blocks with flash attention, the
+kernel the rest, merged by vLLM's merge of partial attentions) and "auto" (the startup
 measurement's split, which may turn it off on this host), eager and compiled
 with CUDA graphs. The CPU kernel attends in float32 and flash attention in
 bf16 with its own KV splits, and co-attention steps run attention between
@@ -22,7 +24,7 @@ pytestmark = [
 from engine_compare import compare, run_engine, small_model, spec  # noqa: E402, F401
 
 
-@pytest.mark.parametrize("cpu", [2, "auto"], ids=["cpu2", "cpuauto"])
+@pytest.mark.parametrize("cpu", [2, 1.5, "auto"], ids=["cpu2", "cpu1.5", "cpuauto"])
 @pytest.mark.parametrize("resident", [0, 2], ids=["R0", "R2"])
 @pytest.mark.parametrize("eager", [True, False], ids=["eager", "cuda-graphs"])
 def test_matches_flash_attn(small_model, eager, resident, cpu):
@@ -34,5 +36,5 @@ def test_matches_flash_attn(small_model, eager, resident, cpu):
     calls = got.pop("coattention_calls")
     print(f"R={resident} cpu_attention={cpu} eager={eager}: kernel calls {calls}")
     print(compare(ref, got, near_ties=True))
-    if cpu == 2:
+    if cpu != "auto":
         assert calls.get("decode", 0) > 0, f"the CPU kernel never ran: {calls}"

@@ -13,7 +13,11 @@
   as the torch path quantises them; flash attention over fp8 host pages (all
   heads, and one-head slices) equals the same call over a device copy bit for
   bit, and the torch reference within fp8 rounding (of the probabilities
-  too, which FA3 multiplies with V in fp8).
+  too, which FA3 multiplies with V in fp8);
+* CPU co-attention's split head: flash attention's part (the first blocks
+  over UVA, with its log-sum-exps; none for a one-block context) and the CPU
+  kernel's rest, merged by vLLM's CUDA merge kernel, match the torch
+  reference over the whole head, in decode and verify batches.
 
 Also the small case for ``compute-sanitizer --tool racecheck``:
 ``python tests/gpu/test_kernels.py`` runs every check once without pytest.
@@ -386,6 +390,56 @@ def check_split_count() -> None:
     assert misses == 0, f"{misses} of {cases} shapes differ"
 
 
+def check_split_head(seed: int = 3) -> None:
+    from types import SimpleNamespace
+
+    from vllm_headinfer.coattention_path import merge_split_head, split_prefix_tokens
+    from vllm_headinfer.cpu_coattention import decode_attention
+    from vllm_headinfer.cuda_attention import CudaHeadAttention
+    from vllm_headinfer.layout import host_kv
+    from vllm_headinfer.torch_attention import paged_attention
+    from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+
+    gen = torch.Generator().manual_seed(seed)
+    seq_lens, q_lens = [1, 40, 2000, 700, 33], [1, 1, 1, 4, 3]
+    num_blocks = sum(-(-s // BLOCK) for s in seq_lens) + 1
+    table, _ = _batch(seq_lens, q_lens, num_blocks, gen)
+    pool = _pool(num_blocks)
+    host = pool.layer("layer.0")
+    host.copy_(torch.randn(host.shape, generator=gen).to(torch.bfloat16))
+    t, head, keep = sum(q_lens), 2, 7  # the split head; the GPU's 7/16 of its blocks
+    query = torch.randn(t, HEADS * Q_PER_KV, D, generator=gen).to(torch.bfloat16)
+    qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    sl = torch.tensor(seq_lens, dtype=torch.int32)
+    ops = object.__new__(CudaHeadAttention)
+    ops.impl = SimpleNamespace(num_resident=0, group=Q_PER_KV, scale=D**-0.5)
+    ops.fa_version, ops.fp8 = get_flash_attn_version(head_size=D), None
+    m = SimpleNamespace(query_start_loc=qsl.cuda(), max_query_len=max(q_lens), seq_lens=sl.cuda(),
+                        max_seq_len=max(seq_lens), block_table=table.cuda(),
+                        scheduler_metadata=None, num_splits=0)
+    prefix = split_prefix_tokens(sl.cuda(), qsl.cuda(), BLOCK, keep)
+    assert prefix[0] == 0 and prefix[2] > 0
+    gpu_out, gpu_lse = ops.attend_split_head(None, query.cuda(), pool.device_layer("layer.0"), m,
+                                             head, prefix, torch.bfloat16)
+    rows = slice(head * Q_PER_KV, (head + 1) * Q_PER_KV)
+    cpu_out = torch.empty(t, Q_PER_KV, D, dtype=torch.bfloat16)
+    cpu_lse = torch.empty(Q_PER_KV, t)
+    decode_attention(query[:, rows], host[:, head : head + 1], table, sl, qsl, D**-0.5,
+                     torch.empty(t, 0, D, dtype=torch.bfloat16), split_keep=keep,
+                     split_out=cpu_out, split_lse=cpu_lse)
+    merged = torch.empty(t, HEADS * Q_PER_KV, D, dtype=torch.bfloat16, device="cuda")
+    merge_split_head(merged[:, rows], gpu_out, gpu_lse, cpu_out.cuda(), cpu_lse.cuda())
+    expect = torch.zeros(t, Q_PER_KV, D)
+    paged_attention(query[:, rows].float(), *host_kv(host[:, head : head + 1].float()), table, qsl,
+                    sl, D**-0.5, expect)
+    torch.testing.assert_close(merged[:, rows].float().cpu(), expect, atol=2e-2, rtol=2e-2)
+    pool.release()
+
+
+def test_split_head_parts_merge_on_the_gpu():
+    check_split_head()
+
+
 def test_uva_write_gather_and_attention():
     check_all()
 
@@ -407,6 +461,7 @@ def test_split_count_matches_flash_attention():
 
 
 if __name__ == "__main__":
+    check_split_head()
     check_all()
     check_fp8()
     check_split_count()
