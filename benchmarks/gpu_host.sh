@@ -50,7 +50,7 @@ case "$1" in
     reinstall
     # Kernels alone, then (RACECHECK=1) under racecheck, then the engines:
     # T = test node ids in the order to run (default: all of tests/gpu).
-    [ "${KERNELS:-1}" = 1 ] && timeout 120 python3 tests/gpu/test_kernels.py 2>&1 | tail -20 | tee "$out/kernels.log"
+    [ "${KERNELS:-1}" = 1 ] && timeout 240 python3 tests/gpu/test_kernels.py 2>&1 | tail -20 | tee "$out/kernels.log"
     cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
     if [ "${RACECHECK:-0}" = 1 ] && [ -z "$cs" ]; then
       echo "compute-sanitizer not found" | tee "$out/racecheck.log"
