@@ -69,15 +69,16 @@ def config_kwargs(name: str, cpu_kv_gib: float | None) -> dict:
         return {"attention_backend": "FLASH_ATTN"}
     # "auto": automatic placement; "R4": 4 resident KV heads in every layer.
     # A suffix sets CPU co-attention: "R0+cpu3" (3 offloaded heads of every
-    # layer on the CPU), "R0+cpuauto" (auto's measured split). Without one it
+    # layer on the CPU; "R0+cpu3.75" in sixteenths), "R0+cpuauto" (auto's
+    # measured split). Without one it
     # is off, so that figures compare with runs from before it existed.
     base, _, cpu = name.partition("+")
-    m = re.fullmatch(r"cpu(\d+|auto)", cpu) if cpu else None
+    m = re.fullmatch(r"cpu(\d+(?:\.\d+)?|auto)", cpu) if cpu else None
     if (cpu and not m) or not re.fullmatch(r"auto|R\d+", base):
         raise ValueError(f"bad config name {name!r}: want FLASH_ATTN, auto or R<n>, "
                          "optionally +cpu<n> or +cpuauto")
     extra = {"resident_kv_heads": "auto" if base == "auto" else int(base[1:]),
-             "cpu_attention": "off" if not m else "auto" if m[1] == "auto" else int(m[1])}
+             "cpu_attention": "off" if not m else "auto" if m[1] == "auto" else float(m[1])}
     if cpu_kv_gib:
         extra["cpu_kv_gib"] = cpu_kv_gib
     return {"attention_backend": "HEADINFER", "additional_config": {"headinfer": extra}}

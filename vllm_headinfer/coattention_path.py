@@ -297,7 +297,7 @@ def coattend(ops, layer, query, kv_cache, pages, host, m, output) -> None:
         if keep not in step.device_prefixes:
             step.device_prefixes[keep] = split_prefix_tokens(
                 m.seq_lens, m.query_start_loc, pages.shape[3], keep)
-        gpu_out, gpu_lse = ops.attend_split_head(layer, query[:t], host, m, share.gpu_heads,
+        gpu_out, gpu_lse = ops.attend_split_head(layer, query[:t], host, m, share.gpu_heads, keep,
                                                  step.device_prefixes[keep], output.dtype)
     step.ready.synchronize()
     pinned.queries_copied.synchronize()

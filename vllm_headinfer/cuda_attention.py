@@ -35,6 +35,7 @@ from vllm.v1.attention.backends.fa_utils import (
 )
 
 from vllm_headinfer.coattention_path import coattend
+from vllm_headinfer.coattention_split import SHARE_STEPS
 from vllm_headinfer.kv_quant import fp8_dtype
 from vllm_headinfer.layout import device_kv, host_kv
 from vllm_headinfer.staging import gather_pages, plan_head_groups, shared_staging
@@ -148,11 +149,11 @@ class CudaHeadAttention:
         k, v = host_kv(host[:, :heads])
         self._attend(layer, slice(r, r + heads), query[:, q], k, v, m.block_table, m, output[:, q])
 
-    def attend_split_head(self, layer, query, host, m, head: int, prefix_tokens, dtype):
+    def attend_split_head(self, layer, query, host, m, head: int, keep: int, prefix_tokens, dtype):
         """The GPU's part of CPU co-attention's split head, the offloaded
         head ``head`` (of ``host``, the pool's UVA view): the first
-        ``prefix_tokens`` of each request, which precede all its queries
-        (so no causal mask). Returns the output ``[tokens, G, D]`` in
+        ``prefix_tokens`` of each request (``keep`` sixteenths of its blocks
+        at most), which precede all its queries (so no causal mask). Returns the output ``[tokens, G, D]`` in
         ``dtype`` and its log-sum-exps ``[G, tokens]``. Flash attention
         picks its own split count: the result is merged with the CPU's part,
         not compared with one FLASH_ATTN call bit for bit."""
@@ -161,9 +162,14 @@ class CudaHeadAttention:
         q = query[:, kv * impl.group : (kv + 1) * impl.group]
         k, v = host_kv(host[:, head : head + 1])
         out = torch.empty(q.shape, dtype=dtype, device=q.device)
+        # Flash attention sizes its KV splits by max_seqlen_k: with the
+        # whole context's length, a short prefix would fall to the first few
+        # splits and be read by a few thread blocks.
+        block_size = host.shape[3]
+        longest = cdiv(m.max_seq_len, block_size) * keep // SHARE_STEPS * block_size
         return self._attend(layer, slice(kv, kv + 1), q, k, v, m.block_table, m, out,
-                            seqused_k=prefix_tokens, causal=False, scheduler_metadata=None,
-                            num_splits=0, return_softmax_lse=True)
+                            seqused_k=prefix_tokens, max_seqlen_k=max(1, longest), causal=False,
+                            scheduler_metadata=None, num_splits=0, return_softmax_lse=True)
 
     def _overlapped(self, layer, query, kv_cache, host, m, output, heads: int) -> None:
         """Resident and offloaded heads at the same time: the offloaded call

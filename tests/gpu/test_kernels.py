@@ -420,7 +420,7 @@ def check_split_head(seed: int = 3) -> None:
     prefix = split_prefix_tokens(sl.cuda(), qsl.cuda(), BLOCK, keep)
     assert prefix[0] == 0 and prefix[2] > 0
     gpu_out, gpu_lse = ops.attend_split_head(None, query.cuda(), pool.device_layer("layer.0"), m,
-                                             head, prefix, torch.bfloat16)
+                                             head, keep, prefix, torch.bfloat16)
     rows = slice(head * Q_PER_KV, (head + 1) * Q_PER_KV)
     cpu_out = torch.empty(t, Q_PER_KV, D, dtype=torch.bfloat16)
     cpu_lse = torch.empty(Q_PER_KV, t)
