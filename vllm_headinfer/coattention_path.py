@@ -62,7 +62,7 @@ from vllm_headinfer.kv_quant import Fp8Scales, fp8_dtype
 # reports them to show the path ran.
 CALLS: collections.Counter = collections.Counter()
 
-# Auto's measurement, once per process (and page format).
+# Auto's measurement, once per process, page format and offloaded heads.
 _measured: dict[tuple, RankSplit] = {}
 
 
@@ -78,13 +78,14 @@ def rank_split(vllm_config, spec) -> RankSplit:
     if cfg.resolved_decode_path != "uva":
         return RankSplit(fixed=0, off_reason="decode_path is 'staged'")
     fp8 = fp8_dtype(vllm_config.cache_config.cache_dtype)
-    key = (cores, threads, spec.dtype, fp8, spec.head_size, spec.block_size)
+    heads = spec.num_offloaded_kv_heads
+    key = (cores, threads, spec.dtype, fp8, spec.head_size, spec.block_size, heads)
     if key not in _measured:
         from vllm_headinfer.coattention_probe import measure_rates
 
         _measured[key] = auto_split(
             cores, threads,
-            lambda t: measure_rates(t, spec.dtype, fp8, spec.head_size, spec.block_size),
+            lambda t: measure_rates(t, spec.dtype, fp8, spec.head_size, spec.block_size, heads),
         )
     return _measured[key]
 

@@ -2,7 +2,8 @@
 
 Both readers of host memory at once, as in a decode step, each over
 synthetic pages of the layer's page format (blocks in random order, as in a
-served pool; the CPU a half of each block's heads): on a side stream the GPU runs flash attention over pinned
+served pool; the CPU a half of each block's heads, in a pool of the layer's
+offloaded heads): on a side stream the GPU runs flash attention over pinned
 pages through their UVA view, as decode steps read offloaded heads, while
 CPU threads run the co-attention kernel over pages of their own. They share
 the host's memory, so each rate is taken while the other reader runs: the
@@ -88,19 +89,23 @@ def _gpu_reader(source: torch.Tensor, dtype: torch.dtype, head_size: int, block_
 
 
 def measure_rates(
-    threads: int, dtype: torch.dtype, fp8: torch.dtype | None, head_size: int, block_size: int
+    threads: int, dtype: torch.dtype, fp8: torch.dtype | None, head_size: int, block_size: int,
+    heads: int = PROBE_HEADS,
 ) -> tuple[float, float]:
     """(CPU, GPU) bytes/s of host memory read while both read it, the CPU
     with ``threads`` kernel threads over pages of ``dtype`` (fp8 bytes in
-    the format ``fp8``), the GPU with flash attention over UVA."""
+    the format ``fp8``) of a layer with ``heads`` offloaded heads, the GPU
+    with flash attention over UVA."""
     page = 2 * block_size * head_size * dtype.itemsize
-    blocks = PROBE_BYTES // (PROBE_HEADS * page)
-    pool = torch.ones(host_page_shape(blocks, PROBE_HEADS, block_size, head_size), dtype=dtype)
-    # The CPU reads the last half of each block's heads, as it reads its
-    # share of a layer in a step: run 15 measured whole 8-head blocks read
-    # 13-19% faster than the engine's 4-head share of them.
-    pages = pool[:, PROBE_HEADS // 2 :]
-    query = torch.ones(1, PROBE_HEADS // 2 * PROBE_GROUP, head_size)
+    blocks = PROBE_BYTES // (heads * page)
+    pool = torch.ones(host_page_shape(blocks, heads, block_size, head_size), dtype=dtype)
+    # The CPU reads the last half of each block's heads (a one-head layer:
+    # its head), as it reads its share of a layer in a step: how many heads
+    # lie next to each other sets its rate (run 16, link busy, 15 threads:
+    # 40 GB/s over a one-head pool, 33-43 over 1-2 heads of an 8-head one,
+    # about 50 over 4 of 8, 58 over whole 8-head blocks).
+    pages = pool[:, heads // 2 :]
+    query = torch.ones(1, pages.shape[1] * PROBE_GROUP, head_size)
     out = torch.empty_like(query)
     table = torch.randperm(blocks)[None]
     seq_lens, starts = torch.tensor([blocks * block_size]), torch.tensor([0, 1])
@@ -130,6 +135,6 @@ def measure_rates(
             cpu_seconds = time.perf_counter() - began
             end.synchronize()
             gpu_seconds = start.elapsed_time(end) / 1e3
-            rates.append((calls * pool.nbytes // 2 / cpu_seconds, GPU_CALLS * gpu_bytes / gpu_seconds))
+            rates.append((calls * pages.nbytes / cpu_seconds, GPU_CALLS * gpu_bytes / gpu_seconds))
     torch.cuda.empty_cache()
     return tuple(statistics.median(r[i] for r in rates) for i in (0, 1))
