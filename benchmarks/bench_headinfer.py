@@ -70,8 +70,8 @@ def config_kwargs(name: str, cpu_kv_gib: float | None) -> dict:
     # "auto": automatic placement; "R4": 4 resident KV heads in every layer.
     # A suffix sets CPU co-attention: "R0+cpu3" (3 offloaded heads of every
     # layer on the CPU; "R0+cpu3.75" in sixteenths), "R0+cpuauto" (auto's
-    # measured split). Without one it
-    # is off, so that figures compare with runs from before it existed.
+    # measured split). Without one it is off, so that figures compare with
+    # runs from before it existed.
     base, _, cpu = name.partition("+")
     m = re.fullmatch(r"cpu(\d+(?:\.\d+)?|auto)", cpu) if cpu else None
     if (cpu and not m) or not re.fullmatch(r"auto|R\d+", base):

@@ -5,8 +5,8 @@ the CPU heads' queries copied to pinned memory, the GPU's share launched
 (here nothing: its cost is the link's, measured elsewhere), the host waiting
 for the queries, the kernel over the CPU heads' pages, the output copied
 back, layer after layer as a decode step runs them, and the same kernel
-calls alone on host tensors. The difference per layer is the round trip the
-issue bounds at 50 us. Llama-3-8B layer: 8 offloaded KV heads, 3 of them on
+calls alone on host tensors. The difference per layer is the round trip
+(the target for a whole co-attending layer's fixed cost is 50 us). Llama-3-8B layer: 8 offloaded KV heads, 3 of them on
 the CPU (run 13's split), GQA 4, head_dim 128, 16-token bf16 blocks.
 
 Usage (GPU host): python3 benchmarks/coattention_overhead.py --out $OUT/coattn_overhead.json

@@ -9,10 +9,9 @@ CPU threads run the co-attention kernel over pages of their own. They share
 the host's memory, so each rate is taken while the other reader runs: the
 GPU's calls are queued first, then the kernel runs call after call until
 the last GPU call has finished; of three such rounds, each reader's median
-rate counts. (Copies of pinned memory, which this probe
-once timed instead, move about 10% more bytes per second than flash
-attention reads in place in a step; the split leaned towards the GPU by
-that much.)
+rate counts. (Copies of pinned memory, which this probe once timed instead,
+move about 10% more bytes per second than flash attention reads in place in
+a step; the split leaned towards the GPU by that much.)
 """
 
 from __future__ import annotations

@@ -54,14 +54,16 @@ BLOCKS_PER_SPLIT = 64
 # more than it reads (a 16-token bf16 page of 128 dims, 8 KiB, takes a
 # thread about 1.4 us on the H100 host; waking one takes several).
 MIN_PAGES_PER_THREAD = 16
+
+
 @numba.njit(inline="always")
 def split_cut(length, query_len, block_size, keep):
     """Blocks of a split head that the GPU attends for a request of
     ``length`` tokens of context, ``query_len`` of them this step's queries:
-    ``keep`` sixteenths of its blocks (rounded down), but none that holds a query position
-    (every query sees all of the GPU's part, which it attends without a
-    causal mask), so the kernel always has the last block. The torch
-    formula in coattention_path computes the same on the device."""
+    ``keep`` sixteenths of its blocks (rounded down), but none that holds a
+    query position (every query sees all of the GPU's part, which it attends
+    without a causal mask), so the kernel always has the last block. The
+    torch formula in coattention_path computes the same on the device."""
     if keep <= 0:
         return 0
     blocks = (length + block_size - 1) // block_size

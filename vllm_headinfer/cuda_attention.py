@@ -153,10 +153,11 @@ class CudaHeadAttention:
         """The GPU's part of CPU co-attention's split head, the offloaded
         head ``head`` (of ``host``, the pool's UVA view): the first
         ``prefix_tokens`` of each request (``keep`` sixteenths of its blocks
-        at most), which precede all its queries (so no causal mask). Returns the output ``[tokens, G, D]`` in
-        ``dtype`` and its log-sum-exps ``[G, tokens]``. Flash attention
-        picks its own split count: the result is merged with the CPU's part,
-        not compared with one FLASH_ATTN call bit for bit."""
+        at most), which precede all its queries (so no causal mask). Returns
+        the output ``[tokens, G, D]`` in ``dtype`` and its log-sum-exps
+        ``[G, tokens]``. Flash attention picks its own split count: the
+        result is merged with the CPU's part, not compared with one
+        FLASH_ATTN call bit for bit."""
         impl = self.impl
         kv = impl.num_resident + head
         q = query[:, kv * impl.group : (kv + 1) * impl.group]

@@ -207,8 +207,10 @@ class HeadInferImpl(AttentionImpl[HeadInferMetadata]):
 
         step, g = m.host_step, self.group
         t, dim = step.tokens, query.shape[2]
-        split_out = torch.empty(t, g, dim, dtype=output.dtype)
-        split_lse = torch.empty(g, t, dtype=torch.float32)
+        split_out = split_lse = None
+        if share.split_keep:
+            split_out = torch.empty(t, g, dim, dtype=output.dtype)
+            split_lse = torch.empty(g, t, dtype=torch.float32)
         share.attend(layer, query[:t, share.query_heads], pages, step,
                      output[:t, share.whole_query_heads], split_out=split_out, split_lse=split_lse)
         if share.split_keep:
