@@ -1,13 +1,16 @@
 """What CPU co-attention adds to a layer besides the kernel's reads (CUDA).
 
 Runs the engine's own per-layer sequence (``coattention_path.coattend``):
-the CPU heads' queries copied to pinned memory, the GPU's share launched
-(here nothing: its cost is the link's, measured elsewhere), the host waiting
-for the queries, the kernel over the CPU heads' pages, the output copied
-back, layer after layer as a decode step runs them, and the same kernel
-calls alone on host tensors. The difference per layer is the round trip
-(the target for a whole co-attending layer's fixed cost is 50 us). Llama-3-8B layer: 8 offloaded KV heads, 3 of them on
-the CPU (run 13's split), GQA 4, head_dim 128, 16-token bf16 blocks.
+the call posted to the serving thread, the CPU heads' queries copied to the
+pinned slot and the call published on the stream, the GPU's share launched
+(here nothing: its cost is the link's, measured elsewhere), the stream
+waiting for the serving thread's answer and copying the output back, layer
+after layer as a decode step runs them; and the same kernel calls alone on
+host tensors in the calling thread. The difference per layer is the round
+trip (the target for a whole co-attending layer's fixed cost is 50 us).
+Also the host's own time per layer call (what the model's thread spends; it
+no longer waits for the GPU). Llama-3-8B layer: 8 offloaded KV heads, 3 of
+them on the CPU (run 13's split), GQA 4, head_dim 128, 16-token bf16 blocks.
 
 Usage (GPU host): python3 benchmarks/coattention_overhead.py --out $OUT/coattn_overhead.json
 """
@@ -23,7 +26,15 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # runs from a checkout
-from vllm_headinfer.coattention_path import CpuShare, HostStep, coattend, pinned  # noqa: E402
+from vllm_headinfer.coattention_path import (  # noqa: E402
+    CpuShare,
+    HostStep,
+    coattend,
+    cuda_coattention,
+    reserve_slots,
+    served_layer,
+    served_tables,
+)
 from vllm_headinfer.layout import host_page_shape  # noqa: E402
 
 KV_HEADS, GROUP, DIM, BLOCK = 8, 4, 128, 16
@@ -63,13 +74,19 @@ def measure(context: int, threads: int, cpu_heads: int, layers: int, reps: int) 
                           read_in_place=lambda *args: None)
     blocks = -(-context // BLOCK)
     pages = torch.randn(host_page_shape(blocks, KV_HEADS, BLOCK, DIM)).to(torch.bfloat16)
-    step = HostStep(torch.randperm(blocks)[None], torch.tensor([context]), torch.tensor([0, 1]),
-                    1, torch.cuda.Event())
-    step.ready.record()
+    buffers = tuple(torch.empty(n, dtype=torch.int64, pin_memory=True) for n in (blocks, 1, 2))
+    buffers[0].copy_(torch.randperm(blocks))
+    buffers[1].fill_(context)
+    buffers[2].copy_(torch.tensor([0, 1]))
+    step = HostStep(buffers[0].view(1, blocks), buffers[1], buffers[2], 1, buffers)
     m = SimpleNamespace(host_step=step)
     query = torch.randn(1, KV_HEADS * GROUP, DIM, dtype=torch.bfloat16, device="cuda")
     output = torch.empty_like(query)
-    pinned.reserve(query.numel() * 4)
+    reserve_slots(SimpleNamespace(scheduler_config=SimpleNamespace(
+        max_num_seqs=1, max_num_batched_tokens=1), speculative_config=None), KV_HEADS * GROUP, DIM)
+    cuda = cuda_coattention(query.dtype)
+    cuda.service.register([(share, served_layer(share, None, pages, ops.query_scale))],
+                          [served_tables(buffers)])
     rows = share.query_heads
     host_query = query[:, rows].cpu()
     host_out = torch.empty_like(host_query)
@@ -82,10 +99,16 @@ def measure(context: int, threads: int, cpu_heads: int, layers: int, reps: int) 
 
     with_round_trip = per_layer_us(layer_call, layers, reps)
     kernel = per_layer_us(kernel_call, layers, reps)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(layers):
+        layer_call()
+    launch = (time.perf_counter() - t0) / layers * 1e6
+    torch.cuda.synchronize()
     torch.testing.assert_close(output[:, rows].cpu(), host_out)  # the same attention
     return {"context": context, "threads": threads, "cpu_heads": cpu_heads,
             "layer_us": round(with_round_trip, 1), "kernel_us": round(kernel, 1),
-            "round_trip_us": round(with_round_trip - kernel, 1)}
+            "round_trip_us": round(with_round_trip - kernel, 1), "host_us": round(launch, 1)}
 
 
 def main() -> None:

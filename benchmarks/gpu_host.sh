@@ -2,7 +2,7 @@
 # Stages of a GPU-host session (see ../shared/gpu/README.md for the wheel kit).
 # Usage: bash benchmarks/gpu_host.sh install|check|ray-example|bench|bench-long|bench-tp|capacity
 #                                   |place-short|place-512k|place-capacity|fp8|fp8-capacity|spec|spec-steps|serve-load|cpu-attn
-#                                   |long-tp4|x4|load-lanes|coattn|coattn-gate|coattn-auto|co-spec
+#                                   |long-tp4|x4|load-lanes|coattn|coattn-gate|coattn-auto|coattn-overhead|co-spec
 #        bash benchmarks/gpu_host.sh background "STAGE [STAGE...]"   (returns at once)
 #        bash benchmarks/gpu_host.sh wait SECONDS   (until the background stages end)
 # Logs and results go to $OUT (or ./gpu-out). A device command may run 10
@@ -288,6 +288,12 @@ case "$1" in
       --contexts 4096,32768 --configs R0,R0+cpuauto --decode-tokens 32 --timeout 190 2>&1 | tail -12
     timeout 250 python3 benchmarks/bench_headinfer.py --out "$out/coattn_gate_piecewise.json" --layers 32 \
       --contexts 4096,32768 --configs R0 --decode-tokens 32 --timeout 240 --cudagraph-mode PIECEWISE 2>&1 | tail -6
+    ;;
+  coattn-overhead)
+    # What a co-attending layer adds besides the kernel (the handshake with
+    # the serving thread), alone: the cpu-attn stage's last part.
+    reinstall
+    timeout 240 python3 benchmarks/coattention_overhead.py --out "$out/coattn_overhead.json" 2>&1 | tail -6
     ;;
   coattn-auto)
     # Co-attention beside automatic placement: one 512K request on 32 layers

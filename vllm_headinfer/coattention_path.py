@@ -13,23 +13,26 @@ vLLM's merge of partial attentions combines the two by their log-sum-exps.
 Query heads follow their KV head, so each part writes its own slice of the
 output.
 
-On CUDA, per layer (``coattend``):
+On CUDA, per layer (``coattend``), with nothing on the host waiting for the
+GPU (coattention_service has the handshake):
 
-1. the CPU heads' queries are copied into pinned host memory on the current
-   stream, and an event is recorded after the copy. This step's K/V were
-   written into the pool (through its UVA view) earlier on the same stream,
-   so once the event has completed the CPU reads them;
+1. the call is posted to the process's serving thread; on the current
+   stream the CPU heads' queries are copied into a pinned slot and the
+   call's number is written to a pinned word. This step's K/V were written
+   into the pool (through its UVA view) earlier on the same stream, so the
+   serving thread, which waits for that word, reads them;
 2. the GPU's attention is launched as without co-attention, over its
    narrower slice of the pool's UVA view, then its part of the split head;
-3. the host waits for the event and runs the kernel into pinned output
-   buffers, while the GPU reads its share;
-4. those outputs are copied to the device on the current stream, and the
-   split head's two parts merged.
+3. the serving thread runs the kernel into pinned output slots and writes
+   the call's number to a second word, while the GPU reads its share;
+4. the stream waits for that word, copies the outputs to the device and
+   merges the split head's two parts.
 
-Step 3 is host work inside the layer, so such steps cannot run inside CUDA
-graphs: where co-attention is on, metadata.py keeps attention out of full
-graphs (piecewise graphs capture the rest of the model). On CPU (what CI
-runs) an explicit ``cpu_attention`` routes the same heads through the kernel.
+The call numbers are arguments of the stream's write and wait, new in every
+call, so such steps do not replay from CUDA graphs: where co-attention is
+on, metadata.py keeps attention out of full graphs (piecewise graphs capture
+the rest of the model). On CPU (what CI runs) an explicit ``cpu_attention``
+routes the same heads through the kernel in the calling thread.
 
 numba (the kernel's compiler) is imported only where a layer uses the
 kernel: on vLLM 0.32's CPU platform, an engine started in a process that has
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import collections
 import os
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -93,13 +97,14 @@ def rank_split(vllm_config, spec) -> RankSplit:
 @dataclass
 class HostStep:
     """A short-query step's metadata on the host, for the kernel: on CUDA
-    in pinned buffers that are complete once ``ready`` has completed."""
+    views of pinned buffers (``buffers``, flat) that the step's copies fill
+    on the stream before the layers run."""
 
     block_table: torch.Tensor  # [requests, blocks]
     seq_lens: torch.Tensor  # [requests], exact: this step's tokens included
     query_start_loc: torch.Tensor  # [requests + 1]
     tokens: int  # query tokens of the step's requests (without padding)
-    ready: torch.cuda.Event | None = None
+    buffers: tuple[torch.Tensor, ...] | None = None
     # split_prefix_tokens on the device, by split_keep (computed once a step).
     device_prefixes: dict = field(default_factory=dict)
 
@@ -120,8 +125,9 @@ def split_prefix_tokens(seq_lens: torch.Tensor, query_start_loc: torch.Tensor, b
 class HostStepCopies:
     """Builds each short-query step's HostStep (int64, what the kernel
     reads). On CUDA the device tensors are copied into pinned buffers
-    without a host sync (the layers wait for an event before reading); they
-    are not the host copies vLLM keeps, which hold upper bounds of the
+    without a host sync (the serving thread reads them once the GPU has
+    published the step's first call, which follows the copies on the
+    stream); they are not the host copies vLLM keeps, which hold upper bounds of the
     lengths and, with adaptive verification, not the per-request offsets."""
 
     def __init__(self, max_requests: int, block_size: int) -> None:
@@ -146,11 +152,10 @@ class HostStepCopies:
             )
         table_buf, seq_buf, start_buf = self.buffers
         step = HostStep(table_buf[: n * blocks].view(n, blocks), seq_buf[:n],
-                        start_buf[: n + 1], tokens, torch.cuda.Event())
+                        start_buf[: n + 1], tokens, self.buffers)
         step.block_table.copy_(table[:n, :blocks], non_blocking=True)
         step.seq_lens.copy_(m.seq_lens[:n], non_blocking=True)
         step.query_start_loc.copy_(m.query_start_loc[: n + 1], non_blocking=True)
-        step.ready.record()
         return step
 
 
@@ -177,53 +182,39 @@ class CpuShare:
         self.whole_query_heads = slice((h - whole) * g, h * g)  # the heads the CPU takes whole
         self.scale = impl.scale
         self.kv_cache_dtype = impl.kv_cache_dtype
-        self._runs: list[tuple[slice, dict]] | None = None
+        self._arguments: dict | None = None
 
-    def _kernel_runs(self, layer, query_scale) -> list[tuple[slice, dict]]:
-        """(heads of the share, kernel arguments) per kernel call: one call,
-        or one per head where an fp8 cache has per-head scales. Scales are
-        read once (on CUDA they are device tensors)."""
-        if self._runs is None:
-            every = slice(0, self.heads)
-            scale = {"scale": self.scale * query_scale(layer)}
+    def kernel_arguments(self, layer, query_scale) -> dict:
+        """The kernel's scale arguments for this layer: the softmax scale
+        (times the scale of fp8 queries) and an fp8 cache's format and K/V
+        scales (one per tensor or per head). Read once: on CUDA the scales
+        are device tensors."""
+        if self._arguments is None:
+            self._arguments = {"scale": self.scale * query_scale(layer)}
             fp8 = Fp8Scales.of(layer, self.kv_cache_dtype, self.kv_heads)
-            if fp8 is None:
-                self._runs = [(every, scale)]
-            elif fp8.k.dim() == 0:
-                self._runs = [(every, {**scale, "fp8": fp8.dtype, "k_scale": float(fp8.k),
-                                       "v_scale": float(fp8.v)})]
-            else:
-                k, v = fp8.k.tolist(), fp8.v.tolist()
-                self._runs = [(slice(i, i + 1), {**scale, "fp8": fp8.dtype, "k_scale": k[i],
-                                                 "v_scale": v[i]}) for i in range(self.heads)]
-        return self._runs
+            if fp8 is not None:
+                k, v = (float(s) if s.dim() == 0 else s.tolist() for s in (fp8.k, fp8.v))
+                self._arguments.update(fp8=fp8.dtype, k_scale=k, v_scale=v)
+        return self._arguments
 
-    def attend(self, layer, query, pages, step: HostStep, out, query_scale=lambda layer: 1.0,
-               split_out=None, split_lse=None):
-        """The share's attention on the host: ``query`` ``[step.tokens,
-        heads * G, D]``, ``pages`` the layer's host pages ``[blocks, H_off,
-        2, N, D]``; ``out`` gets the heads the CPU takes whole, and a split
-        head's part goes to ``split_out`` ``[tokens, G, D]`` with its
-        log-sum-exps ``split_lse`` ``[G, tokens]``. ``query_scale(layer)``
-        is the scale of fp8 queries (1 for plain ones)."""
+    def attend(self, layer, query, pages, step: HostStep, out, split_out=None, split_lse=None):
+        """The share's attention on the host, in the calling thread (the CPU
+        platform's path): ``query`` ``[step.tokens, heads * G, D]``,
+        ``pages`` the layer's host pages ``[blocks, H_off, 2, N, D]``;
+        ``out`` gets the heads the CPU takes whole, and a split head's part
+        goes to ``split_out`` ``[tokens, G, D]`` with its log-sum-exps
+        ``split_lse`` ``[G, tokens]``."""
         from vllm_headinfer.cpu_coattention import decode_attention
 
-        g = self.group
-        split = 1 if self.split_keep else 0
-        for heads, kwargs in self._kernel_runs(layer, query_scale):
-            rows = slice(heads.start * g, heads.stop * g)
-            first = split if heads.start == 0 else 0  # the run holds the split head
-            if first:
-                kwargs = {**kwargs, "split_keep": self.split_keep, "split_out": split_out,
-                          "split_lse": split_lse}
-            decode_attention(
-                query[:, rows],
-                pages[:, self.pool_start + heads.start : self.pool_start + heads.stop],
-                step.block_table, step.seq_lens, step.query_start_loc,
-                out=out[:, (heads.start + first - split) * g : (heads.stop - split) * g],
-                threads=self.threads, **kwargs,
-            )
-        CALLS["verify" if step.tokens > step.seq_lens.shape[0] else "decode"] += 1
+        decode_attention(query, pages[:, self.pool_start:], step.block_table, step.seq_lens,
+                         step.query_start_loc, out=out, threads=self.threads,
+                         split_keep=self.split_keep, split_out=split_out, split_lse=split_lse,
+                         **self.kernel_arguments(layer, lambda layer: 1.0))
+        count_call(step.tokens, step.seq_lens.shape[0])
+
+
+def count_call(tokens: int, requests: int) -> None:
+    CALLS["verify" if tokens > requests else "decode"] += 1
 
 
 def merge_split_head(dest, gpu_out, gpu_lse, cpu_out, cpu_lse) -> None:
@@ -239,38 +230,79 @@ def merge_split_head(dest, gpu_out, gpu_lse, cpu_out, cpu_lse) -> None:
         dest.copy_(merged)
 
 
-class PinnedBuffers:
-    """The CPU heads' queries and outputs of one layer call on the host
-    (CUDA), and a split head's output and log-sum-exps, one set per process,
-    allocated at startup: layers run one after the other, and a layer's
-    copies have completed before the next layer writes any buffer (it waits
-    for its own later query copy first)."""
+class CudaCoattention:
+    """The process's CPU co-attention on CUDA (the module docstring's steps):
+    the serving thread (coattention_service), its pinned query and output
+    slots, and the handshake words the GPU writes and waits on. Made at the
+    first co-attending call, with room for the largest short-query step
+    (``reserve_slots``)."""
 
-    def __init__(self) -> None:
-        self.nbytes = 0
-        self.query = self.output = self.split = torch.empty(0, dtype=torch.uint8)
-        self.queries_copied: torch.cuda.Event | None = None
+    def __init__(self, query_dtype: torch.dtype, slot_bytes: int, lse_bytes: int) -> None:
+        from vllm_headinfer.coattention_service import FLAG_WORDS, CoattentionService
+        from vllm_headinfer.cpu_coattention import raw_words
+        from vllm_headinfer.device_flags import DeviceFlags
 
-    def reserve(self, nbytes: int) -> None:
-        if nbytes > self.nbytes:
-            self.query, self.output, self.split = (
-                torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(3))
-            self.nbytes = nbytes
-            self.queries_copied = torch.cuda.Event()
+        self.query_dtype = query_dtype
+        self.queries, self.out, self.lse = (
+            torch.empty(size, dtype=dtype, pin_memory=True)
+            for size, dtype in ((slot_bytes // query_dtype.itemsize, query_dtype),
+                                (slot_bytes // 4, torch.float32), (lse_bytes // 4, torch.float32)))
+        self.flags = DeviceFlags(FLAG_WORDS)
+        self.service = CoattentionService(
+            self.flags.host, *raw_words(self.queries), self.out.numpy(), self.lse.numpy(),
+            drain=torch.cuda.synchronize)
 
-    @staticmethod
-    def view(buffer: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...],
-             offset: int = 0) -> torch.Tensor:
-        numel = 1
-        for size in shape:
-            numel *= size
-        return buffer[offset : offset + numel * dtype.itemsize].view(dtype).view(shape)
+    def register(self) -> None:
+        """Every co-attending layer of the running model and the metadata
+        tables of this step's groups (the first call of the process, or of
+        a new group or engine: the serving loop restarts)."""
+        from vllm.forward_context import get_forward_context
+
+        context = get_forward_context()
+        layers = []
+        for layer in context.no_compile_layers.values():
+            impl = getattr(layer, "impl", None)
+            share = getattr(impl, "cpu_share", None)
+            if share is None or getattr(impl, "ops", None) is None:
+                continue
+            pages = impl._pool_for(layer).layer(impl._host_layer_name(layer))
+            layers.append((share, served_layer(share, layer, pages, impl.ops.query_scale)))
+            if share not in self.service.layers:
+                weakref.finalize(share, self.service.forget)
+        metadata = context.attn_metadata
+        steps = {id(m.host_step.buffers): m.host_step.buffers
+                 for m in (metadata.values() if isinstance(metadata, dict) else [])
+                 if getattr(m, "host_step", None) is not None and m.host_step.buffers}
+        self.service.register(layers, [served_tables(b) for b in steps.values()])
 
 
-pinned = PinnedBuffers()
+def served_layer(share: CpuShare, layer, pages: torch.Tensor, query_scale):
+    """``share``'s layer as the serving loop reads it: ``pages`` the
+    layer's host pages ``[blocks, H_off, 2, N, D]``."""
+    from vllm_headinfer.coattention_service import ServedLayer
+    from vllm_headinfer.cpu_coattention import flat_pages, head_scales, page_format
+
+    pages = pages[:, share.pool_start:]
+    flat, block_stride, head_stride = flat_pages(pages)
+    kwargs = share.kernel_arguments(layer, query_scale)
+    return ServedLayer(
+        flat, block_stride, head_stride, pages.shape[3],
+        page_format(pages.dtype, kwargs.get("fp8")), share.heads, share.group, pages.shape[4],
+        share.split_keep, share.threads, kwargs["scale"],
+        head_scales(share.heads, kwargs.get("k_scale", 1.0), kwargs.get("v_scale", 1.0)))
 
 
-def reserve_pinned(vllm_config, num_heads: int, head_size: int) -> None:
+def served_tables(buffers: tuple[torch.Tensor, ...]):
+    """A HostStepCopies' pinned buffers, keyed as HostStep.buffers, as the
+    serving loop reads them."""
+    return buffers, tuple(b.numpy() for b in buffers)
+
+
+_cuda: CudaCoattention | None = None
+_slot_bytes = [0, 0]  # the query/output slots' and the log-sum-exps' bytes
+
+
+def reserve_slots(vllm_config, num_heads: int, head_size: int) -> None:
     """Room for the largest short-query step: every request with its most
     query tokens, all query heads (of at most 4 bytes an element), and per
     token a log-sum-exp of each query head."""
@@ -279,38 +311,55 @@ def reserve_pinned(vllm_config, num_heads: int, head_size: int) -> None:
     scheduler = vllm_config.scheduler_config
     tokens = min(scheduler.max_num_seqs * in_place_query_len(vllm_config),
                  scheduler.max_num_batched_tokens)
-    pinned.reserve(tokens * num_heads * (head_size + 1) * 4)
+    _slot_bytes[0] = max(_slot_bytes[0], tokens * num_heads * head_size * 4)
+    _slot_bytes[1] = max(_slot_bytes[1], tokens * num_heads * 4)
+
+
+def cuda_coattention(query_dtype: torch.dtype) -> CudaCoattention:
+    global _cuda
+    if _cuda is None or _cuda.query_dtype != query_dtype:
+        if _cuda is not None:
+            _cuda.service.forget()
+        _cuda = CudaCoattention(query_dtype, *_slot_bytes)
+    return _cuda
 
 
 def coattend(ops, layer, query, kv_cache, pages, host, m, output) -> None:
     """One layer of a short-query step with co-attention on CUDA (the
-    module docstring's steps 1-4): ``pages`` the layer's host pages,
-    ``host`` their UVA view."""
+    module docstring's steps 1-4): ``host`` the layer's pages' UVA view.
+    Nothing here waits for the GPU."""
+    from vllm_headinfer.coattention_service import DONE, PUBLISHED
+
     share, step = ops.impl.cpu_share, m.host_step
     t, g, dim = step.tokens, share.group, query.shape[2]
-    split = 1 if share.split_keep else 0
-    queries = pinned.view(pinned.query, query.dtype, (t, share.heads * g, dim))
-    queries.copy_(query[:t, share.query_heads], non_blocking=True)
-    pinned.queries_copied.record()
+    n, blocks = step.block_table.shape
+    cuda = cuda_coattention(query.dtype)
+    service = cuda.service
+    if share not in service.layers or step.buffers not in service.tables:
+        cuda.register()
+    call = service.post(share, step.buffers, n, blocks, t)
+    rows = t * share.heads * g
+    cuda.queries[: rows * dim].view(t, share.heads * g, dim).copy_(query[:t, share.query_heads],
+                                                                    non_blocking=True)
+    cuda.flags.write(PUBLISHED, call)
     ops.read_in_place(layer, query, kv_cache, host, m, output, share.gpu_heads)
+    split = 1 if share.split_keep else 0
     if split:
         keep = share.split_keep
         if keep not in step.device_prefixes:
             step.device_prefixes[keep] = split_prefix_tokens(
-                m.seq_lens, m.query_start_loc, pages.shape[3], keep)
+                m.seq_lens, m.query_start_loc, host.shape[3], keep)
         gpu_out, gpu_lse = ops.attend_split_head(layer, query[:t], host, m, share.gpu_heads, keep,
                                                  step.device_prefixes[keep], output.dtype)
-    step.ready.synchronize()
-    pinned.queries_copied.synchronize()
-    out = pinned.view(pinned.output, output.dtype, (t, (share.heads - split) * g, dim))
-    split_out = split_lse = None
+    cuda.flags.wait(DONE, call)
+    # Whole prefixes of the slots: a contiguous pinned source is copied in
+    # stream order (a strided one would be gathered on the host first, now).
+    device = output.device
+    out = cuda.out[: rows * dim].to(device, non_blocking=True).view(t, share.heads, g, dim)
+    if share.heads > split:
+        output[:t, share.whole_query_heads].copy_(out[:, split:].reshape(t, -1, dim))
     if split:
-        split_out = pinned.view(pinned.split, output.dtype, (t, g, dim))
-        split_lse = pinned.view(pinned.split, torch.float32, (g, t), offset=split_out.nbytes)
-    share.attend(layer, queries, pages, step, out, ops.query_scale, split_out, split_lse)
-    output[:t, share.whole_query_heads].copy_(out, non_blocking=True)
-    if split:
-        device = output.device
+        lse = cuda.lse[:rows].to(device, non_blocking=True).view(t, share.heads, g)
         merge_split_head(output[:t, share.split_query_heads], gpu_out, gpu_lse,
-                         split_out.to(device, non_blocking=True),
-                         split_lse.to(device, non_blocking=True))
+                         out[:, 0].to(output.dtype), lse[:, 0].T.contiguous())
+    count_call(t, n)

@@ -31,7 +31,6 @@ partial results are merged by their log-sum-exps, which the kernel returns.
 from __future__ import annotations
 
 import math
-import threading
 
 import numba
 import numpy as np
@@ -491,7 +490,8 @@ def _attention(q, flat, block_stride, head_stride, block_size, code, scales, blo
     into ``lse`` ``[tokens, heads, group]``. ``flat`` holds the pages
     ``[blocks, heads, 2, block_size, dim]`` from the first one on, a block
     and a head ``block_stride`` and ``head_stride`` elements apart (the
-    heads may be a slice of the pool's). With ``split_keep`` > 0 the first
+    heads may be a slice of the pool's); fp8 pages are read as value times
+    ``scales[head]`` (K, V). With ``split_keep`` > 0 the first
     head is a split head: its first ``split_cut`` blocks are left out. Each
     work item (a split of a request's blocks) reads its blocks one after
     the other, every head of a block in turn: the heads of a block lie next
@@ -566,9 +566,9 @@ def _attention(q, flat, block_stride, head_stride, block_size, code, scales, blo
                            group, queries[h], scores, flat_scores, exp_bits, m[h], l_sum[h],
                            acc[h], flat, ahead)
                 else:
-                    _to_float(flat[base:base + n], code, scales[0], k_bits,
+                    _to_float(flat[base:base + n], code, scales[h, 0], k_bits,
                               k_bits.view(np.float32))
-                    _to_float(flat[base + page:base + page + n], code, scales[1], v_bits,
+                    _to_float(flat[base + page:base + page + n], code, scales[h, 1], v_bits,
                               v_bits.view(np.float32))
                     _block(k_rows, v_rows, in_block, start, group, queries[h], scores,
                            flat_scores, exp_bits, m[h], l_sum[h], acc[h], flat, ahead)
@@ -576,18 +576,68 @@ def _attention(q, flat, block_stride, head_stride, block_size, code, scales, blo
             _merge(r, first_item, query_start, group, m_part, l_part, acc_part, out, lse)
 
 
-_thread_count = threading.local()
+@numba.njit(inline="always")
+def _queries_to_float(raw, code, values):
+    """The first ``values.shape[0]`` query elements of ``raw`` (float32,
+    bf16 or fp16 words, or fp8 bytes by ``code``) as float32."""
+    n = values.shape[0]
+    if code == 0:
+        for i in range(n):
+            values[i] = raw[i]
+    elif code == 1:
+        for i in range(n):
+            values[i] = _as_float(raw[i])
+    else:
+        _to_float(raw[:n], code, np.float32(1.0), values.view(np.uint32), values)
 
 
-def _use_threads(threads: int) -> None:
-    """numba's thread count for the calling thread (numba keeps it per
-    thread), set only where it changes."""
-    if getattr(_thread_count, "value", None) != threads:
-        numba.set_num_threads(threads)
-        _thread_count.value = threads
+@numba.njit(nogil=True, cache=True)
+def run_attention(q_raw, q_code, tokens, heads, group, dim, flat, block_stride, head_stride,
+                  block_size, code, scales, block_table, seq_lens, query_start, scale, threads,
+                  split_keep, out, lse):
+    """One call of the kernel: the queries ``q_raw`` (``tokens`` x
+    ``heads`` x ``group`` x ``dim`` elements in the format ``q_code``)
+    attended over the pages ``flat`` (``_attention`` has the rest) into
+    ``out`` and ``lse``, planned for ``threads`` threads (numba's count for
+    the calling thread, set from Python: numba's setter compiled into a
+    function keeps it out of the cache). Called from Python
+    (decode_attention) and from CPU co-attention's serving loop, without
+    the GIL."""
+    q = np.empty((tokens, heads, group, dim), np.float32)
+    _queries_to_float(q_raw, q_code, q.reshape(tokens * heads * group * dim))
+    _attention(q, flat, block_stride, head_stride, block_size, code, scales, block_table,
+               seq_lens, query_start, scale, split_keep, threads, out, lse)
 
 
-def _flat(pages: torch.Tensor) -> tuple[np.ndarray, int, int]:
+def raw_words(tensor: torch.Tensor) -> tuple[np.ndarray, int]:
+    """A CPU tensor of one of the kernel's formats as the flat numpy array
+    the kernel reads (16-bit words for bf16 and fp16, bytes for fp8) and its
+    format code."""
+    code = _CODES.get(tensor.dtype)
+    if code is None:
+        raise TypeError("CPU co-attention reads fp32, bf16, fp16, fp8 e4m3fn and e5m2 values, "
+                        f"not {tensor.dtype}")
+    flat = tensor.reshape(-1)
+    if code in (1, 2):
+        flat = flat.view(torch.int16)
+    elif code > 2:
+        flat = flat.view(torch.uint8)
+    return flat.numpy(), code
+
+
+def page_format(pages_dtype: torch.dtype, fp8: torch.dtype | None) -> int:
+    """The kernel's code of a page format: fp8 caches hold ``uint8``
+    bytes in the format ``fp8``."""
+    if fp8 is not None and pages_dtype != torch.uint8:
+        raise TypeError(f"fp8 pages are uint8 bytes, not {pages_dtype}")
+    code = _CODES.get(fp8 if fp8 is not None else pages_dtype)
+    if code is None:
+        raise TypeError("CPU co-attention reads fp32, bf16, fp16, fp8 e4m3fn and e5m2 pages, "
+                        f"not {fp8 or pages_dtype}")
+    return code
+
+
+def flat_pages(pages: torch.Tensor) -> tuple[np.ndarray, int, int]:
     """The pages as one flat array from their first element (raw 16-bit
     words for bf16 and fp16), and the strides of a block and of a head in
     it. Each K and V page must be contiguous; the heads may be a slice."""
@@ -604,6 +654,27 @@ def _flat(pages: torch.Tensor) -> tuple[np.ndarray, int, int]:
     return flat.numpy(), block_stride, head_stride
 
 
+def head_scales(heads: int, k_scale, v_scale) -> np.ndarray:
+    """``[heads, 2]`` K and V scales of fp8 pages: one per tensor (a float)
+    or one per head (a sequence)."""
+    scales = np.empty((heads, 2), np.float32)
+    scales[:, 0] = k_scale
+    scales[:, 1] = v_scale
+    return scales
+
+
+def use_threads(threads: int | None, pages_read: int | None = None) -> int:
+    """Sets numba's thread count for the calling thread, and returns it: at
+    most ``threads`` (None: numba's all), and where ``pages_read`` is given
+    no more than one per MIN_PAGES_PER_THREAD pages."""
+    most = numba.config.NUMBA_NUM_THREADS
+    threads = max(1, min(threads or most, most))
+    if pages_read is not None:
+        threads = max(1, min(threads, pages_read // MIN_PAGES_PER_THREAD))
+    numba.set_num_threads(threads)
+    return threads
+
+
 def decode_attention(
     query: torch.Tensor,
     pages: torch.Tensor,
@@ -617,8 +688,8 @@ def decode_attention(
     split_out: torch.Tensor | None = None,
     split_lse: torch.Tensor | None = None,
     fp8: torch.dtype | None = None,
-    k_scale: float = 1.0,
-    v_scale: float = 1.0,
+    k_scale=1.0,
+    v_scale=1.0,
 ) -> None:
     """Exact attention of short queries over one layer's host pages.
 
@@ -638,29 +709,24 @@ def decode_attention(
     ``[tokens, (H_off - 1) * G, D]``.
 
     Pages of an fp8 cache are ``uint8`` bytes in the format ``fp8``, read
-    as value times ``k_scale`` (K) or ``v_scale`` (V).
+    as value times ``k_scale`` (K) or ``v_scale`` (V): a float, or one per
+    head.
     """
-    if fp8 is not None and pages.dtype != torch.uint8:
-        raise TypeError(f"fp8 pages are uint8 bytes, not {pages.dtype}")
-    code = _CODES.get(fp8 if fp8 is not None else pages.dtype)
-    if code is None:
-        raise TypeError("CPU co-attention reads fp32, bf16, fp16, fp8 e4m3fn and e5m2 pages, "
-                        f"not {fp8 or pages.dtype}")
+    code = page_format(pages.dtype, fp8)
     heads, block_size, dim = pages.shape[1], pages.shape[3], pages.shape[4]
     tokens = query.shape[0]
-    q = query.reshape(tokens, heads, query.shape[1] // heads, dim).to(torch.float32).numpy()
-    result = np.empty(q.shape, np.float32)
-    sums = np.empty(q.shape[:3], np.float32)
+    group = query.shape[1] // heads
+    q_raw, q_code = raw_words(query.contiguous())
+    result = np.empty((tokens, heads, group, dim), np.float32)
+    sums = np.empty((tokens, heads, group), np.float32)
+    flat, block_stride, head_stride = flat_pages(pages)
     lengths = seq_lens.to(torch.int64).numpy()
     pages_read = heads * int(((lengths + block_size - 1) // block_size).sum())
-    most = numba.config.NUMBA_NUM_THREADS
-    threads = max(1, min(threads or most, most, pages_read // MIN_PAGES_PER_THREAD))
-    _use_threads(threads)
-    flat, block_stride, head_stride = _flat(pages)
-    _attention(q, flat, block_stride, head_stride, block_size, code,
-               np.array([k_scale, v_scale], np.float32), block_table.to(torch.int64).numpy(),
-               lengths, query_start_loc.to(torch.int64).numpy(), np.float32(scale),
-               split_keep, threads, result, sums)
+    run_attention(q_raw, q_code, tokens, heads, group, dim, flat, block_stride, head_stride,
+                  block_size, code, head_scales(heads, k_scale, v_scale),
+                  block_table.to(torch.int64).numpy(), lengths,
+                  query_start_loc.to(torch.int64).numpy(), np.float32(scale),
+                  use_threads(threads, pages_read), split_keep, result, sums)
     result = torch.from_numpy(result)
     if split_keep:
         split_out.copy_(result[:, 0])

@@ -16,7 +16,7 @@ from vllm.v1.attention.backend import (
 )
 
 from vllm_headinfer.capacity import layer_index
-from vllm_headinfer.coattention_path import HostStep, HostStepCopies, rank_split, reserve_pinned
+from vllm_headinfer.coattention_path import HostStep, HostStepCopies, rank_split, reserve_slots
 from vllm_headinfer.coattention_split import RankSplit, startup_line
 from vllm_headinfer.flash_splits import all_heads_num_splits, covers
 from vllm_headinfer.host_pool import host_pools
@@ -182,7 +182,7 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
             )
             if current_platform.is_cuda():
                 impl = next(iter(layers.values())).impl
-                reserve_pinned(vllm_config, impl.num_heads, impl.head_size)
+                reserve_slots(vllm_config, impl.num_heads, impl.head_size)
 
     def build(
         self,

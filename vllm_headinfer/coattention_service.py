@@ -1,0 +1,283 @@
+"""CPU co-attention's host side on CUDA: one thread that serves every
+co-attending layer call of the process, handshaking with the GPU through
+two words of pinned memory instead of host waits in the layers.
+
+A layer call on the GPU's stream (coattention_path.coattend) copies its CPU
+heads' queries into the query slot and then writes the call's number into
+the PUBLISHED word; later on the same stream it waits until the DONE word
+holds that number, and copies the outputs back. The Python thread running
+the model only posts each call's description (layer, step metadata) into a
+ring and never waits: it runs ahead of the GPU as without co-attention.
+
+The serving thread runs ``_serve``, compiled, without the GIL: for each
+posted call in order it spins until the GPU has published it, runs the
+kernel over the layer's pages into the output slot, and writes DONE. One
+query slot and one output slot serve every call: call ``c + 1``'s queries
+are copied after the GPU has waited for call ``c``'s DONE, and its outputs
+are written after the GPU published it, which follows the copy of call
+``c``'s outputs on the stream. Numbers compare cyclically in 32 bits, as
+the GPU's wait does.
+
+Idle for IDLE_CYCLES (a few tens of ms), the loop returns and the thread
+sleeps until the next post wakes it: a busy engine never sleeps between
+steps, an idle one does not keep a core spinning.
+
+Layers and step-metadata tables are fixed arguments of the loop; one not
+yet among them restarts it (once per process in practice: the first call
+registers every co-attending layer of the model).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic
+
+from vllm_headinfer.cpu_coattention import run_attention, use_threads
+
+# Posted calls not yet served that the ring holds (the model's thread is at
+# most a step of layers ahead of the GPU: far fewer).
+RING = 4096
+# Control words (int64), each on its own cache line.
+POSTED, SERVED, STOP = 0, 8, 16
+# Handshake words (int32, pinned on CUDA), each on its own cache line.
+PUBLISHED, DONE = 0, 16
+FLAG_WORDS = 32
+# The loop's return values.
+STOPPED, IDLE = 0, 1
+# Idle spinning before the loop returns: about 30 ms at 3 GHz (longer than
+# the scheduler's gap between two decode steps).
+IDLE_CYCLES = 100_000_000
+
+# Columns of the layer table and of a ring entry.
+(L_HEADS, L_GROUP, L_DIM, L_BLOCK_SIZE, L_BLOCK_STRIDE, L_HEAD_STRIDE, L_CODE, L_SPLIT_KEEP,
+ L_THREADS) = range(9)
+C_LAYER, C_TABLE, C_REQUESTS, C_BLOCKS, C_TOKENS = range(5)
+
+
+@intrinsic
+def _load_acquire(typingctx, array, index):
+    """``array[index]``, read again on every call (the loop waits on words
+    other threads, or the GPU, write)."""
+
+    def codegen(context, builder, signature, args):
+        array_type = signature.args[0]
+        array_value = context.make_array(array_type)(context, builder, args[0])
+        pointer = cgutils.get_item_pointer(context, builder, array_type, array_value, [args[1]],
+                                           wraparound=False)
+        return builder.load_atomic(pointer, "acquire", array_type.dtype.bitwidth // 8)
+
+    return array.dtype(array, index), codegen
+
+
+@intrinsic
+def _store_release(typingctx, array, index, value):
+    """``array[index] = value``, visible after every write before it."""
+
+    def codegen(context, builder, signature, args):
+        array_type = signature.args[0]
+        array_value = context.make_array(array_type)(context, builder, args[0])
+        pointer = cgutils.get_item_pointer(context, builder, array_type, array_value, [args[1]],
+                                           wraparound=False)
+        item = context.cast(builder, args[2], signature.args[2], array_type.dtype)
+        builder.store_atomic(item, pointer, "release", array_type.dtype.bitwidth // 8)
+        return context.get_dummy_value()
+
+    return types.void(array, index, value), codegen
+
+
+@intrinsic
+def _cycles(typingctx):
+    """The processor's cycle counter (a clock for the idle timeout)."""
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        function = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i64, []),
+                                                  "llvm.readcyclecounter")
+        return builder.call(function, [])
+
+    return types.int64(), codegen
+
+
+@numba.njit(inline="always")
+def reached(word, number):
+    """Whether a 32-bit handshake word has reached call ``number``: their
+    difference, cyclic in 32 bits, is not negative."""
+    return ((np.int64(word) - number) & 0xFFFFFFFF) < 0x80000000
+
+
+@numba.njit(nogil=True, cache=True)
+def _serve(control, ring, flags, layers, layer_scale, kv_scales, pages, tables, lens, starts,
+           query_code, queries, out, lse, idle_cycles):
+    """Serves posted calls in order until told to stop or idle for
+    ``idle_cycles``; returns STOPPED or IDLE."""
+    served = control[SERVED]
+    idle_since = _cycles()
+    while True:
+        if _load_acquire(control, STOP) != 0:
+            return STOPPED
+        if _load_acquire(control, POSTED) <= served:
+            if _cycles() - idle_since > idle_cycles:
+                return IDLE
+            continue
+        call = served + 1
+        entry = ring[call % RING]
+        while not reached(_load_acquire(flags, PUBLISHED), call):
+            if _load_acquire(control, STOP) != 0:
+                return STOPPED
+        info = layers[entry[C_LAYER]]
+        heads, group, dim = info[L_HEADS], info[L_GROUP], info[L_DIM]
+        table = entry[C_TABLE]
+        n, blocks, tokens = entry[C_REQUESTS], entry[C_BLOCKS], entry[C_TOKENS]
+        rows = tokens * heads * group
+        run_attention(queries[: rows * dim], query_code, tokens, heads, group, dim,
+                      pages[entry[C_LAYER]], info[L_BLOCK_STRIDE], info[L_HEAD_STRIDE],
+                      info[L_BLOCK_SIZE], info[L_CODE], kv_scales[entry[C_LAYER], :heads],
+                      tables[table][: n * blocks].reshape((n, blocks)), lens[table][:n],
+                      starts[table][: n + 1], layer_scale[entry[C_LAYER]], info[L_THREADS],
+                      info[L_SPLIT_KEEP], out[: rows * dim].reshape((tokens, heads, group, dim)),
+                      lse[:rows].reshape((tokens, heads, group)))
+        _store_release(flags, DONE, call)  # (its low 32 bits)
+        served = call
+        _store_release(control, SERVED, served)
+        idle_since = _cycles()
+
+
+@dataclass
+class ServedLayer:
+    """A co-attending layer as the loop reads it: its CPU heads' pages as
+    the kernel's flat array (cpu_coattention.flat_pages), their format and
+    scales, and the share's shape."""
+
+    pages: np.ndarray
+    block_stride: int
+    head_stride: int
+    block_size: int
+    code: int
+    heads: int
+    group: int
+    dim: int
+    split_keep: int
+    threads: int
+    scale: float
+    kv_scales: np.ndarray  # [heads, 2]
+
+
+class CoattentionService:
+    """The serving thread, its ring and slots. ``flags`` the handshake
+    words (pinned on CUDA), ``queries`` the query slot (raw words of the
+    queries' format ``query_code``), ``out``/``lse`` the output slots
+    (float32). ``drain`` makes the GPU finish what it was given (before a
+    restart: every posted call served)."""
+
+    def __init__(self, flags: np.ndarray, queries: np.ndarray, query_code: int, out: np.ndarray,
+                 lse: np.ndarray, drain: Callable[[], None], idle_cycles: int = IDLE_CYCLES):
+        self.flags, self.queries, self.query_code = flags, queries, query_code
+        self.out, self.lse = out, lse
+        self.drain, self.idle_cycles = drain, idle_cycles
+        self.control = np.zeros(24, np.int64)
+        self.ring = np.zeros((RING, 5), np.int64)
+        self.posted = 0
+        self.layers: dict[object, int] = {}  # a layer's key -> index
+        self.tables: dict[object, int] = {}  # a step-metadata table set's key -> index
+        self._layer_list: list[ServedLayer] = []
+        self._table_list: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._thread: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._sleeping = False
+
+    def register(self, layers: Sequence[tuple[object, ServedLayer]],
+                 tables: Sequence[tuple[object, tuple[np.ndarray, np.ndarray, np.ndarray]]]) -> None:
+        """Adds layers and step-metadata tables (flat block table, lengths,
+        query starts: int64), each under a key object, restarting the loop
+        where any is new."""
+        new_layers = [(k, v) for k, v in layers if k not in self.layers]
+        new_tables = [(k, v) for k, v in tables if k not in self.tables]
+        if not new_layers and not new_tables:
+            return
+        self.stop()
+        for key, layer in new_layers:
+            self.layers[key] = len(self._layer_list)
+            self._layer_list.append(layer)
+        for key, table in new_tables:
+            self.tables[key] = len(self._table_list)
+            self._table_list.append(table)
+        self._start()
+
+    def post(self, layer_key, table_key, requests: int, blocks: int, tokens: int) -> int:
+        """Posts one call and returns its number (the value the GPU writes
+        to PUBLISHED, then waits for in DONE)."""
+        call = self.posted + 1
+        while call - self.control[SERVED] >= RING:  # (never in practice: a step is shorter)
+            threading.Event().wait(1e-4)
+        self.ring[call % RING] = (self.layers[layer_key], self.tables[table_key],
+                                  requests, blocks, tokens)
+        self.control[POSTED] = call
+        self.posted = call
+        if self._sleeping:
+            self._wake.set()
+        return call
+
+    def forget(self) -> None:
+        """Drops every layer and table (an engine's layers went away): the
+        loop ends, and with it its hold on their memory."""
+        self.control[STOP] = 1
+        self._wake.set()
+        self.layers.clear()
+        self.tables.clear()
+        self._layer_list.clear()
+        self._table_list.clear()
+
+    def stop(self) -> None:
+        """Ends the loop once every posted call is served (at once where
+        forget() has ended it)."""
+        if self._thread is None:
+            return
+        if not self.control[STOP] and self.control[SERVED] < self.posted:
+            self.drain()
+        while not self.control[STOP] and self.control[SERVED] < self.posted:
+            threading.Event().wait(1e-4)
+        self.control[STOP] = 1
+        self._wake.set()
+        self._thread.join()
+        self._thread = None
+        self.control[SERVED] = self.posted  # (after forget(): no GPU waits for the rest)
+        self.control[STOP] = 0
+
+    def _start(self) -> None:
+        heads = max(layer.heads for layer in self._layer_list)
+        kv_scales = np.ones((len(self._layer_list), heads, 2), np.float32)
+        for i, layer in enumerate(self._layer_list):
+            kv_scales[i, : layer.heads] = layer.kv_scales
+        args = (
+            self.control, self.ring, self.flags,
+            np.array([[x.heads, x.group, x.dim, x.block_size, x.block_stride, x.head_stride,
+                       x.code, x.split_keep, x.threads] for x in self._layer_list], np.int64),
+            np.array([x.scale for x in self._layer_list], np.float32), kv_scales,
+            numba.typed.List([x.pages for x in self._layer_list]),
+            numba.typed.List([t[0] for t in self._table_list]),
+            numba.typed.List([t[1] for t in self._table_list]),
+            numba.typed.List([t[2] for t in self._table_list]),
+            self.query_code, self.queries, self.out, self.lse, self.idle_cycles,
+        )
+        threads = max(layer.threads for layer in self._layer_list)
+        self._thread = threading.Thread(target=self._run, args=(threads, args), daemon=True,
+                                        name="headinfer-coattention")
+        self._thread.start()
+
+    def _run(self, threads: int, args: tuple) -> None:
+        use_threads(threads)  # (numba's count is per calling thread)
+        while _serve(*args) == IDLE:
+            # The GIL orders these with post(): a call posted before
+            # _sleeping is set is seen below, one posted after wakes us.
+            self._wake.clear()
+            self._sleeping = True
+            if self.control[POSTED] == self.control[SERVED]:
+                self._wake.wait()
+            self._sleeping = False
