@@ -1,8 +1,9 @@
 """CPU co-attention's serving thread (coattention_service) against a GPU
 played by a Python thread: it publishes each call's queries through the
 handshake words as the CUDA stream does, waits for DONE and reads the
-outputs, which must equal the kernel's own call on the same inputs. Calls
-come from two layers (one with a split head) over two step-metadata tables,
+outputs, which must equal the CPU platform's call of the same layer share
+(CpuShare.attend). Calls come from three layers (whole heads, a split head;
+bf16 pages, or fp8 with per-head scales) over two step-metadata tables,
 numbered across 2**32 (the words compare cyclically), with pauses that put
 the thread to sleep, and a layer registered late (a restart)."""
 
@@ -10,25 +11,50 @@ from __future__ import annotations
 
 import math
 import threading
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+from vllm_headinfer.coattention_path import CpuShare, HostStep, served_layer
 from vllm_headinfer.coattention_service import (DONE, POSTED, PUBLISHED, SERVED,
-                                                CoattentionService, ServedLayer, reached)
-from vllm_headinfer.cpu_coattention import decode_attention, flat_pages, head_scales, raw_words
+                                                CoattentionService, reached)
+from vllm_headinfer.cpu_coattention import raw_words
+from vllm_headinfer.kv_quant import fp8_dtype
 
 GROUP, DIM, BLOCK, SLOT_TOKENS = 2, 64, 16, 8
 
 
-def make_layer(gen, heads, split_keep, blocks=64):
-    pages = torch.randn(blocks, heads + 1, 2, BLOCK, DIM, generator=gen).to(torch.bfloat16)
-    cpu_pages = pages[:, 1:]  # the CPU's heads are the pool's last ones
-    flat, block_stride, head_stride = flat_pages(cpu_pages)
-    served = ServedLayer(flat, block_stride, head_stride, BLOCK, 1, heads, GROUP, DIM, split_keep,
-                         2, DIM**-0.5, head_scales(heads, 1.0, 1.0))
-    return cpu_pages, served
+class Layer:
+    """A layer whose last ``share`` of its offloaded heads the CPU takes,
+    as the serving loop reads it (coattention_path.served_layer) and as
+    the CPU platform's path attends it (CpuShare.attend)."""
+
+    def __init__(self, gen, offloaded, share, kv_cache_dtype="auto", blocks=64):
+        impl = SimpleNamespace(num_kv_heads=offloaded, group=GROUP, num_offloaded=offloaded,
+                               scale=DIM**-0.5, kv_cache_dtype=kv_cache_dtype)
+        self.share = CpuShare(impl, share, threads=2)
+        values = torch.randn(blocks, offloaded, 2, BLOCK, DIM, generator=gen)
+        fp8 = fp8_dtype(kv_cache_dtype)
+        self.pages = values.to(torch.bfloat16) if fp8 is None else values.to(fp8).view(torch.uint8)
+        # per-head scales (used by fp8 pages only)
+        self.layer = SimpleNamespace(_k_scale=torch.rand(offloaded, generator=gen) + 0.5,
+                                     _v_scale=torch.rand(offloaded, generator=gen) + 0.5)
+        self.served = served_layer(self.share, self.layer, self.pages, lambda layer: 1.0)
+
+    def expected(self, query, step):
+        share = self.share
+        table, seq_lens, starts = step
+        tokens = query.shape[0]
+        out = torch.empty(tokens, share.heads * GROUP, DIM)
+        split_out = torch.empty(tokens, GROUP, DIM)
+        split_lse = torch.empty(GROUP, tokens)
+        share.attend(self.layer, query, self.pages, HostStep(table, seq_lens, starts, tokens),
+                     out[:, GROUP:] if share.split_keep else out, split_out, split_lse)
+        if share.split_keep:
+            out[:, :GROUP] = split_out
+        return out
 
 
 def make_table(gen, seq_lens, query_lens, blocks=64):
@@ -38,24 +64,13 @@ def make_table(gen, seq_lens, query_lens, blocks=64):
     return table, torch.tensor(seq_lens), starts
 
 
-def expected(query, pages, step, split_keep):
-    table, seq_lens, starts = step
-    tokens, heads = query.shape[0], pages.shape[1]
-    out = torch.empty(tokens, heads * GROUP, DIM)
-    split_out = torch.empty(tokens, GROUP, DIM)
-    split_lse = torch.empty(GROUP, tokens)
-    decode_attention(query, pages, table, seq_lens, starts, DIM**-0.5,
-                     out[:, GROUP:] if split_keep else out, threads=2, split_keep=split_keep,
-                     split_out=split_out, split_lse=split_lse)
-    if split_keep:
-        out[:, :GROUP] = split_out
-    return out
-
-
-@pytest.mark.parametrize("first_call", [0, 2**32 - 3])
-def test_served_calls_equal_the_kernels(first_call):
+@pytest.mark.parametrize("first_call,kv_cache_dtype", [(0, "auto"), (2**32 - 3, "fp8_e4m3")])
+def test_served_calls_equal_the_cpu_paths(first_call, kv_cache_dtype):
     gen = torch.Generator().manual_seed(0)
-    layers = {"a": make_layer(gen, 2, 0), "b": make_layer(gen, 2, 8), "c": make_layer(gen, 1, 0)}
+    # Two whole CPU heads; one whole and half of a split head; one head
+    # (an engine's layers share the cache's format; fp8 with per-head scales).
+    layers = {"a": Layer(gen, 3, 2, kv_cache_dtype), "b": Layer(gen, 3, 1.5, kv_cache_dtype),
+              "c": Layer(gen, 2, 1, kv_cache_dtype)}
     tables = {"t0": make_table(gen, [100, 37], [1, 1]), "t1": make_table(gen, [250, 9, 64], [2, 1, 3])}
     flags = np.zeros(32, np.int32)
     slot = torch.empty(SLOT_TOKENS * 2 * GROUP * DIM, dtype=torch.bfloat16)
@@ -86,10 +101,10 @@ def test_served_calls_equal_the_kernels(first_call):
             flags[PUBLISHED] = np.int64(call).astype(np.int32)
             while not reached(flags[DONE], call):
                 pass
-            tokens, heads = query.shape[0], layers[name][1].heads
+            tokens, heads = query.shape[0], layers[name].share.heads
             rows = tokens * heads * GROUP
             got = torch.from_numpy(out[: rows * DIM].copy()).view(tokens, heads * GROUP, DIM)
-            want = expected(query, layers[name][0], tables[table], layers[name][1].split_keep)
+            want = layers[name].expected(query, tables[table])
             if torch.allclose(got, want, atol=1e-5, rtol=1e-5):
                 results.append(call)
             else:
@@ -98,16 +113,16 @@ def test_served_calls_equal_the_kernels(first_call):
         gpu_done.set()
 
     schedule = [("a", "t0"), ("b", "t0"), ("a", "t1"), ("b", "t1"), ("c", "t1"), ("a", "t0")]
-    queries = [torch.randn(int(tables[t][2][-1]), layers[n][1].heads * GROUP, DIM,
+    queries = [torch.randn(int(tables[t][2][-1]), layers[n].share.heads * GROUP, DIM,
                            generator=gen).to(torch.bfloat16) for n, t in schedule]
-    service.register([(name, layers[name][1]) for name in "ab"],
+    service.register([(name, layers[name].served) for name in ("a", "b")],
                      [(name, tuple(x.reshape(-1).long().numpy() for x in step))
                       for name, step in tables.items()])
     thread = threading.Thread(target=gpu)
     thread.start()
     for i, (name, table) in enumerate(schedule):
         if name == "c":  # a late layer: the loop restarts after the GPU drained
-            service.register([(name, layers[name][1])], [])
+            service.register([(name, layers[name].served)], [])
         if i == 3:  # a pause long enough for the loop to sleep
             threading.Event().wait(0.3)
         table_, seq_lens, starts = tables[table]
