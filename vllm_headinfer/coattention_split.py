@@ -31,13 +31,13 @@ from vllm_headinfer.placement import describe_runs
 # stays with the rank's Python thread (it launches the GPU's work), and one
 # or two kernel threads (5-7 GB/s of host reads each on the H100 host,
 # against ~50 GB/s over the link) would not win back what co-attention
-# costs: steps without full CUDA graphs and a host wait in every layer.
+# costs: steps without full CUDA graphs and a handshake in every layer.
 MIN_CORES_PER_RANK = 4
 
 # Auto leaves a step's offloaded heads to the GPU where the CPU's share of a
-# layer would take less than this: each co-attending layer pays a fixed host
-# round trip (waiting for its queries, starting the kernel's threads, copying
-# the output back), which a share this short would not win back.
+# layer would take less than this: each co-attending layer pays a fixed cost
+# (the handshake with the serving thread, waking the kernel's threads, the
+# query and output copies), which a share this short would not win back.
 MIN_CPU_SHARE_S = 1e-3
 
 # A layer's CPU share is a multiple of 1/SHARE_STEPS of a head.

@@ -517,7 +517,16 @@ def _attention(q, flat, block_stride, head_stride, block_size, code, scales, blo
     # slices of it (a reshape per block calls into numba's C helper, which
     # cost about a quarter of a bf16 block's arithmetic).
     pool_rows = flat.reshape((flat.shape[0] // dim, dim))
-    for item in numba.prange(items):
+    # numba hands each thread a contiguous run of the loop's indices; run
+    # ``j`` of ``per_thread`` takes items j, j + threads, j + 2 * threads...,
+    # so every thread reads from every part of the contexts (where a split
+    # head's pages are read only in the later blocks, contiguous runs would
+    # leave the last threads more pages than the others).
+    per_thread = -(-items // threads)
+    for index in numba.prange(per_thread * threads):
+        item = (index % per_thread) * threads + index // per_thread
+        if item >= items:
+            continue
         r = np.searchsorted(first_item, item, side="right") - 1
         length = seq_lens[r]
         q0 = query_start[r]
