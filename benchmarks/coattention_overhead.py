@@ -3,13 +3,15 @@
 Runs the engine's own per-layer sequence (``coattention_path.coattend``):
 the call posted to the serving thread, the CPU heads' queries copied to the
 pinned slot and the call published on the stream, the GPU's share launched
-(here nothing: its cost is the link's, measured elsewhere), the stream
-waiting for the serving thread's answer and copying the output back, layer
-after layer as a decode step runs them; and the same kernel calls alone on
-host tensors in the calling thread. The difference per layer is the round
-trip (the target for a whole co-attending layer's fixed cost is 50 us).
-Also the host's own time per layer call (what the model's thread spends; it
-no longer waits for the GPU). Llama-3-8B layer: 8 offloaded KV heads, 3 of
+(nothing, or a GPU sleep standing in for it), the stream waiting for the
+serving thread's answer and copying the output back, layer after layer as a
+decode step runs them; and the same kernel calls alone on host tensors in
+the calling thread. Without GPU work the difference per layer is the round
+trip; with a GPU share longer than the kernel (as in every step the
+engine's gate lets through) what the layer takes past that share is what
+co-attention adds to it (the target for a co-attending layer's fixed cost
+is 50 us). Also the host's own time per layer call (what the model's
+thread spends; it does not wait for the GPU). Llama-3-8B layer: 8 offloaded KV heads, 3 of
 them on the CPU (run 13's split), GQA 4, head_dim 128, 16-token bf16 blocks.
 
 Usage (GPU host): python3 benchmarks/coattention_overhead.py --out $OUT/coattn_overhead.json
@@ -66,12 +68,30 @@ def per_layer_us(run, layers: int, reps: int) -> float:
     return statistics.median(times)
 
 
-def measure(context: int, threads: int, cpu_heads: int, layers: int, reps: int) -> dict:
+def sleep_cycles_per_us() -> float:
+    """The GPU's clock, for torch.cuda._sleep (a spin of so many cycles)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(10**6)
+    start.record()
+    torch.cuda._sleep(10**7)
+    end.record()
+    end.synchronize()
+    return 10**7 / (start.elapsed_time(end) * 1e3)
+
+
+def measure(context: int, threads: int, cpu_heads: int, layers: int, reps: int,
+            cycles_per_us: float) -> dict:
     impl = SimpleNamespace(num_kv_heads=KV_HEADS, group=GROUP, num_offloaded=KV_HEADS,
                            scale=DIM**-0.5, kv_cache_dtype="auto")
     share = CpuShare(impl, cpu_heads, threads)
+    gpu_cycles = [0]  # the GPU share's stand-in, per layer call
+
+    def gpu_share(*args) -> None:
+        if gpu_cycles[0]:
+            torch.cuda._sleep(gpu_cycles[0])
+
     ops = SimpleNamespace(impl=SimpleNamespace(cpu_share=share), query_scale=lambda layer: 1.0,
-                          read_in_place=lambda *args: None)
+                          read_in_place=gpu_share)
     blocks = -(-context // BLOCK)
     pages = torch.randn(host_page_shape(blocks, KV_HEADS, BLOCK, DIM)).to(torch.bfloat16)
     buffers = tuple(torch.empty(n, dtype=torch.int64, pin_memory=True) for n in (blocks, 1, 2))
@@ -97,8 +117,13 @@ def measure(context: int, threads: int, cpu_heads: int, layers: int, reps: int) 
     def kernel_call() -> None:
         share.attend(None, host_query, pages, step, host_out)
 
-    with_round_trip = per_layer_us(layer_call, layers, reps)
+    time.sleep(0.1)  # the serving thread's idle spin over: the kernel alone
     kernel = per_layer_us(kernel_call, layers, reps)
+    with_round_trip = per_layer_us(layer_call, layers, reps)
+    gpu_us = 2 * kernel + 100  # the GPU's share outlasts the kernel and the host's call
+    gpu_cycles[0] = int(gpu_us * cycles_per_us)
+    with_gpu_share = per_layer_us(layer_call, layers, reps)
+    gpu_cycles[0] = 0
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(layers):
@@ -108,15 +133,18 @@ def measure(context: int, threads: int, cpu_heads: int, layers: int, reps: int) 
     torch.testing.assert_close(output[:, rows].cpu(), host_out)  # the same attention
     return {"context": context, "threads": threads, "cpu_heads": cpu_heads,
             "layer_us": round(with_round_trip, 1), "kernel_us": round(kernel, 1),
-            "round_trip_us": round(with_round_trip - kernel, 1), "host_us": round(launch, 1)}
+            "round_trip_us": round(with_round_trip - kernel, 1), "host_us": round(launch, 1),
+            "gpu_share_us": round(gpu_us, 1), "layer_with_gpu_share_us": round(with_gpu_share, 1),
+            "added_us": round(with_gpu_share - gpu_us, 1)}
 
 
 def main() -> None:
     args = parse_args()
-    rows = []
+    rows, cycles_per_us = [], sleep_cycles_per_us()
     for threads in [int(t) for t in args.threads.split(",")]:
         for context in [int(c) for c in args.contexts.split(",")]:
-            rows.append(measure(context, threads, args.cpu_heads, args.layers, args.reps))
+            rows.append(measure(context, threads, args.cpu_heads, args.layers, args.reps,
+                                cycles_per_us))
             print(json.dumps(rows[-1]), flush=True)
     import numba
 

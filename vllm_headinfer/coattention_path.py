@@ -22,7 +22,8 @@ GPU (coattention_service has the handshake):
    into the pool (through its UVA view) earlier on the same stream, so the
    serving thread, which waits for that word, reads them;
 2. the GPU's attention is launched as without co-attention, over its
-   narrower slice of the pool's UVA view, then its part of the split head;
+   narrower slice of the pool's UVA view, and its part of the split head
+   beside it on the side stream;
 3. the serving thread runs the kernel into pinned output slots and writes
    the call's number to a second word, while the GPU reads its share;
 4. the stream waits for that word, copies the outputs to the device and
@@ -342,15 +343,17 @@ def coattend(ops, layer, query, kv_cache, pages, host, m, output) -> None:
     cuda.queries[: rows * dim].view(t, share.heads * g, dim).copy_(query[:t, share.query_heads],
                                                                     non_blocking=True)
     cuda.flags.write(PUBLISHED, call)
-    ops.read_in_place(layer, query, kv_cache, host, m, output, share.gpu_heads)
     split = 1 if share.split_keep else 0
     if split:
         keep = share.split_keep
         if keep not in step.device_prefixes:
             step.device_prefixes[keep] = split_prefix_tokens(
                 m.seq_lens, m.query_start_loc, host.shape[3], keep)
-        gpu_out, gpu_lse = ops.attend_split_head(layer, query[:t], host, m, share.gpu_heads, keep,
-                                                 step.device_prefixes[keep], output.dtype)
+        gpu_out, gpu_lse = ops.read_beside_split_head(layer, query, kv_cache, host, m, output,
+                                                      share.gpu_heads, t, keep,
+                                                      step.device_prefixes[keep])
+    else:
+        ops.read_in_place(layer, query, kv_cache, host, m, output, share.gpu_heads)
     cuda.flags.wait(DONE, call)
     # Whole prefixes of the slots: a contiguous pinned source is copied in
     # stream order (a strided one would be gathered on the host first, now).

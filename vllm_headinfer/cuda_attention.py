@@ -172,6 +172,25 @@ class CudaHeadAttention:
                             seqused_k=prefix_tokens, max_seqlen_k=max(1, longest), causal=False,
                             scheduler_metadata=None, num_splits=0, return_softmax_lse=True)
 
+    def read_beside_split_head(self, layer, query, kv_cache, host, m, output, heads: int,
+                               tokens: int, keep: int, prefix_tokens):
+        """``read_in_place`` and, on the side stream at the same time,
+        ``attend_split_head`` of head ``heads`` over the first ``tokens``
+        queries (its output and log-sum-exps returned). After the whole
+        heads' call, alone, the split part is a one-head call: too few
+        thread blocks to keep the link's reads in flight."""
+        main = torch.cuda.current_stream()
+        side = overlap_stream(query.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            parts = self.attend_split_head(layer, query[:tokens], host, m, heads, keep,
+                                           prefix_tokens, output.dtype)
+        self.read_in_place(layer, query, kv_cache, host, m, output, heads)
+        main.wait_stream(side)
+        for part in parts:  # allocated on the side stream, read on this one
+            part.record_stream(main)
+        return parts
+
     def _overlapped(self, layer, query, kv_cache, host, m, output, heads: int) -> None:
         """Resident and offloaded heads at the same time: the offloaded call
         waits on the link while the resident one reads device memory, so the
