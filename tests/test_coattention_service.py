@@ -5,7 +5,10 @@ outputs, which must equal the CPU platform's call of the same layer share
 (CpuShare.attend). Calls come from three layers (whole heads, a split head;
 bf16 pages, or fp8 with per-head scales) over two step-metadata tables,
 numbered across 2**32 (the words compare cyclically), with pauses that put
-the thread to sleep, and a layer registered late (a restart)."""
+the thread to sleep, and a layer registered late (a restart). The GPU's
+share ends before the kernel in every other call and after it in the rest:
+the loop's counts of which reader was last, of calls and of bytes read must
+say so."""
 
 from __future__ import annotations
 
@@ -18,9 +21,12 @@ import pytest
 import torch
 
 from vllm_headinfer.coattention_path import CpuShare, HostStep, served_layer
-from vllm_headinfer.coattention_service import (DONE, POSTED, PUBLISHED, SERVED,
-                                                CoattentionService, reached)
-from vllm_headinfer.cpu_coattention import raw_words
+from vllm_headinfer.coattention_service import (CALLS, CPU_LAST, DONE, FINISHED, FLAG_WORDS,
+                                                GPU_LAST_CYCLES, KERNEL_BYTES, KERNEL_CYCLES,
+                                                POSTED, PUBLISHED, SERVED, STOP,
+                                                CoattentionService,
+                                                reached)
+from vllm_headinfer.cpu_coattention import raw_words, split_cut
 from vllm_headinfer.kv_quant import fp8_dtype
 
 GROUP, DIM, BLOCK, SLOT_TOKENS = 2, 64, 16, 8
@@ -72,7 +78,7 @@ def test_served_calls_equal_the_cpu_paths(first_call, kv_cache_dtype):
     layers = {"a": Layer(gen, 3, 2, kv_cache_dtype), "b": Layer(gen, 3, 1.5, kv_cache_dtype),
               "c": Layer(gen, 2, 1, kv_cache_dtype)}
     tables = {"t0": make_table(gen, [100, 37], [1, 1]), "t1": make_table(gen, [250, 9, 64], [2, 1, 3])}
-    flags = np.zeros(32, np.int32)
+    flags = np.zeros(FLAG_WORDS, np.int32)
     slot = torch.empty(SLOT_TOKENS * 2 * GROUP * DIM, dtype=torch.bfloat16)
     out = np.zeros(SLOT_TOKENS * 2 * GROUP * DIM, np.float32)
     lse = np.zeros(SLOT_TOKENS * 2 * GROUP, np.float32)
@@ -85,10 +91,10 @@ def test_served_calls_equal_the_cpu_paths(first_call, kv_cache_dtype):
             threading.Event().wait(1e-3)
 
     service = CoattentionService(flags, raw_words(slot)[0], 1, out, lse, drain,
-                                 idle_cycles=1_000_000)
+                                 idle_cycles=1_000_000, report_interval_s=None)
     service.posted = first_call
     service.control[[POSTED, SERVED]] = first_call
-    flags[[PUBLISHED, DONE]] = np.int64(first_call).astype(np.int32)
+    flags[[PUBLISHED, DONE, FINISHED]] = np.int64(first_call).astype(np.int32)
 
     def gpu():
         try:
@@ -99,8 +105,14 @@ def test_served_calls_equal_the_cpu_paths(first_call, kv_cache_dtype):
                 query = queries[done]
                 slot[: query.numel()] = query.reshape(-1)
                 flags[PUBLISHED] = np.int64(call).astype(np.int32)
+                gpu_first = done % 2 == 0
+                if gpu_first:  # its share ended before the kernel did
+                    flags[FINISHED] = np.int64(call).astype(np.int32)
                 while not reached(flags[DONE], call):
                     threading.Event().wait(1e-5)
+                if not gpu_first:  # ... after it
+                    threading.Event().wait(1e-3)
+                    flags[FINISHED] = np.int64(call).astype(np.int32)
                 tokens, heads = query.shape[0], layers[name].share.heads
                 rows = tokens * heads * GROUP
                 got = torch.from_numpy(out[: rows * DIM].copy()).view(tokens, heads * GROUP, DIM)
@@ -137,3 +149,48 @@ def test_served_calls_equal_the_cpu_paths(first_call, kv_cache_dtype):
     assert answered, f"the serving thread stopped answering: {errors}"
     assert not errors, errors
     assert [c for c, _, _ in posted] == [first_call + i + 1 for i in range(len(schedule))]
+    counts = service.control
+    assert counts[CALLS] == len(schedule)
+    assert counts[CPU_LAST] == (len(schedule) + 1) // 2
+    assert counts[KERNEL_CYCLES] > 0 and counts[GPU_LAST_CYCLES] > 0
+    assert counts[KERNEL_BYTES] == sum(bytes_read(layers[n], tables[t]) for n, t in schedule)
+    assert service.report().startswith(f"{len(schedule)} layer calls: the kernel read ")
+    assert service.report() is None  # (nothing since)
+
+
+def bytes_read(layer, step):
+    """The K/V bytes the kernel reads for a layer's share of a step."""
+    share, (_, seq_lens, starts) = layer.share, step
+    pages = 0
+    for r, length in enumerate(seq_lens.tolist()):
+        pages += math.ceil(length / BLOCK) * share.heads
+        if share.split_keep:
+            pages -= split_cut(length, int(starts[r + 1] - starts[r]), BLOCK, share.split_keep)
+    return pages * 2 * BLOCK * DIM * layer.pages.element_size()
+
+
+def test_stop_while_the_loop_reports():
+    """A stop asked while the loop's thread reports (between the loop going
+    idle and the thread's sleep) still ends the thread."""
+    gen = torch.Generator().manual_seed(1)
+    layer = Layer(gen, 2, 1)
+    reporting = threading.Event()
+
+    class Service(CoattentionService):
+        def report(self):
+            reporting.set()
+            while not self.control[STOP]:
+                threading.Event().wait(1e-3)
+            threading.Event().wait(0.05)  # stop() has set the wake event by now
+            return None
+
+    service = Service(np.zeros(FLAG_WORDS, np.int32), np.zeros(GROUP * DIM, np.int16), 1,
+                      np.zeros(GROUP * DIM, np.float32), np.zeros(GROUP, np.float32),
+                      lambda: None, idle_cycles=1000, report_interval_s=0)
+    table = tuple(x.reshape(-1).long().numpy() for x in make_table(gen, [20], [1]))
+    service.register([("a", layer.served)], [("t", table)])
+    assert reporting.wait(300), "the loop never went idle"
+    stopper = threading.Thread(target=service.stop, daemon=True)
+    stopper.start()
+    stopper.join(30)
+    assert not stopper.is_alive(), "stop() waits for a thread asleep"

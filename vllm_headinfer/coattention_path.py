@@ -25,9 +25,11 @@ GPU (coattention_service has the handshake):
    narrower slice of the pool's UVA view, and its part of the split head
    beside it on the side stream;
 3. the serving thread runs the kernel into pinned output slots and writes
-   the call's number to a second word, while the GPU reads its share;
-4. the stream waits for that word, copies the outputs to the device and
-   merges the split head's two parts.
+   the call's number to a second word, while the GPU reads its share and
+   then writes the number to a third word (the serving thread's count of
+   which reader was last);
+4. the stream waits for the second word, copies the outputs to the device
+   and merges the split head's two parts.
 
 The call numbers are arguments of the stream's write and wait, new in every
 call, so such steps do not replay from CUDA graphs: where co-attention is
@@ -329,7 +331,7 @@ def coattend(ops, layer, query, kv_cache, pages, host, m, output) -> None:
     """One layer of a short-query step with co-attention on CUDA (the
     module docstring's steps 1-4): ``host`` the layer's pages' UVA view.
     Nothing here waits for the GPU."""
-    from vllm_headinfer.coattention_service import DONE, PUBLISHED
+    from vllm_headinfer.coattention_service import DONE, FINISHED, PUBLISHED
 
     share, step = ops.impl.cpu_share, m.host_step
     t, g, dim = step.tokens, share.group, query.shape[2]
@@ -354,6 +356,7 @@ def coattend(ops, layer, query, kv_cache, pages, host, m, output) -> None:
                                                       step.device_prefixes[keep])
     else:
         ops.read_in_place(layer, query, kv_cache, host, m, output, share.gpu_heads)
+    cuda.flags.write(FINISHED, call)  # (which reader was last: the serving thread counts)
     cuda.flags.wait(DONE, call)
     # Whole prefixes of the slots: a contiguous pinned source is copied in
     # stream order (a strided one would be gathered on the host first, now).

@@ -22,6 +22,15 @@ Idle for IDLE_CYCLES (a few tens of ms), the loop returns and the thread
 sleeps until the next post wakes it: a busy engine never sleeps between
 steps, an idle one does not keep a core spinning.
 
+Which reader finishes last: after its share's launch the GPU writes the
+call's number to a third word, FINISHED. Once the kernel is done (and DONE
+written) the loop reads it: reached, the GPU had finished first and waited
+for the CPU; not yet, the loop spins until it is (nothing is lost: the next
+call is published after it on the stream) and counts the cycles. Those
+counts, the kernel's cycles and the bytes it read are reported in the log
+when the loop goes idle, at most every REPORT_INTERVAL_S: the engine's own
+figures for the split (the startup measurement runs outside the engine).
+
 Layers and step-metadata tables are fixed arguments of the loop; one not
 yet among them restarts it (once per process in practice: the first call
 registers every co-attending layer of the model).
@@ -29,7 +38,9 @@ registers every co-attending layer of the model).
 
 from __future__ import annotations
 
+import math
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -38,22 +49,31 @@ import numpy as np
 from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
+from vllm.logger import init_logger
 
-from vllm_headinfer.cpu_coattention import run_attention, use_threads
+from vllm_headinfer.cpu_coattention import run_attention, split_cut, use_threads
+
+logger = init_logger(__name__)
 
 # Posted calls not yet served that the ring holds (the model's thread is at
 # most a step of layers ahead of the GPU: far fewer).
 RING = 4096
-# Control words (int64), each on its own cache line.
+# Control words (int64), each on its own cache line, then the counters the
+# loop adds to (calls served, the kernel's cycles and bytes read, calls the
+# GPU finished first, cycles the loop waited for the GPU to finish).
 POSTED, SERVED, STOP = 0, 8, 16
+CALLS, KERNEL_CYCLES, KERNEL_BYTES, CPU_LAST, GPU_LAST_CYCLES = range(24, 29)
+CONTROL_WORDS = 32
 # Handshake words (int32, pinned on CUDA), each on its own cache line.
-PUBLISHED, DONE = 0, 16
-FLAG_WORDS = 32
+PUBLISHED, DONE, FINISHED = 0, 16, 32
+FLAG_WORDS = 48
 # The loop's return values.
 STOPPED, IDLE = 0, 1
 # Idle spinning before the loop returns: about 30 ms at 3 GHz (longer than
 # the scheduler's gap between two decode steps).
 IDLE_CYCLES = 100_000_000
+# Least time between two of the log's reports (vLLM's stats interval).
+REPORT_INTERVAL_S = 10.0
 
 # Columns of the layer table and of a ring entry.
 (L_HEADS, L_GROUP, L_DIM, L_BLOCK_SIZE, L_BLOCK_STRIDE, L_HEAD_STRIDE, L_CODE, L_SPLIT_KEEP,
@@ -105,6 +125,26 @@ def _cycles(typingctx):
     return types.int64(), codegen
 
 
+@numba.njit(nogil=True, cache=True)
+def cycle_count():
+    """The cycle counter, read from Python (to convert cycles to seconds)."""
+    return _cycles()
+
+
+@numba.njit(inline="always")
+def _bytes_read(length_of, starts, n, heads, dim, block_size, split_keep, itemsize):
+    """K/V bytes a kernel call reads: every block of each request's context
+    for each CPU head, less the split head's blocks the GPU attends."""
+    pages = 0
+    for r in range(n):
+        length = length_of[r]
+        blocks = (length + block_size - 1) // block_size
+        pages += blocks * heads
+        if split_keep:
+            pages -= split_cut(length, starts[r + 1] - starts[r], block_size, split_keep)
+    return pages * 2 * block_size * dim * itemsize
+
+
 @numba.njit(inline="always")
 def reached(word, number):
     """Whether a 32-bit handshake word has reached call ``number``: their
@@ -136,6 +176,7 @@ def _serve(control, ring, flags, layers, layer_scale, kv_scales, pages, tables, 
         table = entry[C_TABLE]
         n, blocks, tokens = entry[C_REQUESTS], entry[C_BLOCKS], entry[C_TOKENS]
         rows = tokens * heads * group
+        began = _cycles()
         run_attention(queries[: rows * dim], query_code, tokens, heads, group, dim,
                       pages[entry[C_LAYER]], info[L_BLOCK_STRIDE], info[L_HEAD_STRIDE],
                       info[L_BLOCK_SIZE], info[L_CODE], kv_scales[entry[C_LAYER], :heads],
@@ -143,9 +184,22 @@ def _serve(control, ring, flags, layers, layer_scale, kv_scales, pages, tables, 
                       starts[table][: n + 1], layer_scale[entry[C_LAYER]], info[L_THREADS],
                       info[L_SPLIT_KEEP], out[: rows * dim].reshape((tokens, heads, group, dim)),
                       lse[:rows].reshape((tokens, heads, group)))
+        ended = _cycles()
         _store_release(flags, DONE, call)  # (its low 32 bits)
         served = call
         _store_release(control, SERVED, served)
+        control[CALLS] += 1
+        control[KERNEL_CYCLES] += ended - began
+        control[KERNEL_BYTES] += _bytes_read(lens[table], starts[table], n, heads, dim,
+                                             info[L_BLOCK_SIZE], info[L_SPLIT_KEEP],
+                                             pages[entry[C_LAYER]].itemsize)
+        if reached(_load_acquire(flags, FINISHED), call):
+            control[CPU_LAST] += 1
+        else:
+            while not reached(_load_acquire(flags, FINISHED), call):
+                if _load_acquire(control, STOP) != 0:
+                    return STOPPED
+            control[GPU_LAST_CYCLES] += _cycles() - ended
         idle_since = _cycles()
 
 
@@ -174,14 +228,17 @@ class CoattentionService:
     words (pinned on CUDA), ``queries`` the query slot (raw words of the
     queries' format ``query_code``), ``out``/``lse`` the output slots
     (float32). ``drain`` makes the GPU finish what it was given (before a
-    restart: every posted call served)."""
+    restart: every posted call served). The log gets ``report()`` when
+    the loop goes idle, at most every ``report_interval_s`` (None: never)."""
 
     def __init__(self, flags: np.ndarray, queries: np.ndarray, query_code: int, out: np.ndarray,
-                 lse: np.ndarray, drain: Callable[[], None], idle_cycles: int = IDLE_CYCLES):
+                 lse: np.ndarray, drain: Callable[[], None], idle_cycles: int = IDLE_CYCLES,
+                 report_interval_s: float | None = REPORT_INTERVAL_S):
         self.flags, self.queries, self.query_code = flags, queries, query_code
         self.out, self.lse = out, lse
         self.drain, self.idle_cycles = drain, idle_cycles
-        self.control = np.zeros(24, np.int64)
+        self.report_interval_s = report_interval_s
+        self.control = np.zeros(CONTROL_WORDS, np.int64)
         self.ring = np.zeros((RING, 5), np.int64)
         self.posted = 0
         self.layers: dict[object, int] = {}  # a layer's key -> index
@@ -191,6 +248,9 @@ class CoattentionService:
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
         self._sleeping = False
+        self._reported = np.zeros(CONTROL_WORDS, np.int64)  # the counters at the last report
+        self._next_report = 0.0  # (time.monotonic)
+        self._cycles_per_s = 0.0
 
     def register(self, layers: Sequence[tuple[object, ServedLayer]],
                  tables: Sequence[tuple[object, tuple[np.ndarray, np.ndarray, np.ndarray]]]) -> None:
@@ -271,13 +331,47 @@ class CoattentionService:
                                         name="headinfer-coattention")
         self._thread.start()
 
+    def cycles_per_s(self) -> float:
+        """The cycle counter's rate (constant on current x86 processors),
+        measured over 20 ms at the first call."""
+        if not self._cycles_per_s:
+            cycle_count()  # compiled (or loaded) first
+            t0, c0 = time.perf_counter(), cycle_count()
+            time.sleep(0.02)
+            self._cycles_per_s = (cycle_count() - c0) / (time.perf_counter() - t0)
+        return self._cycles_per_s
+
+    def report(self) -> str | None:
+        """What the loop has counted since the last report, as a line."""
+        now = self.control.copy()
+        delta, self._reported = now - self._reported, now
+        calls = int(delta[CALLS])
+        if calls == 0:
+            return None
+        rate = self.cycles_per_s()
+        kernel_s = delta[KERNEL_CYCLES] / rate
+        gpu_last = calls - int(delta[CPU_LAST])
+        line = (f"{calls} layer calls: the kernel read {delta[KERNEL_BYTES] / kernel_s / 1e9:.1f}"
+                f" GB/s ({kernel_s / calls * 1e3:.3f} ms a call); the GPU's share ended first"
+                f" in {delta[CPU_LAST] / calls:.0%} of them")
+        if gpu_last:
+            late = delta[GPU_LAST_CYCLES] / rate / gpu_last
+            line += f", {late * 1e3:.3f} ms after the kernel in the others"
+        return line
+
     def _run(self, threads: int, args: tuple) -> None:
         use_threads(threads)  # (numba's count is per calling thread)
         while _serve(*args) == IDLE:
-            # The GIL orders these with post(): a call posted before
-            # _sleeping is set is seen below, one posted after wakes us.
+            if self.report_interval_s is not None and time.monotonic() >= self._next_report:
+                self._next_report = time.monotonic() + self.report_interval_s
+                line = self.report()
+                if line is not None:
+                    logger.info("HEADINFER CPU co-attention: %s", line)
+            # The GIL orders these with post() and stop(): a call posted (a
+            # stop asked) before the check below is seen by it, one after
+            # sets the event after it was cleared.
             self._wake.clear()
             self._sleeping = True
-            if self.control[POSTED] == self.control[SERVED]:
+            if self.control[POSTED] == self.control[SERVED] and not self.control[STOP]:
                 self._wake.wait()
             self._sleeping = False
