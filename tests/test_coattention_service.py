@@ -6,9 +6,10 @@ outputs, which must equal the CPU platform's call of the same layer share
 bf16 pages, or fp8 with per-head scales) over two step-metadata tables,
 numbered across 2**32 (the words compare cyclically), with pauses that put
 the thread to sleep, and a layer registered late (a restart). The GPU's
-share ends before the kernel in every other call and after it in the rest:
-the loop's counts of which reader was last, of calls and of bytes read must
-say so."""
+share ends before the kernel in every other call and after it in the rest,
+but for one call whose launch "failed" after publishing (the word that says
+its share ended is never written): the loop's counts of which reader was
+last, of calls and of bytes read must say so, and the next call be served."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ import torch
 
 from vllm_headinfer.coattention_path import CpuShare, HostStep, served_layer
 from vllm_headinfer.coattention_service import (CALLS, CPU_LAST, DONE, FINISHED, FLAG_WORDS,
-                                                GPU_LAST_CYCLES, KERNEL_BYTES, KERNEL_CYCLES,
+                                                GPU_LAST, GPU_LAST_CYCLES, KERNEL_BYTES,
+                                                KERNEL_CYCLES,
                                                 POSTED, PUBLISHED, SERVED, STOP,
                                                 CoattentionService,
                                                 reached)
@@ -91,7 +93,7 @@ def test_served_calls_equal_the_cpu_paths(first_call, kv_cache_dtype):
             threading.Event().wait(1e-3)
 
     service = CoattentionService(flags, raw_words(slot)[0], 1, out, lse, drain,
-                                 idle_cycles=1_000_000, report_interval_s=None)
+                                 idle_cycles=10_000_000, report_interval_s=None)
     service.posted = first_call
     service.control[[POSTED, SERVED]] = first_call
     flags[[PUBLISHED, DONE, FINISHED]] = np.int64(first_call).astype(np.int32)
@@ -110,8 +112,7 @@ def test_served_calls_equal_the_cpu_paths(first_call, kv_cache_dtype):
                     flags[FINISHED] = np.int64(call).astype(np.int32)
                 while not reached(flags[DONE], call):
                     threading.Event().wait(1e-5)
-                if not gpu_first:  # ... after it
-                    threading.Event().wait(1e-3)
+                if not gpu_first and done != 1:  # ... after it
                     flags[FINISHED] = np.int64(call).astype(np.int32)
                 tokens, heads = query.shape[0], layers[name].share.heads
                 rows = tokens * heads * GROUP
@@ -151,7 +152,7 @@ def test_served_calls_equal_the_cpu_paths(first_call, kv_cache_dtype):
     assert [c for c, _, _ in posted] == [first_call + i + 1 for i in range(len(schedule))]
     counts = service.control
     assert counts[CALLS] == len(schedule)
-    assert counts[CPU_LAST] == (len(schedule) + 1) // 2
+    assert counts[CPU_LAST] == 3 and counts[GPU_LAST] == 2
     assert counts[KERNEL_CYCLES] > 0 and counts[GPU_LAST_CYCLES] > 0
     assert counts[KERNEL_BYTES] == sum(bytes_read(layers[n], tables[t]) for n, t in schedule)
     assert service.report().startswith(f"{len(schedule)} layer calls: the kernel read ")

@@ -26,7 +26,9 @@ Which reader finishes last: after its share's launch the GPU writes the
 call's number to a third word, FINISHED. Once the kernel is done (and DONE
 written) the loop reads it: reached, the GPU had finished first and waited
 for the CPU; not yet, the loop spins until it is (nothing is lost: the next
-call is published after it on the stream) and counts the cycles. Those
+call is published after it on the stream) and counts the cycles. A word
+never written (the layer's launch failed after publishing) is given up at
+the next call's publication or after UNFINISHED_IDLES idle timeouts. Those
 counts, the kernel's cycles and the bytes it read are reported in the log
 when the loop goes idle, at most every REPORT_INTERVAL_S: the engine's own
 figures for the split (the startup measurement runs outside the engine).
@@ -60,9 +62,10 @@ logger = init_logger(__name__)
 RING = 4096
 # Control words (int64), each on its own cache line, then the counters the
 # loop adds to (calls served, the kernel's cycles and bytes read, calls the
-# GPU finished first, cycles the loop waited for the GPU to finish).
+# GPU finished first, calls it finished last and the cycles the loop waited
+# for it in those).
 POSTED, SERVED, STOP = 0, 8, 16
-CALLS, KERNEL_CYCLES, KERNEL_BYTES, CPU_LAST, GPU_LAST_CYCLES = range(24, 29)
+CALLS, KERNEL_CYCLES, KERNEL_BYTES, CPU_LAST, GPU_LAST, GPU_LAST_CYCLES = range(24, 30)
 CONTROL_WORDS = 32
 # Handshake words (int32, pinned on CUDA), each on its own cache line.
 PUBLISHED, DONE, FINISHED = 0, 16, 32
@@ -72,6 +75,9 @@ STOPPED, IDLE = 0, 1
 # Idle spinning before the loop returns: about 30 ms at 3 GHz (longer than
 # the scheduler's gap between two decode steps).
 IDLE_CYCLES = 100_000_000
+# A GPU share still running this many idle timeouts (about 0.3 s) after the
+# kernel ended is taken for one whose FINISHED word will never come.
+UNFINISHED_IDLES = 10
 # Least time between two of the log's reports (vLLM's stats interval).
 REPORT_INTERVAL_S = 10.0
 
@@ -196,10 +202,22 @@ def _serve(control, ring, flags, layers, layer_scale, kv_scales, pages, tables, 
         if reached(_load_acquire(flags, FINISHED), call):
             control[CPU_LAST] += 1
         else:
-            while not reached(_load_acquire(flags, FINISHED), call):
+            while True:
+                finished = _load_acquire(flags, FINISHED)
+                if reached(finished, call) and not reached(finished, call + 1):
+                    control[GPU_LAST] += 1
+                    control[GPU_LAST_CYCLES] += _cycles() - ended
+                    break
                 if _load_acquire(control, STOP) != 0:
                     return STOPPED
-            control[GPU_LAST_CYCLES] += _cycles() - ended
+                # The GPU went past the word without writing it: it has
+                # published the next call (or even finished its share).
+                if reached(finished, call + 1) or (
+                        reached(_load_acquire(flags, PUBLISHED), call + 1)
+                        and not reached(_load_acquire(flags, FINISHED), call)):
+                    break
+                if _cycles() - ended > UNFINISHED_IDLES * idle_cycles:
+                    break
         idle_since = _cycles()
 
 
@@ -350,7 +368,7 @@ class CoattentionService:
             return None
         rate = self.cycles_per_s()
         kernel_s = delta[KERNEL_CYCLES] / rate
-        gpu_last = calls - int(delta[CPU_LAST])
+        gpu_last = int(delta[GPU_LAST])
         line = (f"{calls} layer calls: the kernel read {delta[KERNEL_BYTES] / kernel_s / 1e9:.1f}"
                 f" GB/s ({kernel_s / calls * 1e3:.3f} ms a call); the GPU's share ended first"
                 f" in {delta[CPU_LAST] / calls:.0%} of them")
