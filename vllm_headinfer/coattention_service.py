@@ -40,7 +40,6 @@ registers every co-attending layer of the model).
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections.abc import Callable, Sequence
