@@ -202,6 +202,9 @@ def _serve(control, ring, flags, layers, layer_scale, kv_scales, pages, tables, 
             control[CPU_LAST] += 1
         else:
             while True:
+                # PUBLISHED first: the stream writes FINISHED before the next
+                # call's PUBLISHED, so a FINISHED read after it is the final one.
+                went_past = reached(_load_acquire(flags, PUBLISHED), call + 1)
                 finished = _load_acquire(flags, FINISHED)
                 if reached(finished, call) and not reached(finished, call + 1):
                     control[GPU_LAST] += 1
@@ -209,13 +212,8 @@ def _serve(control, ring, flags, layers, layer_scale, kv_scales, pages, tables, 
                     break
                 if _load_acquire(control, STOP) != 0:
                     return STOPPED
-                # The GPU went past the word without writing it: it has
-                # published the next call (or even finished its share).
-                if reached(finished, call + 1) or (
-                        reached(_load_acquire(flags, PUBLISHED), call + 1)
-                        and not reached(_load_acquire(flags, FINISHED), call)):
-                    break
-                if _cycles() - ended > UNFINISHED_IDLES * idle_cycles:
+                # The GPU went past the word without writing it.
+                if went_past or _cycles() - ended > UNFINISHED_IDLES * idle_cycles:
                     break
         idle_since = _cycles()
 
