@@ -23,10 +23,11 @@ sleeps until the next post wakes it: a busy engine never sleeps between
 steps, an idle one does not keep a core spinning.
 
 Which reader finishes last: after its share's launch the GPU writes the
-call's number to a third word, FINISHED. Once the kernel is done (and DONE
-written) the loop reads it: reached, the GPU had finished first and waited
-for the CPU; not yet, the loop spins until it is (nothing is lost: the next
-call is published after it on the stream) and counts the cycles. A word
+call's number to a third word, FINISHED. Once the kernel is done (before it
+writes DONE) the loop reads it: reached, the GPU had finished first and
+waited for the CPU; not yet, the loop writes DONE and spins until it is
+(nothing is lost: the next call is published after it on the stream) and
+counts the cycles. A word
 never written (the layer's launch failed after publishing) is given up at
 the next call's publication or after UNFINISHED_IDLES idle timeouts. Those
 counts, the kernel's cycles and the bytes it read are reported in the log
@@ -190,6 +191,8 @@ def _serve(control, ring, flags, layers, layer_scale, kv_scales, pages, tables, 
                       info[L_SPLIT_KEEP], out[: rows * dim].reshape((tokens, heads, group, dim)),
                       lse[:rows].reshape((tokens, heads, group)))
         ended = _cycles()
+        # Before DONE, so that the GPU cannot have gone on to the next call.
+        gpu_first = reached(_load_acquire(flags, FINISHED), call)
         _store_release(flags, DONE, call)  # (its low 32 bits)
         served = call
         _store_release(control, SERVED, served)
@@ -198,7 +201,7 @@ def _serve(control, ring, flags, layers, layer_scale, kv_scales, pages, tables, 
         control[KERNEL_BYTES] += _bytes_read(lens[table], starts[table], n, heads, dim,
                                              info[L_BLOCK_SIZE], info[L_SPLIT_KEEP],
                                              pages[entry[C_LAYER]].itemsize)
-        if reached(_load_acquire(flags, FINISHED), call):
+        if gpu_first:
             control[CPU_LAST] += 1
         else:
             while True:
