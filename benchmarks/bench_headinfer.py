@@ -132,19 +132,40 @@ def worker(spec: dict) -> dict:
     import random
 
     rng = random.Random(0)
+    steady = spec.get("steady_tokens", 0)
     for ctx in spec["contexts"]:
-        prompt = [rng.randrange(1000, 100000) for _ in range(ctx)]
-        out = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
+        prompt = {"prompt_token_ids": [rng.randrange(1000, 100000) for _ in range(ctx)]}
+        if steady:
+            out, token_times = generate_timed(llm, prompt, params, f"timed-{ctx}")
+        else:
+            out = llm.generate(prompt, params, use_tqdm=False)[0]
         m = out.metrics
         n_out = len(out.outputs[0].token_ids)
         prefill = m.first_token_ts - m.scheduled_ts
         decode = (m.last_token_ts - m.first_token_ts) / max(1, n_out - 1)
-        result["rows"].append(
-            {"context": ctx, "prefill_s": prefill, "prefill_tok_s": ctx / prefill,
-             "decode_s_per_token": decode, "generated": n_out}
-        )
+        row = {"context": ctx, "prefill_s": prefill, "prefill_tok_s": ctx / prefill,
+               "decode_s_per_token": decode, "generated": n_out}
+        if steady:
+            # The last tokens alone: what a split retuned in the first steps gives.
+            row["decode_s_per_token_steady"] = (token_times[-1] - token_times[-1 - steady]) / steady
+            row["token_intervals_s"] = [round(b - a, 5) for a, b in zip(token_times, token_times[1:])]
+        result["rows"].append(row)
         print(json.dumps(result["rows"][-1]), flush=True)
     return result
+
+
+def generate_timed(llm, prompt: dict, params, request_id: str):
+    """One request, step by step through the engine: its final output and
+    the time each of its tokens came out (perf_counter)."""
+    engine = llm.llm_engine
+    engine.add_request(request_id, prompt, params)
+    times, last = [], None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            new = len(out.outputs[0].token_ids) - len(times)
+            times += [time.perf_counter()] * new
+            last = out
+    return last, times
 
 
 def run_worker(script: str, spec: dict, log: Path, name: str, timeout: int) -> tuple[dict, str]:
@@ -245,6 +266,8 @@ def main() -> None:
     ap.add_argument("--contexts", default="32768,131072", help="comma-separated; empty: capacity only")
     ap.add_argument("--chunk", type=int, default=16384, help="max_num_batched_tokens (prefill chunk)")
     ap.add_argument("--decode-tokens", type=int, default=16)
+    ap.add_argument("--steady-tokens", type=int, default=0,
+                    help="also time the last this many tokens alone (the engine stepped here)")
     ap.add_argument("--gpu-util", type=float, default=0.9)
     ap.add_argument("--cpu-kv-gib", type=float, default=None)
     ap.add_argument("--capacity-util", type=float, default=None,
@@ -279,8 +302,8 @@ def main() -> None:
         spec = {"config": cfg, "model": str(model), "layers": args.layers, "contexts": contexts,
                 "max_model_len": args.max_model_len or max(contexts) + args.decode_tokens + 64,
                 "chunk": args.chunk,
-                "decode_tokens": args.decode_tokens, "gpu_util": args.gpu_util,
-                "cpu_kv_gib": args.cpu_kv_gib, "eager": args.eager,
+                "decode_tokens": args.decode_tokens, "steady_tokens": args.steady_tokens,
+                "gpu_util": args.gpu_util, "cpu_kv_gib": args.cpu_kv_gib, "eager": args.eager,
                 "cudagraph_mode": args.cudagraph_mode, **parallel}
         res = run_config(spec, log, args.timeout)
         report["runs"][cfg] = {k: v for k, v in res.items() if k != "rows"}
@@ -311,6 +334,8 @@ def print_table(report: dict) -> None:
             print(f"  placement: {r['placement']}")
         print(f"{r['config']:<11}{r['context']:>9}{r['prefill_tok_s']:>15.0f}{r['decode_s_per_token']:>14.4f}"
               f"{gbs:>11}{share:>8}{r['device_kv_gib'] or 0:>11.2f}{r['host_kv_gib'] or 0:>12.2f}")
+        if r.get("decode_s_per_token_steady"):
+            print(f"  last tokens alone: {r['decode_s_per_token_steady']:.4f} s/token")
     for c in report["capacity"]:
         print(f"capacity {c['config']}: max_model_len={c.get('engine_max_model_len')} kv_capacity_tokens={c.get('kv_capacity_tokens')} ok={c['ok']}")
 

@@ -105,7 +105,7 @@ def measure(context: int, threads: int, cpu_heads: int, layers: int, reps: int,
     reserve_slots(SimpleNamespace(scheduler_config=SimpleNamespace(
         max_num_seqs=1, max_num_batched_tokens=1), speculative_config=None), KV_HEADS * GROUP, DIM)
     cuda = cuda_coattention(query.dtype)
-    cuda.service.register([(share, served_layer(share, None, pages, ops.query_scale))],
+    cuda.service.register([(share.key, served_layer(share, None, pages, ops.query_scale))],
                           [served_tables(buffers)])
     rows = share.query_heads
     host_query = query[:, rows].cpu()

@@ -273,7 +273,8 @@ case "$1" in
     for name in ${SHAPES:-32l 8l 4l}; do  # in the order given
       read -r context limit <<< "${shape_of[$name]}"
       timeout 570 python3 benchmarks/bench_headinfer.py --out "$out/coattn_$name.json" \
-        --layers "${name%l}" --contexts "$context" --configs "${COATTN_CONFIGS:-R0,R0+cpuauto}" --decode-tokens 8 \
+        --layers "${name%l}" --contexts "$context" --configs "${COATTN_CONFIGS:-R0,R0+cpuauto}" \
+        --decode-tokens "${COATTN_DECODE:-40}" --steady-tokens "${COATTN_STEADY:-16}" \
         --timeout "$limit" ${CG:+--cudagraph-mode $CG} 2>&1 | tail -30
     done
     grep -h "HEADINFER CPU co-attention" "$out"/coattn_*.log | sort | uniq -c | tee "$out/coattn_split.txt"

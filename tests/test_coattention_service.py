@@ -9,7 +9,8 @@ the thread to sleep, and a layer registered late (a restart). The GPU's
 share ends before the kernel in every other call and after it in the rest,
 but for one call whose launch "failed" after publishing (the word that says
 its share ended is never written): the loop's counts of which reader was
-last, of calls and of bytes read must say so, and the next call be served."""
+last, of calls and of bytes read (the kernel's, and the GPU's by which
+reader was last) must say so, and the next call be served."""
 
 from __future__ import annotations
 
@@ -22,12 +23,12 @@ import pytest
 import torch
 
 from vllm_headinfer.coattention_path import CpuShare, HostStep, served_layer
-from vllm_headinfer.coattention_service import (CALLS, CPU_LAST, DONE, FINISHED, FLAG_WORDS,
-                                                GPU_LAST, GPU_LAST_CYCLES, KERNEL_BYTES,
-                                                KERNEL_CYCLES,
-                                                POSTED, PUBLISHED, SERVED, STOP,
-                                                CoattentionService,
-                                                reached)
+from vllm_headinfer.coattention_service import (CALLS, CPU_LAST, CPU_LAST_GPU_BYTES,
+                                                CPU_LAST_KERNEL_CYCLES, DONE, FINISHED,
+                                                FLAG_WORDS, GPU_LAST, GPU_LAST_CYCLES,
+                                                GPU_LAST_GPU_BYTES, GPU_LAST_KERNEL_CYCLES,
+                                                KERNEL_BYTES, KERNEL_CYCLES, POSTED, PUBLISHED,
+                                                SERVED, STOP, CoattentionService, reached)
 from vllm_headinfer.cpu_coattention import raw_words, split_cut
 from vllm_headinfer.kv_quant import fp8_dtype
 
@@ -160,6 +161,20 @@ def test_served_calls_equal_the_cpu_paths(first_call, kv_cache_dtype):
     assert counts[CPU_LAST] == 3 and counts[GPU_LAST] == 2
     assert counts[KERNEL_CYCLES] > 0 and counts[GPU_LAST_CYCLES] > 0
     assert counts[KERNEL_BYTES] == sum(bytes_read(layers[n], tables[t]) for n, t in schedule)
+    # The GPU's bytes and the kernel's cycles by which reader was last (the
+    # call given up, the second, in neither).
+    gpu_bytes = [gpu_bytes_read(layers[n], tables[t]) for n, t in schedule]
+    assert counts[CPU_LAST_GPU_BYTES] == gpu_bytes[0] + gpu_bytes[2] + gpu_bytes[4] > 0
+    assert counts[GPU_LAST_GPU_BYTES] == gpu_bytes[3] + gpu_bytes[5] > 0
+    assert 0 < counts[CPU_LAST_KERNEL_CYCLES] and 0 < counts[GPU_LAST_KERNEL_CYCLES]
+    assert counts[CPU_LAST_KERNEL_CYCLES] + counts[GPU_LAST_KERNEL_CYCLES] < counts[KERNEL_CYCLES]
+    figures = service.figures(np.zeros_like(counts))
+    rate = service.cycles_per_s()
+    assert figures.kernel_bytes == counts[KERNEL_BYTES]
+    assert (figures.cpu_last_calls, figures.gpu_last_calls) == (3, 2)
+    assert figures.gpu_last_s == pytest.approx(
+        (counts[GPU_LAST_KERNEL_CYCLES] + counts[GPU_LAST_CYCLES]) / rate)
+    assert figures.cpu_last_gpu_bytes == counts[CPU_LAST_GPU_BYTES]
     assert service.report().startswith(f"{len(schedule)} layer calls: the kernel read ")
     assert service.report() is None  # (nothing since)
 
@@ -173,6 +188,13 @@ def bytes_read(layer, step):
         if share.split_keep:
             pages -= split_cut(length, int(starts[r + 1] - starts[r]), BLOCK, share.split_keep)
     return pages * 2 * BLOCK * DIM * layer.pages.element_size()
+
+
+def gpu_bytes_read(layer, step):
+    """The K/V bytes the GPU reads for the rest of the layer's offloaded
+    heads: all of them but what the kernel reads."""
+    pages = sum(math.ceil(n / BLOCK) for n in step[1].tolist()) * layer.share.offloaded
+    return pages * 2 * BLOCK * DIM * layer.pages.element_size() - bytes_read(layer, step)
 
 
 def test_stop_while_the_loop_reports():

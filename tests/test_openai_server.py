@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -195,19 +196,32 @@ def test_metrics_show_placement_and_link_load(servers):
 
     # While a request decodes, the link-load series shows the offloaded KV
     # of its blocks: a whole number of blocks' host pages, more than none.
+    # A thread drains the stream as it comes (the server does not wait for
+    # the client), and /metrics is polled until the series moves or the
+    # stream has ended: polls tied to the lines read could all come after
+    # the request had finished on a busy machine.
     r = requests.post(
         f"http://127.0.0.1:{servers['headinfer']['port']}/v1/completions",
         json={"model": "tiny", "prompt": PROMPTS[2], "max_tokens": 400, "temperature": 0,
               "ignore_eos": True, "stream": True},
         stream=True, timeout=300,
     )  # fmt: skip
+    ended = threading.Event()
+    lines = []
+
+    def drain():
+        for line in r.iter_lines():
+            lines.append(line)
+        ended.set()
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
     seen = []
-    for i, _ in enumerate(r.iter_lines()):
-        # Poll while the request decodes (stats follow the tokens a step late).
-        if i >= 4 and i % 4 == 0 and not any(v > 0 for v in seen):
-            seen.append(_headinfer_metrics(servers["headinfer"])["headinfer:host_kv_read_bytes_per_step"])
+    while not any(v > 0 for v in seen) and not ended.is_set():
+        seen.append(_headinfer_metrics(servers["headinfer"])["headinfer:host_kv_read_bytes_per_step"])
+    reader.join(timeout=300)
     r.close()
-    assert any(v > 0 for v in seen), seen
+    assert any(v > 0 for v in seen), (r.status_code, len(lines), lines[-2:], seen)
     for v in seen:
         assert v / host_per_block == pytest.approx(round(v / host_per_block)), (v, host_per_block)
 

@@ -168,24 +168,36 @@ class CpuShare:
     module docstring says how a fraction splits one more head)."""
 
     def __init__(self, impl, share: float, threads: int) -> None:
-        h, g = impl.num_kv_heads, impl.group
+        self.num_kv_heads, self.offloaded = impl.num_kv_heads, impl.num_offloaded
+        self.threads = threads
+        self.group = impl.group
+        self.scale = impl.scale
+        self.kv_cache_dtype = impl.kv_cache_dtype
+        self.version = -1
+        self.finalizer = None  # (coattention's serving thread forgets its layers with it)
+        self.resize(share)
+
+    def resize(self, share: float) -> None:
+        """Takes ``share`` heads from the next call on (auto's split retuned
+        from the engine's figures): the serving thread knows the share by
+        ``key``, new with every size."""
+        h, g = self.num_kv_heads, self.group
         whole, part = divmod(round(share * SHARE_STEPS), SHARE_STEPS)
+        self.share = share
         # Sixteenths of each request's blocks of the split head that the
         # GPU attends; 0: no split head.
         self.split_keep = SHARE_STEPS - part if part else 0
         self.heads = whole + (1 if part else 0)  # heads the kernel reads
-        self.threads = threads
-        self.group = g
-        self.gpu_heads = impl.num_offloaded - self.heads  # offloaded heads the GPU reads whole
+        self.gpu_heads = self.offloaded - self.heads  # offloaded heads the GPU reads whole
         self.pool_start = self.gpu_heads  # first kernel head in the pool's pages
         self.kv_heads = slice(h - self.heads, h)
         self.query_heads = slice((h - self.heads) * g, h * g)
         split = 1 if part else 0
         self.split_query_heads = slice((h - self.heads) * g, (h - self.heads + split) * g)
         self.whole_query_heads = slice((h - whole) * g, h * g)  # the heads the CPU takes whole
-        self.scale = impl.scale
-        self.kv_cache_dtype = impl.kv_cache_dtype
-        self._arguments: dict | None = None
+        self._arguments: dict | None = None  # (fp8 scales per head follow the heads)
+        self.version += 1
+        self.key = (self, self.version)
 
     def kernel_arguments(self, layer, query_scale) -> dict:
         """The kernel's scale arguments for this layer: the softmax scale
@@ -269,9 +281,9 @@ class CudaCoattention:
             if share is None or getattr(impl, "ops", None) is None:
                 continue
             pages = impl._pool_for(layer).layer(impl._host_layer_name(layer))
-            layers.append((share, served_layer(share, layer, pages, impl.ops.query_scale)))
-            if share not in self.service.layers:
-                weakref.finalize(share, self.service.forget)
+            layers.append((share.key, served_layer(share, layer, pages, impl.ops.query_scale)))
+            if share.finalizer is None:
+                share.finalizer = weakref.finalize(share, self.service.forget)
         metadata = context.attn_metadata
         steps = {id(m.host_step.buffers): m.host_step.buffers
                  for m in (metadata.values() if isinstance(metadata, dict) else [])
@@ -292,7 +304,8 @@ def served_layer(share: CpuShare, layer, pages: torch.Tensor, query_scale):
         flat, block_stride, head_stride, pages.shape[3],
         page_format(pages.dtype, kwargs.get("fp8")), share.heads, share.group, pages.shape[4],
         share.split_keep, share.threads, kwargs["scale"],
-        head_scales(share.heads, kwargs.get("k_scale", 1.0), kwargs.get("v_scale", 1.0)))
+        head_scales(share.heads, kwargs.get("k_scale", 1.0), kwargs.get("v_scale", 1.0)),
+        share.gpu_heads)
 
 
 def served_tables(buffers: tuple[torch.Tensor, ...]):
@@ -338,9 +351,9 @@ def coattend(ops, layer, query, kv_cache, pages, host, m, output) -> None:
     n, blocks = step.block_table.shape
     cuda = cuda_coattention(query.dtype)
     service = cuda.service
-    if share not in service.layers or step.buffers not in service.tables:
+    if share.key not in service.layers or step.buffers not in service.tables:
         cuda.register()
-    call = service.post(share, step.buffers, n, blocks, t)
+    call = service.post(share.key, step.buffers, n, blocks, t)
     rows = t * share.heads * g
     cuda.queries[: rows * dim].view(t, share.heads * g, dim).copy_(query[:t, share.query_heads],
                                                                     non_blocking=True)

@@ -53,6 +53,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 from vllm.logger import init_logger
 
+from vllm_headinfer.coattention_split import LoopFigures
 from vllm_headinfer.cpu_coattention import run_attention, split_cut, use_threads
 
 logger = init_logger(__name__)
@@ -61,12 +62,14 @@ logger = init_logger(__name__)
 # most a step of layers ahead of the GPU: far fewer).
 RING = 4096
 # Control words (int64), each on its own cache line, then the counters the
-# loop adds to (calls served, the kernel's cycles and bytes read, calls the
-# GPU finished first, calls it finished last and the cycles the loop waited
-# for it in those).
+# loop adds to: calls served, the kernel's cycles and bytes read; the calls
+# the GPU finished first, the kernel's cycles and the GPU's bytes in them;
+# the calls it finished last, the cycles the loop waited for it, the
+# kernel's cycles and the GPU's bytes in them.
 POSTED, SERVED, STOP = 0, 8, 16
-CALLS, KERNEL_CYCLES, KERNEL_BYTES, CPU_LAST, GPU_LAST, GPU_LAST_CYCLES = range(24, 30)
-CONTROL_WORDS = 32
+(CALLS, KERNEL_CYCLES, KERNEL_BYTES, CPU_LAST, CPU_LAST_KERNEL_CYCLES, CPU_LAST_GPU_BYTES,
+ GPU_LAST, GPU_LAST_CYCLES, GPU_LAST_KERNEL_CYCLES, GPU_LAST_GPU_BYTES) = range(24, 34)
+CONTROL_WORDS = 40
 # Handshake words (int32, pinned on CUDA), each on its own cache line.
 PUBLISHED, DONE, FINISHED = 0, 16, 32
 FLAG_WORDS = 48
@@ -83,7 +86,7 @@ REPORT_INTERVAL_S = 10.0
 
 # Columns of the layer table and of a ring entry.
 (L_HEADS, L_GROUP, L_DIM, L_BLOCK_SIZE, L_BLOCK_STRIDE, L_HEAD_STRIDE, L_CODE, L_SPLIT_KEEP,
- L_THREADS) = range(9)
+ L_THREADS, L_GPU_HEADS) = range(10)
 C_LAYER, C_TABLE, C_REQUESTS, C_BLOCKS, C_TOKENS = range(5)
 
 
@@ -196,13 +199,20 @@ def _serve(control, ring, flags, layers, layer_scale, kv_scales, pages, tables, 
         _store_release(flags, DONE, call)  # (its low 32 bits)
         served = call
         _store_release(control, SERVED, served)
+        itemsize = pages[entry[C_LAYER]].itemsize
+        cpu_bytes = _bytes_read(lens[table], starts[table], n, heads, dim, info[L_BLOCK_SIZE],
+                                info[L_SPLIT_KEEP], itemsize)
+        # The GPU's: the layer's other offloaded heads, and the split head's
+        # blocks the kernel left.
+        gpu_bytes = _bytes_read(lens[table], starts[table], n, heads + info[L_GPU_HEADS], dim,
+                                info[L_BLOCK_SIZE], 0, itemsize) - cpu_bytes
         control[CALLS] += 1
         control[KERNEL_CYCLES] += ended - began
-        control[KERNEL_BYTES] += _bytes_read(lens[table], starts[table], n, heads, dim,
-                                             info[L_BLOCK_SIZE], info[L_SPLIT_KEEP],
-                                             pages[entry[C_LAYER]].itemsize)
+        control[KERNEL_BYTES] += cpu_bytes
         if gpu_first:
             control[CPU_LAST] += 1
+            control[CPU_LAST_KERNEL_CYCLES] += ended - began
+            control[CPU_LAST_GPU_BYTES] += gpu_bytes
         else:
             while True:
                 # PUBLISHED first: the stream writes FINISHED before the next
@@ -212,6 +222,8 @@ def _serve(control, ring, flags, layers, layer_scale, kv_scales, pages, tables, 
                 if reached(finished, call) and not reached(finished, call + 1):
                     control[GPU_LAST] += 1
                     control[GPU_LAST_CYCLES] += _cycles() - ended
+                    control[GPU_LAST_KERNEL_CYCLES] += ended - began
+                    control[GPU_LAST_GPU_BYTES] += gpu_bytes
                     break
                 if _load_acquire(control, STOP) != 0:
                     return STOPPED
@@ -239,6 +251,7 @@ class ServedLayer:
     threads: int
     scale: float
     kv_scales: np.ndarray  # [heads, 2]
+    gpu_heads: int  # the layer's offloaded heads the GPU reads whole (for its bytes)
 
 
 class CoattentionService:
@@ -336,7 +349,7 @@ class CoattentionService:
         args = (
             self.control, self.ring, self.flags,
             np.array([[x.heads, x.group, x.dim, x.block_size, x.block_stride, x.head_stride,
-                       x.code, x.split_keep, x.threads] for x in self._layer_list], np.int64),
+                       x.code, x.split_keep, x.threads, x.gpu_heads] for x in self._layer_list], np.int64),
             np.array([x.scale for x in self._layer_list], np.float32), kv_scales,
             numba.typed.List([x.pages for x in self._layer_list]),
             numba.typed.List([t[0] for t in self._table_list]),
@@ -358,6 +371,21 @@ class CoattentionService:
             time.sleep(0.02)
             self._cycles_per_s = (cycle_count() - c0) / (time.perf_counter() - t0)
         return self._cycles_per_s
+
+    def figures(self, since: np.ndarray) -> LoopFigures:
+        """What the loop counted since the counters were ``since`` (a copy
+        of ``control``), in seconds and bytes."""
+        delta = self.control - since
+        rate = self.cycles_per_s()
+        return LoopFigures(
+            kernel_s=delta[KERNEL_CYCLES] / rate, kernel_bytes=float(delta[KERNEL_BYTES]),
+            cpu_last_calls=int(delta[CPU_LAST]),
+            cpu_last_kernel_s=delta[CPU_LAST_KERNEL_CYCLES] / rate,
+            cpu_last_gpu_bytes=float(delta[CPU_LAST_GPU_BYTES]),
+            gpu_last_calls=int(delta[GPU_LAST]),
+            gpu_last_s=(delta[GPU_LAST_KERNEL_CYCLES] + delta[GPU_LAST_CYCLES]) / rate,
+            gpu_last_gpu_bytes=float(delta[GPU_LAST_GPU_BYTES]),
+        )
 
     def report(self) -> str | None:
         """What the loop has counted since the last report, as a line."""

@@ -17,7 +17,8 @@ from vllm.v1.attention.backend import (
 
 from vllm_headinfer.capacity import layer_index
 from vllm_headinfer.coattention_path import HostStep, HostStepCopies, rank_split, reserve_slots
-from vllm_headinfer.coattention_split import RankSplit, startup_line
+from vllm_headinfer.coattention_split import SHARE_STEPS, RankSplit, heads_text, startup_line
+from vllm_headinfer.coattention_tuning import split_tuning
 from vllm_headinfer.flash_splits import all_heads_num_splits, covers
 from vllm_headinfer.host_pool import host_pools
 from vllm_headinfer.kv_quant import fp8_dtype
@@ -170,6 +171,12 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
         layers = get_layers_from_vllm_config(vllm_config, Attention, layer_names)
         for layer in layers.values():
             layer.impl.place(offloaded, pool, cpu_share, split.threads)
+        # Auto's split follows the engine's own calls (coattention_tuning).
+        self.split, self.cpu_share, self.offloaded = split, cpu_share, offloaded
+        self.token_head_bytes = kv_cache_spec.token_head_bytes
+        self.impls = [layer.impl for layer in layers.values()]
+        self.tuning = bool(cpu_share) and split.fixed is None and current_platform.is_cuda()
+        self.tuned_version = 0
         # A short-query step's metadata on the host, for the CPU kernel, in
         # steps with at least min_coattention_tokens of context.
         self.host_step_copies = None
@@ -198,6 +205,8 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
         split_plan, num_splits = self._split_plan(plan, m)
         short_queries = m.max_query_len <= self.in_place_query_len
         host_step = None
+        if short_queries and self.tuning:
+            self._retune()
         if (short_queries and self.host_step_copies is not None
                 and step_context_tokens(m) >= self.min_coattention_tokens):
             host_step = self.host_step_copies(m)
@@ -218,6 +227,28 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
             short_queries=short_queries,
             host_step=host_step,
         )
+
+    def _retune(self) -> None:
+        """Resizes this group's CPU shares to the latest rates of the
+        engine's own calls (coattention_tuning), between steps."""
+        version, split = split_tuning.current(self.split)
+        if version == self.tuned_version:
+            return
+        self.tuned_version = version
+        # At least a sixteenth: these layers' steps were planned to run
+        # attention outside full CUDA graphs, and the share keeps its place
+        # with the serving thread.
+        share = max(split.cpu_share(self.offloaded), 1 / SHARE_STEPS)
+        self.min_coattention_tokens = split.min_step_tokens(share, self.token_head_bytes)
+        logger.info(
+            "HEADINFER CPU co-attention: the engine's calls read CPU %.1f GB/s, GPU link %.1f "
+            "GB/s at once: CPU threads attend %s of %d offloaded KV heads per layer (were %s)",
+            split.cpu_rate / 1e9, split.gpu_rate / 1e9, heads_text(share), self.offloaded,
+            heads_text(self.cpu_share))
+        if share != self.cpu_share:
+            for impl in self.impls:
+                impl.cpu_share.resize(share)
+            self.cpu_share = share
 
     def _split_plan(self, plan, m: CommonAttentionMetadata) -> tuple[torch.Tensor | None, int]:
         """The plan and split count every call of this batch passes.

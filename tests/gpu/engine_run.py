@@ -10,7 +10,9 @@ vLLM's choice), "kv_cache_memory_bytes" (the device KV budget instead of 0.3
 of the GPU), "speculative" (a speculative_config), "kv_cache_dtype", "periodic" (prompts that
 repeat a 7-token pattern, so prompt lookup finds drafts), "coattention_calls"
 (also report the CPU co-attention kernel's layer calls by step kind; the
-engine core runs in this process).
+engine core runs in this process), "retune" (auto co-attends every step and
+retunes its split from windows of 0.1 ms of kernel time; also reports the
+windows that ended and the shapes of the shares served).
 """
 
 import json
@@ -21,6 +23,12 @@ import sys
 
 def main(spec: dict) -> dict:
     from vllm import LLM, SamplingParams
+
+    if spec.get("retune"):
+        from vllm_headinfer import coattention_split, coattention_tuning
+
+        coattention_split.MIN_CPU_SHARE_S = 0.0
+        coattention_tuning.RETUNE_WINDOW_S = 1e-4
 
     kwargs = {"attention_backend": spec["backend"]}
     if spec["backend"] == "HEADINFER":
@@ -78,11 +86,19 @@ def main(spec: dict) -> dict:
                 for t, lp in zip(prompt["prompt_token_ids"], o.prompt_logprobs)
             ],
         })
+    extra = {}
     if spec.get("coattention_calls"):
         from vllm_headinfer.coattention_path import CALLS
 
-        return {"outputs": result, "coattention_calls": dict(CALLS)}
-    return {"outputs": result}
+        extra["coattention_calls"] = dict(CALLS)
+    if spec.get("retune"):
+        from vllm_headinfer import coattention_path
+        from vllm_headinfer.coattention_tuning import split_tuning
+
+        served = coattention_path._cuda.service._layer_list if coattention_path._cuda else []
+        extra["retunes"] = split_tuning.version
+        extra["shares_served"] = sorted({(x.heads, x.split_keep) for x in served})
+    return {"outputs": result, **extra}
 
 
 if __name__ == "__main__":

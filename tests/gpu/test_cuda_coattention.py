@@ -38,3 +38,26 @@ def test_matches_flash_attn(small_model, eager, resident, cpu):
     print(compare(ref, got, near_ties=True))
     if cpu != "auto":
         assert calls.get("decode", 0) > 0, f"the CPU kernel never ran: {calls}"
+
+
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "cuda-graphs"])
+def test_retuned_split_matches_flash_attn(small_model, eager):
+    """Auto co-attending every step, its split retuned from windows of the
+    engine's own calls (0.1 ms of kernel time each, where serving takes
+    0.5 s): the layers' shares resized between steps stay exact."""
+    from vllm_headinfer.coattention_tuning import RETUNES
+
+    ref = run_engine(spec(small_model, "FLASH_ATTN", None, dummy=False, eager=eager))
+    got = dict(run_engine(spec(small_model, "HEADINFER", 0, dummy=False, eager=eager,
+                               coattention_calls=True, retune=True,
+                               headinfer={"cpu_attention": "auto"})))
+    calls, retunes, shares = (got.pop(k) for k in ("coattention_calls", "retunes",
+                                                   "shares_served"))
+    print(f"retuned auto, eager={eager}: kernel calls {calls}, windows {retunes}, "
+          f"shares served (heads, split_keep) {shares}")
+    print(compare(ref, got, near_ties=True))
+    assert calls.get("decode", 0) > 0, f"the CPU kernel never ran: {calls}"
+    assert retunes == RETUNES
+    # Short contexts read far below the startup probe's rate: the share shrank.
+    assert len(shares) > 1, f"no share was resized: {shares}"
+
