@@ -13,15 +13,16 @@ import pytest
 from vllm_headinfer import coattention_tuning
 from vllm_headinfer.coattention_path import CpuShare
 from vllm_headinfer.coattention_split import LoopFigures, RankSplit, engine_rates
-from vllm_headinfer.coattention_tuning import RETUNE_WINDOW_S, RETUNES, SplitTuning
+from vllm_headinfer.coattention_tuning import MIN_GAIN, RETUNE_WINDOW_S, RETUNES, SplitTuning
 
 PROBE = RankSplit(threads=15, cpu_rate=59.5e9, gpu_rate=51e9)  # as in run 18 (4.3125 of 8)
 
 
-def figures(kernel_s=1.0, kernel_gb=42.0, cpu_last=(10, 1.0, 40.0), gpu_last=(0, 0.0, 0.0)):
+def figures(kernel_s=1.0, kernel_gb=42.0, cpu_last=(10, 1.0, 40.0), gpu_last=(0, 0.0, 0.0),
+            gpu_wait_s=0.0):
     """Calls, seconds and GPU GB where the CPU (then the GPU) was last."""
     return LoopFigures(kernel_s, kernel_gb * 1e9, cpu_last[0], cpu_last[1], cpu_last[2] * 1e9,
-                       gpu_last[0], gpu_last[1], gpu_last[2] * 1e9)
+                       gpu_last[0], gpu_last[1], gpu_last[2] * 1e9, gpu_wait_s)
 
 
 def test_the_kernels_rate_is_what_it_read():
@@ -51,45 +52,83 @@ def test_no_kernel_time_changes_nothing():
     assert engine_rates(PROBE, figures(kernel_s=0.0, kernel_gb=0.0)) is PROBE
 
 
+def test_a_split_is_judged_by_its_calls_time_per_offloaded_byte():
+    # 1.0 s of kernel and 0.2 s of waiting for the GPU over 42 + 40 + 45 GB.
+    f = figures(cpu_last=(4, 0.3, 40.0), gpu_last=(12, 1.0, 45.0), gpu_wait_s=0.2)
+    assert f.seconds_per_byte() == pytest.approx(1.2 / 127e9)
+
+
 class FakeService:
-    """The serving loop's counters as SplitTuning reads them."""
+    """The serving loop's counters as SplitTuning reads them: kernel
+    seconds, kernel GB and GPU GB, the CPU last in every call."""
 
     def __init__(self):
-        self.control = np.zeros(2, np.float64)  # (kernel seconds, kernel GB)
+        self.control = np.zeros(3, np.float64)
 
-    def run(self, seconds, gb):
-        self.control += (seconds, gb)
+    def run(self, seconds, cpu_gb, gpu_gb=None):
+        # By default the GPU's bytes over the kernel's time (a floor, as the
+        # CPU was last) stay under the probe's GPU rate.
+        self.control += (seconds, cpu_gb, 20.0 * seconds if gpu_gb is None else gpu_gb)
 
     def figures(self, since):
-        s, gb = self.control - since
-        return figures(kernel_s=s, kernel_gb=gb, cpu_last=(10, s, 0.0))
+        s, cpu_gb, gpu_gb = self.control - since
+        return figures(kernel_s=s, kernel_gb=cpu_gb, cpu_last=(10, s, gpu_gb))
 
 
-def test_windows_of_kernel_time_set_the_rates_a_few_times():
+def tuning_with_service():
     services = [None]
     tuning = SplitTuning(service=lambda: services[0])
     assert tuning.current(PROBE) == (0, PROBE)  # no serving loop yet
     services[0] = service = FakeService()
     assert tuning.current(PROBE) == (0, PROBE)  # the first window starts
-    service.run(RETUNE_WINDOW_S / 2, 21.0)
+    return tuning, service
+
+
+def test_the_rates_a_window_read_are_tried_and_kept_where_faster():
+    tuning, service = tuning_with_service()
+    w = RETUNE_WINDOW_S
+    service.run(w / 2, 21.0)
     assert tuning.current(PROBE) == (0, PROBE)  # not yet a window's kernel time
-    service.run(RETUNE_WINDOW_S / 2, 21.0)
+    service.run(w / 2, 21.0)  # 42 GB: the CPU read 42 / w GB/s
     version, split = tuning.current(PROBE)
-    assert version == 1 and split.cpu_rate == pytest.approx(42e9 / RETUNE_WINDOW_S)
+    assert version == 1 and split.cpu_rate == pytest.approx(42e9 / w)
     assert split.gpu_rate == PROBE.gpu_rate and split.threads == PROBE.threads
-    # Each window its own figures, not the sum since the start.
-    service.run(RETUNE_WINDOW_S, 25.0)
-    assert tuning.current(PROBE)[1].cpu_rate == pytest.approx(25e9 / RETUNE_WINDOW_S)
     # Another group's split (its own thread count) gets the same rates.
     other = RankSplit(threads=7, cpu_rate=1.0, gpu_rate=1.0)
-    assert tuning.current(other) == (2, RankSplit(threads=7, cpu_rate=25e9 / RETUNE_WINDOW_S,
+    assert tuning.current(other) == (1, RankSplit(threads=7, cpu_rate=42e9 / w,
                                                   gpu_rate=PROBE.gpu_rate))
-    for _ in range(RETUNES + 2):
-        service.run(RETUNE_WINDOW_S, 30.0)
-        version, split = tuning.current(PROBE)
-    assert version == RETUNES  # then the split stays
-    # A new serving loop (a new query format) starts its own window.
-    services[0] = FakeService()
+    # The tried split's calls took 10% less per byte: kept, and the rates
+    # of that window (each window its own figures) tried next.
+    service.run(w, 42.0 / 0.9, 40.0 / 0.9)
+    version, split = tuning.current(PROBE)
+    assert version == 2 and split.cpu_rate == pytest.approx(42e9 / 0.9 / w)
+    # The next one's calls were no faster: the one before comes back, for good.
+    service.run(w, 42.0 / 0.9, 40.0 / 0.9)
+    version, split = tuning.current(PROBE)
+    assert version == 3 and split.cpu_rate == pytest.approx(42e9 / w)
+    assert tuning.done and "back" in tuning.change
+    service.run(10 * w, 1.0)
+    assert tuning.current(PROBE) == (3, split)
+
+
+def test_a_first_try_no_faster_gives_the_startup_split_back():
+    tuning, service = tuning_with_service()
+    service.run(RETUNE_WINDOW_S, 42.0)
+    assert tuning.current(PROBE)[0] == 1
+    gain = 1 + MIN_GAIN / 2  # 1% more bytes in the same time: within the noise
+    service.run(RETUNE_WINDOW_S, 42.0 * gain, 20.0 * RETUNE_WINDOW_S * gain)
+    assert tuning.current(PROBE) == (2, PROBE) and tuning.done
+
+
+def test_tries_end_after_a_few():
+    tuning, service = tuning_with_service()
+    gb = 42.0
+    for _ in range(RETUNES + 3):
+        service.run(RETUNE_WINDOW_S, gb, gb)
+        tuning.current(PROBE)
+        gb *= 1.1  # every try faster
+    assert tuning.done and tuning.version == RETUNES
+    # A new serving loop (a new query format) changes nothing after that.
     assert tuning.current(PROBE)[0] == RETUNES
 
 

@@ -33,6 +33,9 @@ the next call's publication or after UNFINISHED_IDLES idle timeouts. Those
 counts, the kernel's cycles and the bytes it read are reported in the log
 when the loop goes idle, at most every REPORT_INTERVAL_S: the engine's own
 figures for the split (the startup measurement runs outside the engine).
+By which reader was last, the loop also sums the kernel's cycles and the
+GPU's bytes (the layer's other offloaded heads): coattention_tuning judges
+and retunes auto's split by them.
 
 Layers and step-metadata tables are fixed arguments of the loop; one not
 yet among them restarts it (once per process in practice: the first call
@@ -385,6 +388,7 @@ class CoattentionService:
             gpu_last_calls=int(delta[GPU_LAST]),
             gpu_last_s=(delta[GPU_LAST_KERNEL_CYCLES] + delta[GPU_LAST_CYCLES]) / rate,
             gpu_last_gpu_bytes=float(delta[GPU_LAST_GPU_BYTES]),
+            gpu_wait_s=delta[GPU_LAST_CYCLES] / rate,
         )
 
     def report(self) -> str | None:

@@ -139,6 +139,13 @@ class LoopFigures:
     gpu_last_calls: int
     gpu_last_s: float
     gpu_last_gpu_bytes: float
+    gpu_wait_s: float  # the GPU's time past the kernel's end, in the calls it was last
+
+    def seconds_per_byte(self) -> float:
+        """What the calls took (each its slower reader's time) per byte of
+        the layers' offloaded K/V: the cost a split is judged by."""
+        offloaded = self.kernel_bytes + self.cpu_last_gpu_bytes + self.gpu_last_gpu_bytes
+        return (self.kernel_s + self.gpu_wait_s) / offloaded if offloaded > 0 else 0.0
 
 
 def engine_rates(split: RankSplit, figures: LoopFigures) -> RankSplit:

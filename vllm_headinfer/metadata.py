@@ -241,10 +241,10 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
         share = max(split.cpu_share(self.offloaded), 1 / SHARE_STEPS)
         self.min_coattention_tokens = split.min_step_tokens(share, self.token_head_bytes)
         logger.info(
-            "HEADINFER CPU co-attention: the engine's calls read CPU %.1f GB/s, GPU link %.1f "
-            "GB/s at once: CPU threads attend %s of %d offloaded KV heads per layer (were %s)",
-            split.cpu_rate / 1e9, split.gpu_rate / 1e9, heads_text(share), self.offloaded,
-            heads_text(self.cpu_share))
+            "HEADINFER CPU co-attention: split retuned (%s: CPU %.1f GB/s, GPU link %.1f GB/s "
+            "at once): CPU threads attend %s of %d offloaded KV heads per layer (were %s)",
+            split_tuning.change, split.cpu_rate / 1e9, split.gpu_rate / 1e9, heads_text(share),
+            self.offloaded, heads_text(self.cpu_share))
         if share != self.cpu_share:
             for impl in self.impls:
                 impl.cpu_share.resize(share)

@@ -11,8 +11,8 @@ of the GPU), "speculative" (a speculative_config), "kv_cache_dtype", "periodic" 
 repeat a 7-token pattern, so prompt lookup finds drafts), "coattention_calls"
 (also report the CPU co-attention kernel's layer calls by step kind; the
 engine core runs in this process), "retune" (auto co-attends every step and
-retunes its split from windows of 0.1 ms of kernel time; also reports the
-windows that ended and the shapes of the shares served).
+retunes its split from windows of 0.1 ms of kernel time; also reports how
+often the rates in force changed and the shapes of the shares served).
 """
 
 import json

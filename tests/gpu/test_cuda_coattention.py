@@ -45,19 +45,17 @@ def test_retuned_split_matches_flash_attn(small_model, eager):
     """Auto co-attending every step, its split retuned from windows of the
     engine's own calls (0.1 ms of kernel time each, where serving takes
     0.5 s): the layers' shares resized between steps stay exact."""
-    from vllm_headinfer.coattention_tuning import RETUNES
-
     ref = run_engine(spec(small_model, "FLASH_ATTN", None, dummy=False, eager=eager))
     got = dict(run_engine(spec(small_model, "HEADINFER", 0, dummy=False, eager=eager,
                                coattention_calls=True, retune=True,
                                headinfer={"cpu_attention": "auto"})))
-    calls, retunes, shares = (got.pop(k) for k in ("coattention_calls", "retunes",
+    calls, changes, shares = (got.pop(k) for k in ("coattention_calls", "retunes",
                                                    "shares_served"))
-    print(f"retuned auto, eager={eager}: kernel calls {calls}, windows {retunes}, "
+    print(f"retuned auto, eager={eager}: kernel calls {calls}, rate changes {changes}, "
           f"shares served (heads, split_keep) {shares}")
     print(compare(ref, got, near_ties=True))
     assert calls.get("decode", 0) > 0, f"the CPU kernel never ran: {calls}"
-    assert retunes == RETUNES
-    # Short contexts read far below the startup probe's rate: the share shrank.
+    assert changes >= 1
+    # Short contexts read far below the startup probe's rate: the first
+    # split tried is smaller.
     assert len(shares) > 1, f"no share was resized: {shares}"
-
