@@ -282,6 +282,8 @@ def main() -> None:
     ap.add_argument("--executor", default=None, help="distributed executor: mp (default) or ray")
     ap.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's bf16) or fp8")
     args = ap.parse_args()
+    if args.steady_tokens > args.decode_tokens:
+        ap.error("--steady-tokens must not exceed --decode-tokens")
     if args.worker:
         res = worker(json.loads(args.worker))
         print("RESULT " + json.dumps(res), flush=True)

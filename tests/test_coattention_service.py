@@ -192,9 +192,15 @@ def bytes_read(layer, step):
 
 def gpu_bytes_read(layer, step):
     """The K/V bytes the GPU reads for the rest of the layer's offloaded
-    heads: all of them but what the kernel reads."""
-    pages = sum(math.ceil(n / BLOCK) for n in step[1].tolist()) * layer.share.offloaded
-    return pages * 2 * BLOCK * DIM * layer.pages.element_size() - bytes_read(layer, step)
+    heads: those it reads whole, and the split head's blocks the kernel
+    leaves it."""
+    share, (_, seq_lens, starts) = layer.share, step
+    pages = 0
+    for r, length in enumerate(seq_lens.tolist()):
+        pages += math.ceil(length / BLOCK) * share.gpu_heads
+        if share.split_keep:
+            pages += split_cut(length, int(starts[r + 1] - starts[r]), BLOCK, share.split_keep)
+    return pages * 2 * BLOCK * DIM * layer.pages.element_size()
 
 
 def test_stop_while_the_loop_reports():

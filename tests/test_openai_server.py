@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -104,12 +103,13 @@ def _stop(server):
 def servers(request, tiny_models, tmp_path_factory):
     shape, tp, extra = PAIRS[request.param]
     model = tiny_models(shape)
-    env = {}
+    # (VLLM_SERVER_DEV_MODE: /pause and /resume, which the link-load test uses.)
+    env = {"VLLM_SERVER_DEV_MODE": "1"}
     if tp > 1:
         # On CPU, gpu_memory_utilization is the share of RAM each worker
         # checks is free at start; 2 * tp workers start at once here.
         extra = [*extra, "--tensor-parallel-size", str(tp), "--gpu-memory-utilization", "0.2"]
-        env = {"VLLM_CPU_OMP_THREADS_BIND": cpu_thread_binding(tp)}
+        env = {**env, "VLLM_CPU_OMP_THREADS_BIND": cpu_thread_binding(tp)}
     logs = tmp_path_factory.mktemp(f"servers-{request.param}")
     started = {}
     try:
@@ -196,34 +196,29 @@ def test_metrics_show_placement_and_link_load(servers):
 
     # While a request decodes, the link-load series shows the offloaded KV
     # of its blocks: a whole number of blocks' host pages, more than none.
-    # A thread drains the stream as it comes (the server does not wait for
-    # the client), and /metrics is polled until the series moves or the
-    # stream has ended: polls tied to the lines read could all come after
-    # the request had finished on a busy machine.
+    # The request is held mid-decode (vLLM's /pause with mode "keep", a
+    # dev-mode route) while /metrics is read: on a busy 2-core machine a
+    # whole request can finish between two polls of a running one.
+    base = f"http://127.0.0.1:{servers['headinfer']['port']}"
     r = requests.post(
-        f"http://127.0.0.1:{servers['headinfer']['port']}/v1/completions",
+        f"{base}/v1/completions",
         json={"model": "tiny", "prompt": PROMPTS[2], "max_tokens": 400, "temperature": 0,
               "ignore_eos": True, "stream": True},
         stream=True, timeout=300,
     )  # fmt: skip
-    ended = threading.Event()
-    lines = []
-
-    def drain():
-        for line in r.iter_lines():
-            lines.append(line)
-        ended.set()
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
-    seen = []
-    while not any(v > 0 for v in seen) and not ended.is_set():
-        seen.append(_headinfer_metrics(servers["headinfer"])["headinfer:host_kv_read_bytes_per_step"])
-    reader.join(timeout=300)
+    lines = r.iter_lines()
+    for _ in range(8):  # tokens are coming: the request decodes
+        next(lines)
+    requests.post(f"{base}/pause", params={"mode": "keep"}, timeout=60).raise_for_status()
+    try:
+        held = _headinfer_metrics(servers["headinfer"])["headinfer:host_kv_read_bytes_per_step"]
+    finally:
+        requests.post(f"{base}/resume", timeout=60).raise_for_status()
+    rest = [line for line in lines if line]
     r.close()
-    assert any(v > 0 for v in seen), (r.status_code, len(lines), lines[-2:], seen)
-    for v in seen:
-        assert v / host_per_block == pytest.approx(round(v / host_per_block)), (v, host_per_block)
+    assert rest[-1] == b"data: [DONE]", rest[-3:]  # the request went on after the pause
+    assert held > 0
+    assert held / host_per_block == pytest.approx(round(held / host_per_block)), (held, host_per_block)
 
 
 def test_speculative_server_verifies_drafts(servers, request):

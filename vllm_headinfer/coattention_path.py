@@ -181,9 +181,11 @@ class CpuShare:
         """Takes ``share`` heads from the next call on (auto's split retuned
         from the engine's figures): the serving thread knows the share by
         ``key``, new with every size."""
+        steps = round(share * SHARE_STEPS)
+        if self.version >= 0 and steps == self.heads * SHARE_STEPS - self.split_keep:
+            return  # (the same size: the serving loop keeps its entry)
         h, g = self.num_kv_heads, self.group
-        whole, part = divmod(round(share * SHARE_STEPS), SHARE_STEPS)
-        self.share = share
+        whole, part = divmod(steps, SHARE_STEPS)
         # Sixteenths of each request's blocks of the split head that the
         # GPU attends; 0: no split head.
         self.split_keep = SHARE_STEPS - part if part else 0

@@ -197,11 +197,8 @@ def _serve(control, ring, flags, layers, layer_scale, kv_scales, pages, tables, 
                       info[L_SPLIT_KEEP], out[: rows * dim].reshape((tokens, heads, group, dim)),
                       lse[:rows].reshape((tokens, heads, group)))
         ended = _cycles()
-        # Before DONE, so that the GPU cannot have gone on to the next call.
-        gpu_first = reached(_load_acquire(flags, FINISHED), call)
-        _store_release(flags, DONE, call)  # (its low 32 bits)
-        served = call
-        _store_release(control, SERVED, served)
+        # Before DONE, so that the GPU cannot have gone on to the next call
+        # (nor the next step's metadata copies into the tables).
         itemsize = pages[entry[C_LAYER]].itemsize
         cpu_bytes = _bytes_read(lens[table], starts[table], n, heads, dim, info[L_BLOCK_SIZE],
                                 info[L_SPLIT_KEEP], itemsize)
@@ -209,6 +206,10 @@ def _serve(control, ring, flags, layers, layer_scale, kv_scales, pages, tables, 
         # blocks the kernel left.
         gpu_bytes = _bytes_read(lens[table], starts[table], n, heads + info[L_GPU_HEADS], dim,
                                 info[L_BLOCK_SIZE], 0, itemsize) - cpu_bytes
+        gpu_first = reached(_load_acquire(flags, FINISHED), call)
+        _store_release(flags, DONE, call)  # (its low 32 bits)
+        served = call
+        _store_release(control, SERVED, served)
         control[CALLS] += 1
         control[KERNEL_CYCLES] += ended - began
         control[KERNEL_BYTES] += cpu_bytes
@@ -375,10 +376,11 @@ class CoattentionService:
             self._cycles_per_s = (cycle_count() - c0) / (time.perf_counter() - t0)
         return self._cycles_per_s
 
-    def figures(self, since: np.ndarray) -> LoopFigures:
-        """What the loop counted since the counters were ``since`` (a copy
-        of ``control``), in seconds and bytes."""
-        delta = self.control - since
+    def figures(self, since: np.ndarray, now: np.ndarray | None = None) -> LoopFigures:
+        """What the loop counted from the counters ``since`` to ``now``
+        (copies of ``control``; now: the live counters), in seconds and
+        bytes."""
+        delta = (self.control if now is None else now) - since
         rate = self.cycles_per_s()
         return LoopFigures(
             kernel_s=delta[KERNEL_CYCLES] / rate, kernel_bytes=float(delta[KERNEL_BYTES]),
@@ -393,19 +395,16 @@ class CoattentionService:
 
     def report(self) -> str | None:
         """What the loop has counted since the last report, as a line."""
-        now = self.control.copy()
-        delta, self._reported = now - self._reported, now
-        calls = int(delta[CALLS])
+        since, self._reported = self._reported, self.control.copy()
+        figures = self.figures(since, self._reported)
+        calls = int(self._reported[CALLS] - since[CALLS])
         if calls == 0:
             return None
-        rate = self.cycles_per_s()
-        kernel_s = delta[KERNEL_CYCLES] / rate
-        gpu_last = int(delta[GPU_LAST])
-        line = (f"{calls} layer calls: the kernel read {delta[KERNEL_BYTES] / kernel_s / 1e9:.1f}"
-                f" GB/s ({kernel_s / calls * 1e3:.3f} ms a call); the GPU's share ended first"
-                f" in {delta[CPU_LAST] / calls:.0%} of them")
-        if gpu_last:
-            late = delta[GPU_LAST_CYCLES] / rate / gpu_last
+        line = (f"{calls} layer calls: the kernel read {figures.kernel_bytes / figures.kernel_s / 1e9:.1f}"
+                f" GB/s ({figures.kernel_s / calls * 1e3:.3f} ms a call); the GPU's share ended first"
+                f" in {figures.cpu_last_calls / calls:.0%} of them")
+        if figures.gpu_last_calls:
+            late = figures.gpu_wait_s / figures.gpu_last_calls
             line += f", {late * 1e3:.3f} ms after the kernel in the others"
         return line
 

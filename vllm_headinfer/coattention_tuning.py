@@ -50,6 +50,11 @@ class SplitTuning:
 
     def __init__(self, service: Callable[[], object] = _cuda_service) -> None:
         self._service_of = service
+        self.reset()
+
+    def reset(self) -> None:
+        """Starts over from the startup rates (an engine's builders are
+        made: another engine of this process may have tuned before)."""
         self._service = None
         self._since = None  # the service's counters at the window's start
         self._rates: RankSplit | None = None  # None: the startup rates
@@ -69,9 +74,10 @@ class SplitTuning:
             if service is not self._service:  # (a new loop: its counters start anew)
                 self._service, self._since = service, service.control.copy()
             else:
-                figures = service.figures(self._since)
+                now = service.control.copy()
+                figures = service.figures(self._since, now)
                 if figures.kernel_s >= RETUNE_WINDOW_S:
-                    self._since = service.control.copy()
+                    self._since = now
                     self._window_ended(split, figures)
         if self._rates is None:
             return self.version, split

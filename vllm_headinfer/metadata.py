@@ -177,6 +177,8 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
         self.impls = [layer.impl for layer in layers.values()]
         self.tuning = bool(cpu_share) and split.fixed is None and current_platform.is_cuda()
         self.tuned_version = 0
+        if self.tuning:
+            split_tuning.reset()
         # A short-query step's metadata on the host, for the CPU kernel, in
         # steps with at least min_coattention_tokens of context.
         self.host_step_copies = None
