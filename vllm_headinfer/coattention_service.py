@@ -144,17 +144,18 @@ def cycle_count():
 
 
 @numba.njit(inline="always")
-def _bytes_read(length_of, starts, n, heads, dim, block_size, split_keep, itemsize):
-    """K/V bytes a kernel call reads: every block of each request's context
-    for each CPU head, less the split head's blocks the GPU attends."""
-    pages = 0
+def _pages_read(length_of, starts, n, block_size, split_keep):
+    """``(head_pages, cut)`` of a call: the blocks of every request's
+    context (one head's pages), and those of the split head the GPU attends
+    (``split_cut``)."""
+    blocks = 0
+    cut = 0
     for r in range(n):
         length = length_of[r]
-        blocks = (length + block_size - 1) // block_size
-        pages += blocks * heads
+        blocks += (length + block_size - 1) // block_size
         if split_keep:
-            pages -= split_cut(length, starts[r + 1] - starts[r], block_size, split_keep)
-    return pages * 2 * block_size * dim * itemsize
+            cut += split_cut(length, starts[r + 1] - starts[r], block_size, split_keep)
+    return blocks, cut
 
 
 @numba.njit(inline="always")
@@ -199,13 +200,13 @@ def _serve(control, ring, flags, layers, layer_scale, kv_scales, pages, tables, 
         ended = _cycles()
         # Before DONE, so that the GPU cannot have gone on to the next call
         # (nor the next step's metadata copies into the tables).
-        itemsize = pages[entry[C_LAYER]].itemsize
-        cpu_bytes = _bytes_read(lens[table], starts[table], n, heads, dim, info[L_BLOCK_SIZE],
-                                info[L_SPLIT_KEEP], itemsize)
+        page_bytes = 2 * info[L_BLOCK_SIZE] * dim * pages[entry[C_LAYER]].itemsize
+        head_pages, cut = _pages_read(lens[table], starts[table], n, info[L_BLOCK_SIZE],
+                                      info[L_SPLIT_KEEP])
+        cpu_bytes = (head_pages * heads - cut) * page_bytes
         # The GPU's: the layer's other offloaded heads, and the split head's
         # blocks the kernel left.
-        gpu_bytes = _bytes_read(lens[table], starts[table], n, heads + info[L_GPU_HEADS], dim,
-                                info[L_BLOCK_SIZE], 0, itemsize) - cpu_bytes
+        gpu_bytes = (head_pages * info[L_GPU_HEADS] + cut) * page_bytes
         gpu_first = reached(_load_acquire(flags, FINISHED), call)
         _store_release(flags, DONE, call)  # (its low 32 bits)
         served = call
@@ -350,10 +351,12 @@ class CoattentionService:
         kv_scales = np.ones((len(self._layer_list), heads, 2), np.float32)
         for i, layer in enumerate(self._layer_list):
             kv_scales[i, : layer.heads] = layer.kv_scales
+        # One row per layer, in the L_* columns' order.
+        layer_table = np.array(
+            [[x.heads, x.group, x.dim, x.block_size, x.block_stride, x.head_stride, x.code,
+              x.split_keep, x.threads, x.gpu_heads] for x in self._layer_list], np.int64)
         args = (
-            self.control, self.ring, self.flags,
-            np.array([[x.heads, x.group, x.dim, x.block_size, x.block_stride, x.head_stride,
-                       x.code, x.split_keep, x.threads, x.gpu_heads] for x in self._layer_list], np.int64),
+            self.control, self.ring, self.flags, layer_table,
             np.array([x.scale for x in self._layer_list], np.float32), kv_scales,
             numba.typed.List([x.pages for x in self._layer_list]),
             numba.typed.List([t[0] for t in self._table_list]),
@@ -388,7 +391,7 @@ class CoattentionService:
             cpu_last_kernel_s=delta[CPU_LAST_KERNEL_CYCLES] / rate,
             cpu_last_gpu_bytes=float(delta[CPU_LAST_GPU_BYTES]),
             gpu_last_calls=int(delta[GPU_LAST]),
-            gpu_last_s=(delta[GPU_LAST_KERNEL_CYCLES] + delta[GPU_LAST_CYCLES]) / rate,
+            gpu_last_kernel_s=delta[GPU_LAST_KERNEL_CYCLES] / rate,
             gpu_last_gpu_bytes=float(delta[GPU_LAST_GPU_BYTES]),
             gpu_wait_s=delta[GPU_LAST_CYCLES] / rate,
         )

@@ -128,8 +128,7 @@ class LoopFigures:
     """What the serving loop counted over some co-attending layer calls:
     the kernel's seconds and bytes, and, by which reader finished last, the
     calls, the kernel's seconds in them and the bytes the GPU read in them;
-    where the GPU was last, also the seconds from the kernel's start to the
-    GPU's end."""
+    where the GPU was last, also its seconds past the kernel's end."""
 
     kernel_s: float
     kernel_bytes: float
@@ -137,9 +136,15 @@ class LoopFigures:
     cpu_last_kernel_s: float
     cpu_last_gpu_bytes: float
     gpu_last_calls: int
-    gpu_last_s: float
+    gpu_last_kernel_s: float
     gpu_last_gpu_bytes: float
     gpu_wait_s: float  # the GPU's time past the kernel's end, in the calls it was last
+
+    @property
+    def gpu_last_s(self) -> float:
+        """The GPU's time in the calls it was last: from the kernel's start
+        to the GPU's end."""
+        return self.gpu_last_kernel_s + self.gpu_wait_s
 
     def seconds_per_byte(self) -> float:
         """What the calls took (each its slower reader's time) per byte of
