@@ -283,12 +283,14 @@ case "$1" in
     # The per-step gate and what piecewise graphs cost, every head offloaded,
     # 32 layers, 4K and 32K: R0 without co-attention (full graphs), with
     # auto (under the gate's threshold a step makes the same reads between
-    # piecewise graphs), and without it under piecewise graphs only.
+    # piecewise graphs), and without it under piecewise graphs only
+    # (GATE_CONTEXTS: other contexts).
     reinstall
+    contexts=${GATE_CONTEXTS:-4096,32768}
     timeout 400 python3 benchmarks/bench_headinfer.py --out "$out/coattn_gate.json" --layers 32 \
-      --contexts 4096,32768 --configs R0,R0+cpuauto --decode-tokens 32 --timeout 190 2>&1 | tail -12
+      --contexts "$contexts" --configs R0,R0+cpuauto --decode-tokens 32 --timeout 190 2>&1 | tail -12
     timeout 250 python3 benchmarks/bench_headinfer.py --out "$out/coattn_gate_piecewise.json" --layers 32 \
-      --contexts 4096,32768 --configs R0 --decode-tokens 32 --timeout 240 --cudagraph-mode PIECEWISE 2>&1 | tail -6
+      --contexts "$contexts" --configs R0 --decode-tokens 32 --timeout 240 --cudagraph-mode PIECEWISE 2>&1 | tail -6
     ;;
   coattn-overhead)
     # What a co-attending layer adds besides the kernel (the handshake with
