@@ -247,10 +247,9 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
             "at once): CPU threads attend %s of %d offloaded KV heads per layer (were %s)",
             split_tuning.change, split.cpu_rate / 1e9, split.gpu_rate / 1e9, heads_text(share),
             self.offloaded, heads_text(self.cpu_share))
-        if share != self.cpu_share:
-            for impl in self.impls:
-                impl.cpu_share.resize(share)
-            self.cpu_share = share
+        for impl in self.impls:
+            impl.cpu_share.resize(share)  # (the same size keeps the share as it is)
+        self.cpu_share = share
 
     def _split_plan(self, plan, m: CommonAttentionMetadata) -> tuple[torch.Tensor | None, int]:
         """The plan and split count every call of this batch passes.

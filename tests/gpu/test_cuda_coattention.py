@@ -45,6 +45,12 @@ def test_retuned_split_matches_flash_attn(small_model, eager):
     """Auto co-attending every step, its split retuned from windows of the
     engine's own calls (0.1 ms of kernel time each, where serving takes
     0.5 s): the layers' shares resized between steps stay exact."""
+    import os
+
+    from vllm_headinfer.coattention_split import MIN_CORES_PER_RANK
+
+    if len(os.sched_getaffinity(0)) < MIN_CORES_PER_RANK:
+        pytest.skip(f"auto co-attention needs {MIN_CORES_PER_RANK} cores")
     ref = run_engine(spec(small_model, "FLASH_ATTN", None, dummy=False, eager=eager))
     got = dict(run_engine(spec(small_model, "HEADINFER", 0, dummy=False, eager=eager,
                                coattention_calls=True, retune=True,
@@ -54,8 +60,7 @@ def test_retuned_split_matches_flash_attn(small_model, eager):
     print(f"retuned auto, eager={eager}: kernel calls {calls}, rate changes {changes}, "
           f"shares served (heads, split_keep) {shares}")
     print(compare(ref, got, near_ties=True))
-    if not calls:
-        pytest.skip("auto left co-attention off on this host (too few cores)")
+    assert calls.get("decode", 0) > 0, f"the CPU kernel never ran: {calls}"
     assert changes >= 1
     # Short contexts read far below the startup probe's rate: the first
     # split tried is smaller.
