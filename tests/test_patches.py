@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-PATCH_DIR = Path(__file__).resolve().parents[1] / "patches"
+PATCH_DIR = Path(__file__).resolve().parents[1] / "vllm_headinfer" / "patches"
 
 
 def _owners(name: str):
@@ -30,7 +30,7 @@ def _owners(name: str):
         import vllm.v1.engine.core as core
 
         return [kcu, core], "get_kv_cache_configs"
-    raise AssertionError(f"patches/{name}.py has no entry in tests/test_patches.py")
+    raise AssertionError(f"vllm_headinfer/patches/{name}.py has no entry in tests/test_patches.py")
 
 
 def _spy(name: str, calls: list):

@@ -3,7 +3,7 @@
 Workers report every HEADINFER layer with all its heads resident (see
 spec.py). vLLM's engine core then knows each worker's device KV budget from
 profiling and calls ``get_kv_cache_configs``; the patch in
-``patches/kv_cache_sizing.py`` runs ``place_workers`` there, once for all
+``patches/kv_cache_sizing.py`` (vllm_headinfer.patches) runs ``place_workers`` there, once for all
 ranks: the placement policy (placement.py) picks the resident heads of every
 layer, each layer's spec is replaced by its head split, and the budget is
 clamped to the blocks the host pool holds. vLLM's own auto-fit, max-length
