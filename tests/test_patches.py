@@ -17,20 +17,10 @@ PATCH_DIR = Path(__file__).resolve().parents[1] / "vllm_headinfer" / "patches"
 
 
 def _owners(name: str):
-    if name == "cpu_attention_selection":
-        from vllm.platforms.cpu import CpuPlatform
+    import importlib
 
-        return [CpuPlatform], "get_attn_backend_cls"
-    if name == "engine_config_validation":
-        from vllm.engine.arg_utils import EngineArgs
-
-        return [EngineArgs], "create_engine_config"
-    if name == "kv_cache_sizing":
-        import vllm.v1.core.kv_cache_utils as kcu
-        import vllm.v1.engine.core as core
-
-        return [kcu, core], "get_kv_cache_configs"
-    raise AssertionError(f"vllm_headinfer/patches/{name}.py has no entry in tests/test_patches.py")
+    target = importlib.import_module(f"vllm_headinfer.patches.{name}").target()
+    return list(target.owners), target.attr
 
 
 def _spy(name: str, calls: list):
@@ -62,6 +52,23 @@ def _spy(name: str, calls: list):
             return "spy"
 
         return get_kv_cache_configs, lambda owner: owner.get_kv_cache_configs(None, [{}], [0])
+    if name == "stat_logger_registration":
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        plain = SimpleNamespace(attention_config=SimpleNamespace(backend=None, backend_per_kind={}))
+
+        def __init__(self, vllm_config, executor_class, log_stats, usage_context=None,
+                     mm_registry=None, log_requests=True, start_engine_loop=True,
+                     stat_loggers=None, aggregate_engine_logging=False, client_addresses=None,
+                     client_count=1, client_index=0, profiler=None):
+            calls.append(stat_loggers)
+
+        def call(owner):
+            owner.__init__(object.__new__(AsyncLLM), plain, None, False)
+            assert calls == [None], "a config without HEADINFER got other stat loggers"
+            calls[:] = [1]
+
+        return __init__, call
     raise AssertionError(name)
 
 
@@ -71,6 +78,8 @@ def _drifted(name: str):
         return classmethod(lambda cls, selected_backend, attn_selector_config: None)
     if name == "engine_config_validation":
         return lambda self, usage_context=None: None
+    if name == "stat_logger_registration":
+        return lambda self, vllm_config, stat_loggers=None: None
     return lambda vllm_config, kv_cache_specs: None
 
 

@@ -49,6 +49,17 @@ class HeadInferBackend(AttentionBackend):
         return [MultipleOf(16)]
 
     @classmethod
+    def validate_configuration(cls, *args, **kwargs) -> list[str]:
+        # On a vLLM the plugin does not support, this is where vLLM's own
+        # backend selection meets the refusal (see registration.py).
+        from vllm_headinfer.patches import unsupported_reason
+
+        reason = unsupported_reason()
+        if reason is not None:
+            return [reason]
+        return super().validate_configuration(*args, **kwargs)
+
+    @classmethod
     def supports_kv_connector(cls) -> bool:
         # A connector would only move the resident half of each block.
         return False

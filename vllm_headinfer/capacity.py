@@ -22,6 +22,7 @@ from vllm.logger import init_logger
 from vllm_headinfer import placement as policy
 from vllm_headinfer.config import HeadInferConfig, HeadInferConfigError
 from vllm_headinfer.spec import HeadInferAttentionSpec, placeholder_page_bytes, split_spec
+from vllm_headinfer.vllm_support import kv_planning
 
 logger = init_logger("vllm.headinfer")
 GIB = 1 << 30
@@ -40,12 +41,15 @@ def layer_index(layer_name: str) -> int:
 def placed_specs(vllm_config, worker_specs: dict) -> dict[str, HeadInferAttentionSpec]:
     """The HEADINFER layers whose heads are placed: the target model's.
 
-    A drafter's attention layers (speculative ``draft_model``) register after
-    every target layer, in the same KV cache group; they are small and read
-    at every draft step, so they keep every head on the device."""
+    A drafter's attention layers (speculative ``draft_model``) are small and
+    read at every draft step, so they keep every head on the device. vLLM
+    0.34's model runner marks them (``KVCacheSpec.is_draft``); elsewhere they
+    are the layers registered after every target layer."""
     ours = headinfer_specs(worker_specs)
     if vllm_config.speculative_config is None:
         return ours
+    if any(getattr(s, "is_draft", False) for s in ours.values()):
+        return {n: s for n, s in ours.items() if not s.is_draft}
     target = set(list(worker_specs)[: vllm_config.model_config.get_num_layers(
         vllm_config.parallel_config
     )])
@@ -219,10 +223,10 @@ def place_workers(vllm_config, kv_cache_specs: list[dict], available_memory: lis
 
 def bytes_per_block(vllm_config, worker_specs: dict) -> tuple[int, int]:
     """Device and host bytes of one block as vLLM groups these specs."""
-    import vllm.v1.core.kv_cache_utils as kcu
     from vllm.v1.kv_cache_interface import iter_layer_specs
 
-    groups = kcu.get_kv_cache_groups(vllm_config, copy.deepcopy(worker_specs))
+    planning = kv_planning()
+    groups = planning.groups(vllm_config, copy.deepcopy(worker_specs))
     host = 0
     for group in groups:
         layer_specs = iter_layer_specs(group.kv_cache_spec)
@@ -231,7 +235,7 @@ def bytes_per_block(vllm_config, worker_specs: dict) -> tuple[int, int]:
         host += sum(
             s.host_page_size_bytes for s in layer_specs if isinstance(s, HeadInferAttentionSpec)
         )
-    return kcu._pool_bytes_per_block(vllm_config, groups), host
+    return planning.pool_bytes_per_block(vllm_config, groups), host
 
 
 def log_placement(vllm_config, p: policy.Placement, kv_cache_config) -> policy.Placement:
@@ -249,14 +253,12 @@ def log_placement(vllm_config, p: policy.Placement, kv_cache_config) -> policy.P
     )
     # vLLM may have enlarged the group's blocks (layers of other kinds), and
     # its bytes per block are what the device holds: the line shows those.
-    import vllm.v1.core.kv_cache_utils as kcu
-
     scale = block_size // p.kv.block_size
     kv = replace(
         p.kv, block_size=block_size, head_block_bytes=p.kv.head_block_bytes * scale,
         placeholder_bytes=p.kv.placeholder_bytes * scale, other_device_bytes=0,
     )
-    device_bpb = kcu._pool_bytes_per_block(vllm_config, kv_cache_config.kv_cache_groups)
+    device_bpb = kv_planning().pool_bytes_per_block(vllm_config, kv_cache_config.kv_cache_groups)
     kv = replace(kv, other_device_bytes=max(0, device_bpb - kv.device_bytes_per_block(p.counts)))
     p = replace(p, kv=kv)
     if p.offloads and num_blocks >= cfg.cpu_kv_bytes // p.host_bytes_per_block:

@@ -111,19 +111,15 @@ LINK_LOAD = "host_kv_read_bytes_per_step"
 
 
 class HeadInferStatLogger(AggregateStatLoggerBase):
-    """The ``headinfer:`` series; does nothing unless HEADINFER is selected."""
+    """The ``headinfer:`` series, for engines that select HEADINFER (added
+    to them by patches/stat_logger_registration.py)."""
 
     def __init__(self, vllm_config, engine_indexes: list[int] | None = None) -> None:
-        from vllm_headinfer.config import is_selected
-
         self.vllm_config = vllm_config
         self.engine_indexes = list(engine_indexes or [0])
         self.placements: dict[int, dict] = {}
-        self.enabled = is_selected(vllm_config)
 
     def log_engine_initialized(self) -> None:
-        if not self.enabled:
-            return
         for engine in self.engine_indexes:
             record = read(self.vllm_config, engine)
             if record is None:

@@ -1,19 +1,27 @@
 """Wraps ``vllm.platforms.cpu.CpuPlatform.get_attn_backend_cls``.
 
-vLLM's CPU platform logs "Cannot use X backend on CPU" and returns CPU_ATTN for
-any selected backend; no public hook lets a plugin backend be chosen there.
-This makes an explicit HEADINFER selection win; everything else is unchanged.
+Why: vLLM's CPU platform logs "Cannot use X backend on CPU" and returns
+CPU_ATTN for any selected backend; no public hook lets a plugin backend be
+chosen there. This makes an explicit HEADINFER selection win; everything else
+is unchanged.
+Goes away when: the CPU platform honours a registered out-of-tree backend, as
+the CUDA platform does (validate_configuration on the selected class).
 """
 
 from vllm_headinfer import BACKEND_NAME, BACKEND_PATH
-from vllm_headinfer.patches._wrap import wrap
+from vllm_headinfer.patches._wrap import Target, wrap
 
-TARGET = ("cls", "selected_backend", "attn_selector_config", "num_heads")
+
+def target() -> Target:
+    from vllm.platforms.cpu import CpuPlatform
+
+    return Target(
+        (CpuPlatform,), "get_attn_backend_cls",
+        ("cls", "selected_backend", "attn_selector_config", "num_heads"),
+    )
 
 
 def apply() -> None:
-    from vllm.platforms.cpu import CpuPlatform
-
     def make(orig):
         def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
             if selected_backend is not None and selected_backend.name == BACKEND_NAME:
@@ -31,4 +39,4 @@ def apply() -> None:
 
         return get_attn_backend_cls
 
-    wrap([CpuPlatform], "get_attn_backend_cls", TARGET, make)
+    wrap(target(), make)
