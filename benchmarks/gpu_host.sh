@@ -1,8 +1,10 @@
 #!/bin/bash
-# Stages of a GPU-host session (see ../shared/gpu/README.md for the wheel kit).
+# Stages of a GPU-host session (docs/gpu-host.md: the wheel kit and how a lease runs;
+# STAGE names the folder of staged parts for install, default .gpu-stage).
 # Usage: bash benchmarks/gpu_host.sh install|check|ray-example|bench|bench-long|bench-tp|capacity
 #                                   |place-short|place-512k|place-capacity|fp8|fp8-capacity|spec|spec-steps|serve-load|cpu-attn
 #                                   |long-tp4|x4|load-lanes|coattn|coattn-gate|coattn-auto|coattn-overhead|co-spec
+#                                   |drift|serve-metrics
 #        bash benchmarks/gpu_host.sh background "STAGE [STAGE...]"   (returns at once)
 #        bash benchmarks/gpu_host.sh wait SECONDS   (until the background stages end)
 # Logs and results go to $OUT (or ./gpu-out). A device command may run 10
@@ -15,7 +17,7 @@ out="${OUT:-$PWD/gpu-out}"; mkdir -p "$out"
 export PYTHONPATH=/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
 reinstall() {  # the project as it is now, next to the vLLM stack (once per source state:
   # lanes running side by side must not replace files another one imports)
-  local sum; sum=$(cat pyproject.toml $(find vllm_headinfer patches -name "*.py" | sort) | md5sum | cut -c1-32)
+  local sum; sum=$(cat pyproject.toml $(find vllm_headinfer -name "*.py" | sort) | md5sum | cut -c1-32)
   ( flock 9
     if [ "$(cat /tmp/site/.headinfer-src 2>/dev/null)" != "$sum" ]; then
       python3 -m pip install -q --no-deps --no-index --no-build-isolation --upgrade --target /tmp/site . 2>&1 | grep -vi warning
@@ -37,7 +39,7 @@ accepted_gib() {  # per-rank cpu_kv_gib startup accepts now for $1 ranks, times 
 }
 case "$1" in
   install)
-    last=$(ls -d .gpu-stage/c* | tail -1)
+    last=$(ls -d "${STAGE:-.gpu-stage}"/c* | tail -1)
     bash "$last/install.sh" 2>&1 | tee "$out/install.log"
     reinstall
     { nvidia-smi; free -g; nvidia-smi topo -m; lscpu | grep -iE "numa|model name|thread|core|socket";
@@ -60,6 +62,21 @@ case "$1" in
     fi
     timeout "${CHECK_TIMEOUT:-540}" python3 -m pytest -q -s -rA -p no:cacheprovider ${T:-tests/gpu} \
       ${K:+-k "$K"} 2>&1 | tee "$out/pytest_gpu.log" | tail -40
+    ;;
+  drift)
+    # The version layer's and the patches' tests on this vLLM, and the
+    # image's own CUDA wheels (what the staged list can leave out).
+    reinstall
+    python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)" | tee "$out/versions.txt"
+    python3 -m pip list 2>/dev/null | grep -iE "^(nvidia|cuda|torch|triton|numpy|numba)" > "$out/image_packages.txt"
+    PYTHONPATH= python3 -m pip list 2>/dev/null | grep -iE "^(nvidia|cuda|torch|triton|numpy|numba)" > "$out/image_packages_bare.txt"
+    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_vllm_support.py tests/test_patches.py \
+      2>&1 | tee "$out/drift.log" | tail -5
+    ;;
+  serve-metrics)
+    # vllm serve with HEADINFER: one completion, then /metrics.
+    reinstall
+    timeout 500 python3 benchmarks/serve_check.py --out "$out" 2>&1 | tail -20
     ;;
   ray-example)
     reinstall

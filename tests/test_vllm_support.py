@@ -23,13 +23,17 @@ def test_version_range(version, supported):
     assert vllm_support.version_in_range(version) is supported
 
 
-def test_this_vllm_is_supported_and_planning_found_in_kv_cache_utils():
+def test_this_vllm_is_supported_and_planning_found_where_it_keeps_it():
+    from packaging.version import Version
+
     from vllm_headinfer.patches import unsupported_reason
 
     assert unsupported_reason() is None
     planning = vllm_support.kv_planning()
-    assert planning.module.__name__ == "vllm.v1.core.kv_cache_utils"
-    assert not planning.takes_groups
+    moved = Version(vllm_support.installed_version()).release[:2] >= (0, 33)
+    expected = "kv_cache_planning" if moved else "kv_cache_utils"
+    assert planning.module.__name__ == f"vllm.v1.core.{expected}"
+    assert planning.takes_groups is moved
 
 
 def test_a_vllm_outside_the_range_is_refused_naming_both_versions(monkeypatch):
