@@ -139,3 +139,12 @@ def test_stat_logger_only_for_engines_that_select_headinfer():
     other = object()
     assert with_headinfer_logger(None) == [HeadInferStatLogger]
     assert with_headinfer_logger([other, HeadInferStatLogger]) == [other, HeadInferStatLogger]
+
+
+def test_backend_selection_meets_the_refusal(monkeypatch):
+    """Where vLLM picks the backend itself (CUDA), an unsupported vLLM's
+    line is the reason it is given."""
+    from vllm_headinfer.backend import HeadInferBackend
+
+    monkeypatch.setattr(vllm_support, "_refusal", "the line")
+    assert HeadInferBackend.validate_configuration(head_size=128) == ["the line"]

@@ -11,6 +11,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
 from vllm_headinfer import BACKEND_NAME
 from vllm_headinfer.kv_quant import FP8_KV_DTYPES, PLAIN_KV_DTYPES
 from vllm_headinfer.spec import HeadInferAttentionSpec, split_spec
+from vllm_headinfer.vllm_support import refusal
 
 
 class HeadInferBackend(AttentionBackend):
@@ -52,9 +53,7 @@ class HeadInferBackend(AttentionBackend):
     def validate_configuration(cls, *args, **kwargs) -> list[str]:
         # On a vLLM the plugin does not support, this is where vLLM's own
         # backend selection meets the refusal (see registration.py).
-        from vllm_headinfer.patches import unsupported_reason
-
-        reason = unsupported_reason()
+        reason = refusal()
         if reason is not None:
             return [reason]
         return super().validate_configuration(*args, **kwargs)

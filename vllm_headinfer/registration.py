@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copyreg
 
-from vllm_headinfer import BACKEND_NAME, BACKEND_PATH
+from vllm_headinfer import BACKEND_NAME, BACKEND_PATH, vllm_support
 
 
 def ensure_registered():
@@ -73,6 +73,7 @@ def general_entry() -> None:
         from vllm.logger import init_logger
 
         init_logger("vllm.headinfer").warning(reason)
+        vllm_support.refuse(reason)
         refuse_unsupported(reason)
         return
     from vllm.v1.attention.backends.registry import AttentionBackendEnum

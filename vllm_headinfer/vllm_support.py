@@ -148,3 +148,18 @@ def _locate_planning() -> KvPlanning:
 def kv_planning() -> KvPlanning:
     """Raises UnsupportedVllm (with the reason) where this vLLM differs."""
     return _locate_planning()
+
+
+# Set by registration.general_entry in every process where vLLM loads the
+# plugin, when this vLLM is not a supported one: the line HEADINFER is
+# refused with wherever vLLM asks the backend (backend.validate_configuration).
+_refusal: str | None = None
+
+
+def refuse(reason: str) -> None:
+    global _refusal
+    _refusal = reason
+
+
+def refusal() -> str | None:
+    return _refusal
