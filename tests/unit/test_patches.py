@@ -8,12 +8,12 @@ the plugin through its entry point, as every vLLM process does.
 from __future__ import annotations
 
 import inspect
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import REPO
 
-PATCH_DIR = Path(__file__).resolve().parents[1] / "vllm_headinfer" / "patches"
+PATCH_DIR = REPO / "vllm_headinfer" / "patches"
 
 
 def _owners(name: str):
@@ -30,7 +30,7 @@ def _owners(name: str):
         import vllm.v1.engine.core as core
 
         return [kcu, core], "get_kv_cache_configs"
-    raise AssertionError(f"vllm_headinfer/patches/{name}.py has no entry in tests/test_patches.py")
+    raise AssertionError(f"vllm_headinfer/patches/{name}.py has no entry in tests/unit/test_patches.py")
 
 
 def _spy(name: str, calls: list):
