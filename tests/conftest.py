@@ -67,12 +67,56 @@ def random_tokens(rng: random.Random, n: int) -> list[int]:
     return [rng.randrange(3, 420) for _ in range(n)]
 
 
-def pytest_collection_modifyitems(items):
+def pytest_collection_modifyitems(config, items):
     for item in items:
         layer = Path(item.path).relative_to(TESTS).parts[0]
         if layer not in LAYERS:
             raise pytest.UsageError(f"{item.path}: tests live in one of tests/{{{','.join(LAYERS)}}}/")
         item.add_marker(layer)
+
+
+def pytest_collection_finish(session):
+    items = session.items
+    kernels = [i for i, item in enumerate(items) if item.get_closest_marker("kernels")]
+    engines_first = kernels and any(item.get_closest_marker("engine") for item in items[: kernels[0]])
+    if engines_first and not session.config.option.collectonly and not os.environ.get(_WARMING):
+        _start_kernel_warmup(session.config, [items[i].nodeid for i in kernels])
+
+
+# Numba compiles each of the kernels' signatures on first use, minutes of
+# one core each on CI's two, and keeps them in its on-disk cache (cache=True:
+# the package's __pycache__, or NUMBA_CACHE_DIR) for every later process.
+# The kernel tests run after the engine tests, whose runner mostly keeps one
+# core busy; so where a session runs both, the selected kernel tests also run
+# at its start in a background pytest, and the session's own kernel tests
+# wait for it and find every signature compiled.
+_WARMING = "HEADINFER_TESTS_KERNEL_WARMUP"
+WARMUP_TIMEOUT = 1800
+_warmup: subprocess.Popen | None = None
+
+
+def _start_kernel_warmup(config, nodeids: list[str]) -> None:
+    global _warmup
+    workdir = config._tmp_path_factory.getbasetemp() / "kernel-warmup"
+    workdir.mkdir()
+    with open(workdir / "pytest.log", "w") as log:
+        _warmup = subprocess.Popen(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+             "--basetemp", str(workdir / "tmp"), *nodeids],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=str(REPO),
+            env={**os.environ, _WARMING: "1"}, start_new_session=True,
+        )  # fmt: skip
+    config.add_cleanup(lambda: _kill_group(_warmup))
+
+
+def pytest_runtest_setup(item):
+    # Its results are the session's own to report: the background run only
+    # fills the cache, so a failure there shows here.
+    if _warmup is not None and item.get_closest_marker("kernels"):
+        try:
+            _warmup.wait(timeout=WARMUP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            _kill_group(_warmup)  # the tests compile what it had not
 
 
 @pytest.fixture(scope="session")
