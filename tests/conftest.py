@@ -75,24 +75,25 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(layer)
 
 
+# Numba compiles each of the kernels' signatures on first use, minutes of
+# one core each on CI's two, and keeps them in its on-disk cache (cache=True:
+# the package's __pycache__, or NUMBA_CACHE_DIR) for every later process.
+# The kernel tests run after the engine tests, whose engines (tiny models)
+# mostly keep one Python thread busy; so where a session runs both, the
+# selected kernel tests also run at its start in a background pytest on the
+# other core, and the session's own kernel tests wait for it and find every
+# signature compiled.
+_WARMING = "HEADINFER_TESTS_KERNEL_WARMUP"
+WARMUP_TIMEOUT = 1800
+_warmup: subprocess.Popen | None = None
+
+
 def pytest_collection_finish(session):
     items = session.items
     kernels = [i for i, item in enumerate(items) if item.get_closest_marker("kernels")]
     engines_first = kernels and any(item.get_closest_marker("engine") for item in items[: kernels[0]])
     if engines_first and not session.config.option.collectonly and not os.environ.get(_WARMING):
         _start_kernel_warmup(session.config, [items[i].nodeid for i in kernels])
-
-
-# Numba compiles each of the kernels' signatures on first use, minutes of
-# one core each on CI's two, and keeps them in its on-disk cache (cache=True:
-# the package's __pycache__, or NUMBA_CACHE_DIR) for every later process.
-# The kernel tests run after the engine tests, whose runner mostly keeps one
-# core busy; so where a session runs both, the selected kernel tests also run
-# at its start in a background pytest, and the session's own kernel tests
-# wait for it and find every signature compiled.
-_WARMING = "HEADINFER_TESTS_KERNEL_WARMUP"
-WARMUP_TIMEOUT = 1800
-_warmup: subprocess.Popen | None = None
 
 
 def _start_kernel_warmup(config, nodeids: list[str]) -> None:
