@@ -22,6 +22,10 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).resolve().parent
+# Each folder of tests/ is a layer, marked by its name: ``pytest tests/unit``
+# (or ``-m unit``) needs no engine, server or JIT compile and is the check
+# after every edit; ``pytest tests`` runs every layer.
+LAYERS = ("unit", "kernels", "engine", "server", "gpu")
 REPO = TESTS.parent
 RUNNER = TESTS / "engine_runner.py"
 RESULT_MARK = "HEADINFER_RESULT "
@@ -63,6 +67,59 @@ def random_tokens(rng: random.Random, n: int) -> list[int]:
     return [rng.randrange(3, 420) for _ in range(n)]
 
 
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        layer = Path(item.path).relative_to(TESTS).parts[0]
+        if layer not in LAYERS:
+            raise pytest.UsageError(f"{item.path}: tests live in one of tests/{{{','.join(LAYERS)}}}/")
+        item.add_marker(layer)
+
+
+# Numba compiles each of the kernels' signatures on first use, minutes of
+# one core each on CI's two, and keeps them in its on-disk cache (cache=True:
+# the package's __pycache__, or NUMBA_CACHE_DIR) for every later process.
+# The kernel tests run after the engine tests, whose engines (tiny models)
+# mostly keep one Python thread busy; so where a session runs both, the
+# selected kernel tests also run at its start in a background pytest on the
+# other core, and the session's own kernel tests wait for it and find every
+# signature compiled.
+_WARMING = "HEADINFER_TESTS_KERNEL_WARMUP"
+WARMUP_TIMEOUT = 1800
+_warmup: subprocess.Popen | None = None
+
+
+def pytest_collection_finish(session):
+    items = session.items
+    kernels = [i for i, item in enumerate(items) if item.get_closest_marker("kernels")]
+    engines_first = kernels and any(item.get_closest_marker("engine") for item in items[: kernels[0]])
+    if engines_first and not session.config.option.collectonly and not os.environ.get(_WARMING):
+        _start_kernel_warmup(session.config, [items[i].nodeid for i in kernels])
+
+
+def _start_kernel_warmup(config, nodeids: list[str]) -> None:
+    global _warmup
+    workdir = config._tmp_path_factory.getbasetemp() / "kernel-warmup"
+    workdir.mkdir()
+    with open(workdir / "pytest.log", "w") as log:
+        _warmup = subprocess.Popen(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+             "--basetemp", str(workdir / "tmp"), *nodeids],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=str(REPO),
+            env={**os.environ, _WARMING: "1"}, start_new_session=True,
+        )  # fmt: skip
+    config.add_cleanup(lambda: _kill_group(_warmup))
+
+
+def pytest_runtest_setup(item):
+    # Its results are the session's own to report: the background run only
+    # fills the cache, so a failure there shows here.
+    if _warmup is not None and item.get_closest_marker("kernels"):
+        try:
+            _warmup.wait(timeout=WARMUP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            _kill_group(_warmup)  # the tests compile what it had not
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("models")
@@ -95,12 +152,64 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+# Results of default-backend engines run in-process, by reference_key: a
+# test comparing against an engine an earlier test of the session ran (same
+# model, settings, prompts and sampling) reads its results instead of
+# building it again. Multi-process runs are not shared: their tests read the
+# engines' own log lines from the runner's output.
+_references: dict[str, dict] = {}
+
+
+def reference_key(spec: dict, engine: dict) -> str | None:
+    """The key of a default-backend in-process engine's results (None for
+    any other engine): its model, LLM(...) kwargs, environment, prompt
+    logprobs and its scenarios' requests in the order it runs them (a prefix
+    cache filled by one scenario serves the next)."""
+    llm = engine["llm"]
+    if not spec.get("inprocess") or "attention_backend" in llm or engine.get("config_only"):
+        return None
+    models = {**{k: m["path"] for k, m in spec.get("models", {}).items()}, **spec.get("paths", {})}
+    return json.dumps(
+        {
+            "model": models[engine["model"]],
+            "llm": llm,
+            "env": engine.get("env", {}),
+            "prompt_logprobs": engine.get("prompt_logprobs", False),
+            "scenarios": [spec["scenarios"][s] for s in engine.get("scenarios", [])],
+        },
+        sort_keys=True,
+    )
+
+
 def run_engines(spec: dict, workdir: Path, name: str, timeout: float = 600) -> tuple[dict, str]:
     """Runs the engine runner on ``spec``; returns (results, combined output).
 
-    The runner and every process it starts share a new process group, which is
-    killed if the run exceeds ``timeout``.
+    Default-backend engines that ran in an earlier call of the session with
+    the same reference_key are not run again; their results are the earlier
+    ones (and their log lines are not in the output). The runner and every
+    process it starts share a new process group, which is killed if the run
+    exceeds ``timeout``.
     """
+    keys = {e["name"]: reference_key(spec, e) for e in spec["engines"]}
+    known = {n: _references[k] for n, k in keys.items() if k in _references}
+    to_run = [e for e in spec["engines"] if e["name"] not in known]
+    if known:
+        print(f"engine runner {name}: default-backend results of {sorted(known)} from earlier runs")
+    results, output = {"engines": {}}, ""
+    if to_run:
+        results, output = _run_runner({**spec, "engines": to_run}, workdir, name, timeout)
+        for engine in to_run:
+            key, res = keys[engine["name"]], results["engines"][engine["name"]]
+            if key is not None and res.get("error") is None and res.get("scenario_error") is None:
+                _references[key] = res
+    # The engines in the spec's order, as the runner would give them.
+    results["engines"] = {
+        e["name"]: known.get(e["name"]) or results["engines"][e["name"]] for e in spec["engines"]
+    }
+    return results, output
+
+
+def _run_runner(spec: dict, workdir: Path, name: str, timeout: float) -> tuple[dict, str]:
     workdir.mkdir(parents=True, exist_ok=True)
     spec_path = workdir / f"{name}.json"
     log_path = workdir / f"{name}.log"

@@ -6,11 +6,12 @@ would make head-split calls disagree with FLASH_ATTN fails here, on CPU."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
+
+from conftest import REPO
 
 from vllm_headinfer.flash_splits import all_heads_num_splits, covers
 
-MEASURED = Path(__file__).parents[1] / "benchmarks/results/2026-11-22-h100-run8-split-counts.json"
+MEASURED = REPO / "benchmarks/results/2026-11-22-h100-run8-split-counts.json"
 
 
 def test_split_count_matches_flash_attention_on_the_h100():

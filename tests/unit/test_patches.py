@@ -8,12 +8,12 @@ the plugin through its entry point, as every vLLM process does.
 from __future__ import annotations
 
 import inspect
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import REPO
 
-PATCH_DIR = Path(__file__).resolve().parents[1] / "vllm_headinfer" / "patches"
+PATCH_DIR = REPO / "vllm_headinfer" / "patches"
 
 
 def _owners(name: str):

@@ -132,17 +132,3 @@ def test_refused_at_startup_naming_the_setting(refusals, case):
     )
     for needle in CASES[case][3]:
         assert needle in err["message"], f"{case}: {needle!r} not in: {err['message']}"
-
-
-
-def test_unverified_speculation_is_refused_naming_the_setting():
-    """A proposer whose layers are not verified with head placement (Medusa
-    heads here) is refused at startup, naming the setting and the methods
-    accepted."""
-    from types import SimpleNamespace
-
-    from vllm_headinfer.config import HeadInferConfigError, _check_speculative
-
-    with pytest.raises(HeadInferConfigError, match=r"--speculative-config method 'medusa'.*eagle3, mtp"):
-        _check_speculative(SimpleNamespace(method="medusa"))
-    _check_speculative(SimpleNamespace(method="eagle3"))
