@@ -28,7 +28,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # runs from a checkout
-from vllm_headinfer.coattention_path import (  # noqa: E402
+from vllm_headinfer.coattention.share import (  # noqa: E402
     CpuShare,
     HostStep,
     coattend,

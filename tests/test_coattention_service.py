@@ -22,14 +22,14 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_headinfer.coattention_path import CpuShare, HostStep, served_layer
-from vllm_headinfer.coattention_service import (CALLS, CPU_LAST, CPU_LAST_GPU_BYTES,
+from vllm_headinfer.coattention.share import CpuShare, HostStep, served_layer
+from vllm_headinfer.coattention.service import (CALLS, CPU_LAST, CPU_LAST_GPU_BYTES,
                                                 CPU_LAST_KERNEL_CYCLES, DONE, FINISHED,
                                                 FLAG_WORDS, GPU_LAST, GPU_LAST_CYCLES,
                                                 GPU_LAST_GPU_BYTES, GPU_LAST_KERNEL_CYCLES,
                                                 KERNEL_BYTES, KERNEL_CYCLES, POSTED, PUBLISHED,
                                                 SERVED, STOP, CoattentionService, reached)
-from vllm_headinfer.cpu_coattention import raw_words, split_cut
+from vllm_headinfer.coattention.kernel import raw_words, split_cut
 from vllm_headinfer.kv_quant import fp8_dtype
 
 GROUP, DIM, BLOCK, SLOT_TOKENS = 2, 64, 16, 8

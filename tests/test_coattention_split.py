@@ -11,7 +11,7 @@ import itertools
 
 import pytest
 
-from vllm_headinfer.coattention_split import (
+from vllm_headinfer.coattention.split import (
     MIN_CORES_PER_RANK,
     MIN_CPU_SHARE_S,
     RankSplit,

@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from vllm_headinfer import coattention_tuning
-from vllm_headinfer.coattention_path import CpuShare
-from vllm_headinfer.coattention_split import LoopFigures, RankSplit, engine_rates
-from vllm_headinfer.coattention_tuning import MIN_GAIN, RETUNE_WINDOW_S, RETUNES, SplitTuning
+from vllm_headinfer.coattention import tuning as coattention_tuning
+from vllm_headinfer.coattention.share import CpuShare
+from vllm_headinfer.coattention.split import LoopFigures, RankSplit, engine_rates
+from vllm_headinfer.coattention.tuning import MIN_GAIN, RETUNE_WINDOW_S, RETUNES, SplitTuning
 
 PROBE = RankSplit(threads=15, cpu_rate=59.5e9, gpu_rate=51e9)  # as in run 18 (4.3125 of 8)
 
@@ -151,7 +151,7 @@ def test_a_new_serving_loop_or_engine():
 
 
 def test_the_process_tuning_reads_the_cuda_serving_loop(monkeypatch):
-    from vllm_headinfer import coattention_path
+    from vllm_headinfer.coattention import share as coattention_path
 
     monkeypatch.setattr(coattention_path, "_cuda", None)
     assert coattention_tuning._cuda_service() is None

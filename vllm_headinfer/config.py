@@ -16,7 +16,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from vllm_headinfer import BACKEND_NAME
-from vllm_headinfer.coattention_split import SHARE_STEPS
+from vllm_headinfer.coattention.split import SHARE_STEPS
 from vllm_headinfer.kv_quant import accepted_kv_dtypes
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ from vllm.platforms import current_platform
 from vllm.v1.attention.backend import AttentionImpl, AttentionType
 
 from vllm_headinfer import config as hi_config
-from vllm_headinfer.coattention_path import CpuShare
+from vllm_headinfer.coattention.share import CpuShare
 from vllm_headinfer.host_pool import HostKVPool, host_pools
 from vllm_headinfer.kv_quant import Fp8Scales
 from vllm_headinfer.layout import device_kv, host_kv
@@ -79,7 +79,7 @@ class HeadInferImpl(AttentionImpl[HeadInferMetadata]):
         # the CPU path attends dequantised K/V with the model's queries.
         self.supports_quant_query_input = False
         if current_platform.is_cuda():
-            from vllm_headinfer.cuda_attention import CudaHeadAttention
+            from vllm_headinfer.ops.cuda_attention import CudaHeadAttention
 
             cfg = hi_config.HeadInferConfig.from_vllm_config(get_current_vllm_config())
             self.ops = CudaHeadAttention(self, cfg)
@@ -146,7 +146,7 @@ class HeadInferImpl(AttentionImpl[HeadInferMetadata]):
         if self.ops is not None:
             self.ops.write(layer, key, value, kv_cache, pool, slot_mapping)
             return
-        from vllm_headinfer.torch_attention import write_paged
+        from vllm_headinfer.ops.torch_attention import write_paged
 
         for k_cache, v_cache, kv_heads, _ in self.kv_parts(layer, kv_cache, pool, uva=False):
             write_paged(
@@ -176,7 +176,7 @@ class HeadInferImpl(AttentionImpl[HeadInferMetadata]):
         if self.ops is not None:
             self.ops.forward(layer, query[:n], kv_cache, pool, attn_metadata, output[:n])
             return output
-        from vllm_headinfer.torch_attention import paged_attention
+        from vllm_headinfer.ops.torch_attention import paged_attention
 
         m = attn_metadata
         share = self.cpu_share if m.host_step is not None else None
@@ -202,8 +202,8 @@ class HeadInferImpl(AttentionImpl[HeadInferMetadata]):
         """CPU co-attention's heads on the CPU platform: the kernel's share,
         and a split head's first blocks by the torch path (the GPU's part on
         CUDA), merged as on CUDA."""
-        from vllm_headinfer.coattention_path import merge_split_head, split_prefix_tokens
-        from vllm_headinfer.torch_attention import prefix_attention
+        from vllm_headinfer.coattention.share import merge_split_head, split_prefix_tokens
+        from vllm_headinfer.ops.torch_attention import prefix_attention
 
         step, g = m.host_step, self.group
         t, dim = step.tokens, query.shape[2]

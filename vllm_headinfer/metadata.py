@@ -16,10 +16,10 @@ from vllm.v1.attention.backend import (
 )
 
 from vllm_headinfer.capacity import layer_index
-from vllm_headinfer.coattention_path import HostStep, HostStepCopies, rank_split, reserve_slots
-from vllm_headinfer.coattention_split import SHARE_STEPS, RankSplit, heads_text, startup_line
-from vllm_headinfer.coattention_tuning import split_tuning
-from vllm_headinfer.flash_splits import all_heads_num_splits, covers
+from vllm_headinfer.coattention.share import HostStep, HostStepCopies, rank_split, reserve_slots
+from vllm_headinfer.coattention.split import SHARE_STEPS, RankSplit, heads_text, startup_line
+from vllm_headinfer.coattention.tuning import split_tuning
+from vllm_headinfer.ops.flash_splits import all_heads_num_splits, covers
 from vllm_headinfer.host_pool import host_pools
 from vllm_headinfer.kv_quant import fp8_dtype
 from vllm_headinfer.spec import HeadInferAttentionSpec

@@ -25,7 +25,8 @@ def main(spec: dict) -> dict:
     from vllm import LLM, SamplingParams
 
     if spec.get("retune"):
-        from vllm_headinfer import coattention_split, coattention_tuning
+        from vllm_headinfer.coattention import split as coattention_split
+        from vllm_headinfer.coattention import tuning as coattention_tuning
 
         coattention_split.MIN_CPU_SHARE_S = 0.0
         coattention_tuning.RETUNE_WINDOW_S = 1e-4
@@ -88,12 +89,12 @@ def main(spec: dict) -> dict:
         })
     extra = {}
     if spec.get("coattention_calls"):
-        from vllm_headinfer.coattention_path import CALLS
+        from vllm_headinfer.coattention.share import CALLS
 
         extra["coattention_calls"] = dict(CALLS)
     if spec.get("retune"):
-        from vllm_headinfer import coattention_path
-        from vllm_headinfer.coattention_tuning import split_tuning
+        from vllm_headinfer.coattention import share as coattention_path
+        from vllm_headinfer.coattention.tuning import split_tuning
 
         served = coattention_path._cuda.service._layer_list if coattention_path._cuda else []
         extra["retunes"] = split_tuning.version

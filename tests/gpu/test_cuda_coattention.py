@@ -47,7 +47,7 @@ def test_retuned_split_matches_flash_attn(small_model, eager):
     0.5 s): the layers' shares resized between steps stay exact."""
     import os
 
-    from vllm_headinfer.coattention_split import MIN_CORES_PER_RANK
+    from vllm_headinfer.coattention.split import MIN_CORES_PER_RANK
 
     if len(os.sched_getaffinity(0)) < MIN_CORES_PER_RANK:
         pytest.skip(f"auto co-attention needs {MIN_CORES_PER_RANK} cores")

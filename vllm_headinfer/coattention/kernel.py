@@ -39,7 +39,7 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic, overload
 
-from vllm_headinfer.coattention_split import SHARE_STEPS
+from vllm_headinfer.coattention.split import SHARE_STEPS
 
 # Page formats: read as float32, as raw 16-bit words for bf16 and fp16
 # (numpy has no bf16), as bytes for fp8.

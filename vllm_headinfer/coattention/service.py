@@ -56,8 +56,8 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 from vllm.logger import init_logger
 
-from vllm_headinfer.coattention_split import LoopFigures
-from vllm_headinfer.cpu_coattention import run_attention, split_cut, use_threads
+from vllm_headinfer.coattention.split import LoopFigures
+from vllm_headinfer.coattention.kernel import run_attention, split_cut, use_threads
 
 logger = init_logger(__name__)
 

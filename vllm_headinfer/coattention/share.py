@@ -54,7 +54,7 @@ import torch
 from vllm.platforms import current_platform
 from vllm.utils.math_utils import cdiv
 
-from vllm_headinfer.coattention_split import (
+from vllm_headinfer.coattention.split import (
     SHARE_STEPS,
     RankSplit,
     auto_split,
@@ -88,7 +88,7 @@ def rank_split(vllm_config, spec) -> RankSplit:
     heads = spec.num_offloaded_kv_heads
     key = (cores, threads, spec.dtype, fp8, spec.head_size, spec.block_size, heads)
     if key not in _measured:
-        from vllm_headinfer.coattention_probe import measure_rates
+        from vllm_headinfer.coattention.probe import measure_rates
 
         _measured[key] = auto_split(
             cores, threads,
@@ -221,7 +221,7 @@ class CpuShare:
         ``out`` gets the heads the CPU takes whole, and a split head's part
         goes to ``split_out`` ``[tokens, G, D]`` with its log-sum-exps
         ``split_lse`` ``[G, tokens]``."""
-        from vllm_headinfer.cpu_coattention import decode_attention
+        from vllm_headinfer.coattention.kernel import decode_attention
 
         decode_attention(query, pages[:, self.pool_start:], step.block_table, step.seq_lens,
                          step.query_start_loc, out=out, threads=self.threads,
@@ -255,9 +255,9 @@ class CudaCoattention:
     (``reserve_slots``)."""
 
     def __init__(self, query_dtype: torch.dtype, slot_bytes: int, lse_bytes: int) -> None:
-        from vllm_headinfer.coattention_service import FLAG_WORDS, CoattentionService
-        from vllm_headinfer.cpu_coattention import raw_words
-        from vllm_headinfer.device_flags import DeviceFlags
+        from vllm_headinfer.coattention.service import FLAG_WORDS, CoattentionService
+        from vllm_headinfer.coattention.kernel import raw_words
+        from vllm_headinfer.coattention.device_flags import DeviceFlags
 
         self.query_dtype = query_dtype
         self.queries, self.out, self.lse = (
@@ -296,8 +296,8 @@ class CudaCoattention:
 def served_layer(share: CpuShare, layer, pages: torch.Tensor, query_scale):
     """``share``'s layer as the serving loop reads it: ``pages`` the
     layer's host pages ``[blocks, H_off, 2, N, D]``."""
-    from vllm_headinfer.coattention_service import ServedLayer
-    from vllm_headinfer.cpu_coattention import flat_pages, head_scales, page_format
+    from vllm_headinfer.coattention.service import ServedLayer
+    from vllm_headinfer.coattention.kernel import flat_pages, head_scales, page_format
 
     pages = pages[:, share.pool_start:]
     flat, block_stride, head_stride = flat_pages(pages)
@@ -346,7 +346,7 @@ def coattend(ops, layer, query, kv_cache, pages, host, m, output) -> None:
     """One layer of a short-query step with co-attention on CUDA (the
     module docstring's steps 1-4): ``host`` the layer's pages' UVA view.
     Nothing here waits for the GPU."""
-    from vllm_headinfer.coattention_service import DONE, FINISHED, PUBLISHED
+    from vllm_headinfer.coattention.service import DONE, FINISHED, PUBLISHED
 
     share, step = ops.impl.cpu_share, m.host_step
     t, g, dim = step.tokens, share.group, query.shape[2]

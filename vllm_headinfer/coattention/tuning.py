@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
-from vllm_headinfer.coattention_split import RankSplit, engine_rates
+from vllm_headinfer.coattention.split import RankSplit, engine_rates
 
 # Kernel time per window: at 512K tokens and 4 CPU heads a layer call runs
 # the kernel for ~25 ms, so a window holds about 20 calls.
@@ -38,7 +38,7 @@ MIN_GAIN = 0.02
 
 
 def _cuda_service():
-    from vllm_headinfer import coattention_path
+    from vllm_headinfer.coattention import share as coattention_path
 
     cuda = coattention_path._cuda
     return cuda.service if cuda is not None else None

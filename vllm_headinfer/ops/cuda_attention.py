@@ -34,11 +34,11 @@ from vllm.v1.attention.backends.fa_utils import (
     get_flash_attn_version,
 )
 
-from vllm_headinfer.coattention_path import coattend
-from vllm_headinfer.coattention_split import SHARE_STEPS
+from vllm_headinfer.coattention.share import coattend
+from vllm_headinfer.coattention.split import SHARE_STEPS
 from vllm_headinfer.kv_quant import fp8_dtype
 from vllm_headinfer.layout import device_kv, host_kv
-from vllm_headinfer.staging import gather_pages, plan_head_groups, shared_staging
+from vllm_headinfer.ops.staging import gather_pages, plan_head_groups, shared_staging
 
 logger = init_logger("vllm.headinfer")
 
