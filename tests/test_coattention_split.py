@@ -2,7 +2,7 @@
 
 The per-layer split against brute force over every share in sixteenths of a head, the thread
 count of a rank, auto's decisions from the cores and the measured rates, the
-startup line, and how config.py parses and checks the two settings.
+startup line, and how config.py parses and startup.py checks the two settings.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from vllm_headinfer.coattention.split import (
     rank_cores,
     startup_line,
 )
-from vllm_headinfer.config import HeadInferConfig, HeadInferConfigError, check_cpu_attention
+from vllm_headinfer.config import HeadInferConfig, HeadInferConfigError
+from vllm_headinfer.startup import check_cpu_attention
 
 RATES = [1e9, 16e9, 30e9, 48e9, 50e9, 60e9, 91.8e9, 200e9]
 

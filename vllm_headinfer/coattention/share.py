@@ -61,7 +61,8 @@ from vllm_headinfer.coattention.split import (
     kernel_threads,
     rank_cores,
 )
-from vllm_headinfer.config import HeadInferConfig, ranks_per_node
+from vllm_headinfer.config import HeadInferConfig
+from vllm_headinfer.host_memory import ranks_per_node
 from vllm_headinfer.kv_quant import Fp8Scales, fp8_dtype
 
 # Layer calls the kernel served in this process, by step kind ("decode":
