@@ -1,4 +1,4 @@
-"""CPU co-attention's policy (coattention_split) and its settings.
+"""CPU co-attention's policy (coattention/split.py) and its settings.
 
 The per-layer split against brute force over every share in sixteenths of a head, the thread
 count of a rank, auto's decisions from the cores and the measured rates, the

@@ -181,7 +181,7 @@ def test_fp8_pages_read_with_their_scales(fp8):
     ("auto", None), ("fp8_e4m3", (0.5, 0.25)), ("fp8_e5m2", ([0.5, 2.0, 1.0, 0.25], [1.0, 0.5, 4.0, 2.0])),
 ])
 def test_a_layers_cpu_share(kv_cache_dtype, scales, share):
-    """A layer's CPU share (coattention_path.CpuShare) of its three
+    """A layer's CPU share (coattention.share.CpuShare) of its three
     offloaded heads (KV heads 1-3 of 4, query heads 2-7 of 8): 2 heads (KV
     heads 2-3) through the kernel, or 1.5 (KV head 3 whole, the later half
     of KV head 2's blocks, merged with the torch path's first half), against

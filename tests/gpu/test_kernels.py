@@ -89,7 +89,7 @@ def _flash_args(table, seq_lens, q_lens):
 
 def check_all(seed: int = 0) -> None:
     from vllm._custom_ops import reshape_and_cache_flash
-    from vllm_headinfer.ops.cuda_attention import fa_view
+    from vllm_headinfer.layout import fa_view
     from vllm_headinfer.layout import host_kv
     from vllm_headinfer.ops.staging import gather_pages
     from vllm_headinfer.ops.torch_attention import paged_attention, write_paged
@@ -157,7 +157,7 @@ def check_fp8(seed: int = 2) -> None:
     from vllm._custom_ops import reshape_and_cache_flash
     from vllm.platforms import current_platform
     from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
-    from vllm_headinfer.ops.cuda_attention import fa_view
+    from vllm_headinfer.layout import fa_view
     from vllm_headinfer.kv_quant import Fp8Scales, dequantize
     from vllm_headinfer.layout import host_kv
     from vllm_headinfer.ops.torch_attention import paged_attention, write_paged
@@ -225,7 +225,7 @@ def check_split_plan(q, pages, table, qsl, sl, q_lens, seq_lens, batch) -> int:
       also with vLLM's wide block tables.
     Returns how many eager cases split, with a count that calls over one or
     three KV heads alone would not pick."""
-    from vllm_headinfer.ops.cuda_attention import fa_view
+    from vllm_headinfer.layout import fa_view
     from vllm_headinfer.ops.flash_splits import all_heads_num_splits
     from vllm_headinfer.layout import device_kv, host_kv
     from vllm.v1.attention.backends.fa_utils import (
