@@ -23,7 +23,7 @@ from vllm_headinfer import placement as policy
 from vllm_headinfer.config import HeadInferConfig, HeadInferConfigError
 from vllm_headinfer.spec import HeadInferAttentionSpec, placeholder_page_bytes, split_spec
 
-logger = init_logger("vllm.headinfer")
+logger = init_logger("vllm.headinfer.capacity")
 GIB = 1 << 30
 
 

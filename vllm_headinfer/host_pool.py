@@ -28,7 +28,7 @@ from vllm_headinfer.host_memory import available_host_bytes
 from vllm_headinfer.layout import host_page_shape
 from vllm_headinfer.spec import HeadInferAttentionSpec
 
-logger = init_logger("vllm.headinfer")
+logger = init_logger("vllm.headinfer.host_pool")
 
 
 class HostPinningError(RuntimeError):
