@@ -232,17 +232,21 @@ def test_stop_while_the_loop_reports():
 
 
 def test_the_report_goes_out_through_vllms_logging():
-    """The loop's report line reaches vLLM's own log handler (what an
-    engine's log shows), not only a logger of its own that nothing prints."""
+    """The loop's report line reaches the handler of vLLM's own logging
+    configuration, applied as an engine process applies it (what an engine's
+    log shows), not only a logger of its own that nothing prints."""
     import io
     import logging
 
-    from vllm.logger import init_logger  # noqa: F401  (vLLM configures its logger tree on import)
+    from vllm.config import LoggingConfig
+    from vllm.logger import configure_logging
 
-    handlers = logging.getLogger("vllm").handlers
-    assert handlers, "vLLM's logging configuration is off (VLLM_CONFIGURE_LOGGING)"
+    root = logging.getLogger("vllm")
+    saved = (root.handlers[:], root.level, root.propagate, logging.getLogRecordFactory())
+    configure_logging(LoggingConfig())
+    assert root.handlers, "vLLM's logging configuration is off (VLLM_CONFIGURE_LOGGING)"
     stream = io.StringIO()
-    before = handlers[0].setStream(stream)
+    root.handlers[0].setStream(stream)
     try:
         gen = torch.Generator().manual_seed(2)
         layer = Layer(gen, 2, 1)
@@ -261,7 +265,8 @@ def test_the_report_goes_out_through_vllms_logging():
             threading.Event().wait(0.1)
         service.stop()
     finally:
-        handlers[0].setStream(before)
+        root.handlers, root.level, root.propagate = saved[:3]
+        logging.setLogRecordFactory(saved[3])
     assert "HEADINFER CPU co-attention: 1 layer calls: the kernel read" in stream.getvalue()
 
 
