@@ -1,6 +1,6 @@
 """What CPU co-attention adds to a layer besides the kernel's reads (CUDA).
 
-Runs the engine's own per-layer sequence (``coattention_path.coattend``):
+Runs the engine's own per-layer sequence (``CudaHeadAttention._coattend``: runtime post, the GPU's share, runtime collect):
 the call posted to the serving thread, the CPU heads' queries copied to the
 pinned slot and the call published on the stream, the GPU's share launched
 (nothing, or a GPU sleep standing in for it), the stream waiting for the
@@ -28,15 +28,12 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # runs from a checkout
-from vllm_headinfer.coattention_path import (  # noqa: E402
-    CpuShare,
-    HostStep,
-    coattend,
-    cuda_coattention,
-    reserve_slots,
+from vllm_headinfer.coattention.runtime import (  # noqa: E402
+    CoattentionRuntime,
     served_layer,
     served_tables,
 )
+from vllm_headinfer.coattention.share import CpuShare, HostStep  # noqa: E402
 from vllm_headinfer.layout import host_page_shape  # noqa: E402
 
 KV_HEADS, GROUP, DIM, BLOCK = 8, 4, 128, 16
@@ -90,8 +87,6 @@ def measure(context: int, threads: int, cpu_heads: int, layers: int, reps: int,
         if gpu_cycles[0]:
             torch.cuda._sleep(gpu_cycles[0])
 
-    ops = SimpleNamespace(impl=SimpleNamespace(cpu_share=share), query_scale=lambda layer: 1.0,
-                          read_in_place=gpu_share)
     blocks = -(-context // BLOCK)
     pages = torch.randn(host_page_shape(blocks, KV_HEADS, BLOCK, DIM)).to(torch.bfloat16)
     buffers = tuple(torch.empty(n, dtype=torch.int64, pin_memory=True) for n in (blocks, 1, 2))
@@ -99,20 +94,21 @@ def measure(context: int, threads: int, cpu_heads: int, layers: int, reps: int,
     buffers[1].fill_(context)
     buffers[2].copy_(torch.tensor([0, 1]))
     step = HostStep(buffers[0].view(1, blocks), buffers[1], buffers[2], 1, buffers)
-    m = SimpleNamespace(host_step=step)
     query = torch.randn(1, KV_HEADS * GROUP, DIM, dtype=torch.bfloat16, device="cuda")
     output = torch.empty_like(query)
-    reserve_slots(SimpleNamespace(scheduler_config=SimpleNamespace(
-        max_num_seqs=1, max_num_batched_tokens=1), speculative_config=None), KV_HEADS * GROUP, DIM)
-    cuda = cuda_coattention(query.dtype)
-    cuda.service.register([(share.key, served_layer(share, None, pages, ops.query_scale))],
+    runtime = CoattentionRuntime()
+    runtime.reserve(1, 1, 1, KV_HEADS * GROUP, DIM)
+    cuda = runtime.slots(query.dtype)
+    cuda.service.register([(share.key, served_layer(share, None, pages, lambda layer: 1.0))],
                           [served_tables(buffers)])
     rows = share.query_heads
     host_query = query[:, rows].cpu()
     host_out = torch.empty_like(host_query)
 
     def layer_call() -> None:
-        coattend(ops, None, query, None, pages, None, m, output)
+        call = runtime.post(share, query, step)
+        gpu_share()
+        runtime.collect(call, share, step, output)
 
     def kernel_call() -> None:
         share.attend(None, host_query, pages, step, host_out)

@@ -32,7 +32,7 @@ import numba
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # runs from a checkout
-from vllm_headinfer.cpu_coattention import decode_attention  # noqa: E402
+from vllm_headinfer.coattention.kernel import decode_attention  # noqa: E402
 from vllm_headinfer.host_pool import huge_page_mapping  # noqa: E402
 from vllm_headinfer.layout import host_page_shape  # noqa: E402
 

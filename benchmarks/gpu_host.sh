@@ -333,7 +333,7 @@ case "$1" in
     reinstall
     timeout 300 python3 benchmarks/cpu_attention_bandwidth.py --out "$out/cpu_attn_bw.json" \
       --heads "${HEADS:-1,2,4,8}" ${THREADS:+--threads "$THREADS"} 2>&1 | tail -40
-    timeout 120 python3 -c "import os, torch; from vllm_headinfer.coattention_probe import measure_rates as m
+    timeout 120 python3 -c "import os, torch; from vllm_headinfer.coattention.probe import measure_rates as m
 t = len(os.sched_getaffinity(0)) - 1
 for _ in range(3): print('probe threads', t, 'CPU, GPU GB/s:', [round(r / 1e9, 1) for r in m(t, torch.bfloat16, None, 128, 16)])" \
       2>&1 | tail -4 | tee "$out/coattn_probe.txt"

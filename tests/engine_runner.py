@@ -166,7 +166,7 @@ def run_engine(spec: dict, engine: dict, model_path: str, capture: _Capture) -> 
         if spec.get("inprocess", False):
             # The worker runs in this process: its host pools and the CPU
             # co-attention kernel's call counts are visible.
-            from vllm_headinfer.coattention_path import CALLS
+            from vllm_headinfer.coattention.share import CALLS
             from vllm_headinfer.host_pool import host_pools
 
             result["host_pool_bytes"] = host_pools.total_bytes()

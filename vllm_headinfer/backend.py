@@ -21,7 +21,7 @@ class HeadInferBackend(AttentionBackend):
         torch.bfloat16,
         torch.float32,
     ]
-    # fp8_e5m2 only on CPU: config.py refuses it on CUDA, as FLASH_ATTN does.
+    # fp8_e5m2 only on CPU: startup.py refuses it on CUDA, as FLASH_ATTN does.
     supported_kv_cache_dtypes: ClassVar[list] = [*PLAIN_KV_DTYPES, *FP8_KV_DTYPES]
     # K/V are written by do_kv_cache_update (vLLM's separate custom op), to
     # both halves with the same slot mapping, before forward reads them.

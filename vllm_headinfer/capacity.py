@@ -24,7 +24,7 @@ from vllm_headinfer.config import HeadInferConfig, HeadInferConfigError
 from vllm_headinfer.spec import HeadInferAttentionSpec, placeholder_page_bytes, split_spec
 from vllm_headinfer.vllm_support import kv_planning
 
-logger = init_logger("vllm.headinfer")
+logger = init_logger("vllm.headinfer.capacity")
 GIB = 1 << 30
 
 

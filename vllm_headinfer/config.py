@@ -1,38 +1,28 @@
-"""HeadInfer settings: parsing, validation against the model, resolution.
+"""HeadInfer settings: the table of settings and their parsing, pure.
 
 Settings come from ``additional_config["headinfer"]`` (``--additional-config``)
 with ``VLLM_HEADINFER_*`` environment variables as fallbacks. They are resolved
-once in the process that builds the engine config; the resolved values are
-written back into ``additional_config`` so that every engine-core, worker and
-Ray process reads the same numbers.
+once in the process that builds the engine config (startup.py checks them
+against the model and the host); the resolved values are written back into
+``additional_config`` so that every engine-core, worker and Ray process reads
+the same numbers.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
 from typing import TYPE_CHECKING, Any
 
 from vllm_headinfer import BACKEND_NAME
-from vllm_headinfer.coattention_split import SHARE_STEPS
-from vllm_headinfer.kv_quant import accepted_kv_dtypes
+from vllm_headinfer.coattention.split import SHARE_STEPS
+from vllm_headinfer.host_memory import DEFAULT_FREE_RAM_SHARE
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
 CONFIG_KEY = "headinfer"
-# Default host budget: this share of the RAM that is free at startup, split
-# over the ranks of the node. The rest stays for weights, the OS and page cache.
-DEFAULT_FREE_RAM_SHARE = 0.5
-# At startup, refuse budgets above this share of free RAM, less a reserve per
-# rank for the engine's own processes (CUDA context, libraries, buffers): each
-# rank's pool is allocated only after its process has loaded the model. On the
-# 125 GiB H100 host a 105.9 GiB pool with 124 GiB free got the engine killed
-# while pinning; 90 GiB served (benchmarks/RESULTS.md).
-HOST_SHARE_LIMIT = 0.8
-HOST_RESERVE_PER_RANK_BYTES = 3 << 30
 OFFLOAD_PATHS = ("auto", "uva", "staged")
 
 # key -> (environment fallback, description shown in errors and the README)
@@ -96,7 +86,7 @@ class HeadInferConfigError(ValueError):
     """A HeadInfer setting, or the model, cannot be served as configured."""
 
 
-def _setting_error(key: str, value: Any, accepted: str) -> HeadInferConfigError:
+def setting_error(key: str, value: Any, accepted: str) -> HeadInferConfigError:
     env = SETTINGS[key][0]
     return HeadInferConfigError(
         f"additional_config.{CONFIG_KEY}.{key} (or {env}) = {value!r} is not "
@@ -152,12 +142,12 @@ class HeadInferConfig:
         if raw.get("cpu_kv_gib") is not None:
             gib = _as_float("cpu_kv_gib", raw["cpu_kv_gib"], "a number of GiB > 0")
             if not (gib > 0 and math.isfinite(gib)):
-                raise _setting_error("cpu_kv_gib", raw["cpu_kv_gib"], "a number of GiB > 0")
+                raise setting_error("cpu_kv_gib", raw["cpu_kv_gib"], "a number of GiB > 0")
             kwargs["cpu_kv_gib"] = gib
         for key in ("decode_path", "prefill_path"):
             if key in raw:
                 if raw[key] not in OFFLOAD_PATHS:
-                    raise _setting_error(key, raw[key], f"one of {OFFLOAD_PATHS}")
+                    raise setting_error(key, raw[key], f"one of {OFFLOAD_PATHS}")
                 kwargs[key] = raw[key]
         if "staging_mib" in raw:
             kwargs["staging_mib"] = _keyword_or_int(
@@ -237,7 +227,7 @@ def _from_env_text(key: str, text: str) -> Any:
         try:
             return [int(x) for x in text.strip("[]").split(",")]
         except ValueError:
-            raise _setting_error(key, text, _RESIDENT_ACCEPTED) from None
+            raise setting_error(key, text, _RESIDENT_ACCEPTED) from None
     for parse in (int, float):
         try:
             return parse(text)
@@ -251,14 +241,14 @@ def _resident_setting(value: Any) -> str | int | tuple[int, ...]:
         return AUTO
     if isinstance(value, (list, tuple)):
         if not value:
-            raise _setting_error("resident_kv_heads", value, _RESIDENT_ACCEPTED)
+            raise setting_error("resident_kv_heads", value, _RESIDENT_ACCEPTED)
         counts = tuple(_as_int("resident_kv_heads", v, _RESIDENT_ACCEPTED) for v in value)
         if min(counts) < 0:
-            raise _setting_error("resident_kv_heads", value, _RESIDENT_ACCEPTED)
+            raise setting_error("resident_kv_heads", value, _RESIDENT_ACCEPTED)
         return counts
     count = _as_int("resident_kv_heads", value, _RESIDENT_ACCEPTED)
     if count < 0:
-        raise _setting_error("resident_kv_heads", value, _RESIDENT_ACCEPTED)
+        raise setting_error("resident_kv_heads", value, _RESIDENT_ACCEPTED)
     return count
 
 
@@ -269,7 +259,7 @@ def _keyword_or_int(key: str, value: Any, keywords: tuple[str, ...], minimum: in
         return value
     number = _as_int(key, value, accepted)
     if number < minimum:
-        raise _setting_error(key, value, accepted)
+        raise setting_error(key, value, accepted)
     return number
 
 
@@ -280,21 +270,21 @@ def _cpu_attention_setting(value: Any) -> str | float:
     heads = _as_float("cpu_attention", value, _CPU_ATTENTION_ACCEPTED)
     steps = heads * SHARE_STEPS
     if not (heads >= 0 and math.isfinite(heads) and steps.is_integer()):
-        raise _setting_error("cpu_attention", value, _CPU_ATTENTION_ACCEPTED)
+        raise setting_error("cpu_attention", value, _CPU_ATTENTION_ACCEPTED)
     return int(heads) if heads.is_integer() else heads
 
 
 def _as_int(key: str, value: Any, accepted: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _setting_error(key, value, accepted)
+        raise setting_error(key, value, accepted)
     if not float(value).is_integer():
-        raise _setting_error(key, value, accepted)
+        raise setting_error(key, value, accepted)
     return int(value)
 
 
 def _as_float(key: str, value: Any, accepted: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _setting_error(key, value, accepted)
+        raise setting_error(key, value, accepted)
     return float(value)
 
 
@@ -303,229 +293,3 @@ def is_selected(vllm_config: VllmConfig) -> bool:
     attn = vllm_config.attention_config
     chosen = [attn.backend, *attn.backend_per_kind.values()]
     return any(b is not None and b.name == BACKEND_NAME for b in chosen)
-
-
-def ranks_per_node(vllm_config: VllmConfig) -> int:
-    parallel = vllm_config.parallel_config
-    return max(1, parallel.world_size // max(1, parallel.nnodes))
-
-
-def _cgroup_free_bytes() -> int | None:
-    """Memory left under this container's cgroup limit, which free RAM as the
-    kernel reports it does not show (cgroup v2, then v1)."""
-    for limit_file, usage_file in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-        (
-            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
-            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
-        ),
-    ):
-        try:
-            with open(limit_file) as f:
-                limit = f.read().strip()
-            with open(usage_file) as f:
-                usage = int(f.read().strip())
-        except (OSError, ValueError):
-            continue
-        if limit.isdigit() and int(limit) < (1 << 60):
-            return int(limit) - usage
-        return None
-    return None
-
-
-def available_host_bytes() -> int:
-    """RAM this process can still get: the kernel's available memory, capped
-    by the container's cgroup limit."""
-    import psutil
-
-    free = int(psutil.virtual_memory().available)
-    cgroup = _cgroup_free_bytes()
-    return free if cgroup is None else min(free, cgroup)
-
-
-def host_limit_per_rank(free: int, ranks: int) -> int:
-    """The largest cpu_kv_gib (in bytes) accepted at startup."""
-    return max(0, int(free * HOST_SHARE_LIMIT - HOST_RESERVE_PER_RANK_BYTES * ranks) // ranks)
-
-
-def _check_model(vllm_config: VllmConfig) -> None:
-    """Refuses models and features whose KV HEADINFER cannot split exactly."""
-    model = vllm_config.model_config
-    attn = vllm_config.attention_config
-    global_backend = attn.backend is not None and attn.backend.name == BACKEND_NAME
-    if model.use_mla:
-        raise HeadInferConfigError(
-            "--attention-backend HEADINFER: MLA models (one latent KV per token, "
-            "no KV heads to split) are not supported; use the default backend."
-        )
-    if model.is_hybrid or model.is_attention_free:
-        raise HeadInferConfigError(
-            "--attention-backend HEADINFER: hybrid and attention-free models "
-            "(state-space or linear-attention layers) are not supported; "
-            "supported are decoder models with full attention layers."
-        )
-    layer_types = getattr(model.hf_text_config, "layer_types", None) or []
-    has_window = model.get_sliding_window() is not None or any(
-        "sliding" in str(t) for t in layer_types
-    )
-    if has_window and global_backend:
-        raise HeadInferConfigError(
-            "--attention-backend HEADINFER: this model has sliding-window layers, "
-            "which HEADINFER does not serve. Select it for full-attention layers "
-            "only: --attention-config "
-            '\'{"backend_per_kind": {"full_attention": "HEADINFER"}}\'.'
-        )
-    if vllm_config.kv_transfer_config is not None:
-        raise HeadInferConfigError(
-            "--attention-backend HEADINFER cannot be combined with a KV connector "
-            "(--kv-transfer-config / --kv-offloading-size): a connector would "
-            "move only the resident heads. Remove the connector setting."
-        )
-    cache_dtype = vllm_config.cache_config.cache_dtype
-    from vllm.platforms import current_platform
-
-    accepted = accepted_kv_dtypes(current_platform.is_cuda())
-    if cache_dtype not in accepted:
-        raise HeadInferConfigError(
-            f"--kv-cache-dtype {cache_dtype} is not supported with HEADINFER on "
-            f"this platform; accepted values: {', '.join(accepted)}."
-        )
-    _check_speculative(vllm_config.speculative_config)
-    parallel = vllm_config.parallel_config
-    if parallel.decode_context_parallel_size > 1 or getattr(
-        parallel, "prefill_context_parallel_size", 1
-    ) > 1:
-        raise HeadInferConfigError(
-            "--decode-context-parallel-size / --prefill-context-parallel-size > 1 "
-            "is not supported with HEADINFER; use tensor parallelism."
-        )
-
-
-# Proposers HEADINFER serves: prompt lookup adds no attention layers; the
-# layers of a draft model, an EAGLE head or the target's own MTP layers
-# register after the target's and keep every head on the device
-# (capacity.placed_specs). Others (Medusa, MLP speculators, ...) are not
-# verified with head placement.
-SPECULATION_METHODS = ("ngram", "suffix", "draft_model", "eagle", "eagle3", "mtp")
-
-
-def _check_speculative(spec) -> None:
-    if spec is None or spec.method in SPECULATION_METHODS:
-        return
-    raise HeadInferConfigError(
-        f"--speculative-config method {spec.method!r} is not supported with "
-        "HEADINFER yet (its draft layers are not verified with head "
-        f"placement). Accepted methods: {', '.join(SPECULATION_METHODS)}."
-    )
-
-
-def check_cpu_attention(cfg: HeadInferConfig, is_cuda: bool) -> None:
-    """CPU co-attention shares out the offloaded heads that decode steps read
-    in place: on CUDA a fixed count needs those steps on the 'uva' path."""
-    if is_cuda and cfg.fixed_cpu_share and cfg.resolved_decode_path != "uva":
-        raise _setting_error(
-            "cpu_attention",
-            cfg.cpu_attention,
-            "'auto' or 'off' with decode_path 'staged' (co-attention shares out "
-            "the offloaded heads decode steps read in place: decode_path 'uva')",
-        )
-
-
-def resolve(vllm_config: VllmConfig) -> HeadInferConfig | None:
-    """Validates everything at startup and pins the resolved settings.
-
-    Returns None when HEADINFER is not selected. Raises HeadInferConfigError
-    naming the setting and its accepted values otherwise.
-    """
-    raw = (vllm_config.additional_config or {}).get(CONFIG_KEY)
-    if not is_selected(vllm_config):
-        if raw:
-            raise HeadInferConfigError(
-                f"additional_config.{CONFIG_KEY} is set but the attention backend "
-                "is not HEADINFER: add --attention-backend HEADINFER."
-            )
-        return None
-    if raw is not None and not isinstance(raw, dict):
-        raise HeadInferConfigError(
-            f"additional_config.{CONFIG_KEY} must be a JSON object of settings "
-            f"({', '.join(SETTINGS)}), got {raw!r}."
-        )
-    cfg = HeadInferConfig.parse(raw)
-    _check_model(vllm_config)
-    from vllm.platforms import current_platform
-
-    check_cpu_attention(cfg, current_platform.is_cuda())
-
-    _check_resident_counts(vllm_config, cfg)
-
-    ranks = ranks_per_node(vllm_config)
-    free = available_host_bytes()
-    limit = host_limit_per_rank(free, ranks)
-    if cfg.cpu_kv_gib is None:
-        default = round(min(free * DEFAULT_FREE_RAM_SHARE / ranks, limit) / (1 << 30), 3)
-        if default <= 0:
-            raise _setting_error(
-                "cpu_kv_gib",
-                None,
-                f"a budget, but only {free / (1 << 30):.2f} GiB of RAM is free, "
-                "too little to offload KV after the engine's own needs",
-            )
-        cfg = dataclasses.replace(cfg, cpu_kv_gib=default)
-    if cfg.cpu_kv_bytes > limit and not _planning_elsewhere:
-        raise _setting_error(
-            "cpu_kv_gib",
-            cfg.cpu_kv_gib,
-            f"at most {limit / (1 << 30):.2f} GiB per rank: {ranks} rank(s) on "
-            f"this node would take {cfg.cpu_kv_gib * ranks:.2f} GiB of the "
-            f"{free / (1 << 30):.2f} GiB of RAM free now, which must also hold "
-            "the engine processes",
-        )
-    vllm_config.additional_config[CONFIG_KEY] = cfg.as_dict()
-    if vllm_config.attention_config.backend is not None and (
-        vllm_config.attention_config.backend.name == BACKEND_NAME
-    ):
-        # Every layer is HEADINFER's: what the budgets known here cannot hold
-        # is refused in the user's process; the engine core decides the
-        # placement with the profiled device budget and checks again.
-        from vllm_headinfer.capacity import check_before_engine
-
-        check_before_engine(vllm_config, cfg)
-    return cfg
-
-
-# The planner (plan.py) plans for the machine its flags describe, which need
-# not be the one it runs on: this machine's free RAM does not bound cpu_kv_gib.
-_planning_elsewhere = False
-
-
-@contextlib.contextmanager
-def planning_elsewhere():
-    global _planning_elsewhere
-    _planning_elsewhere = True
-    try:
-        yield
-    finally:
-        _planning_elsewhere = False
-
-
-def _check_resident_counts(vllm_config: VllmConfig, cfg: HeadInferConfig) -> None:
-    heads = vllm_config.model_config.get_num_kv_heads(vllm_config.parallel_config)
-    layers = vllm_config.model_config.get_total_num_hidden_layers()
-    value = cfg.resident_kv_heads
-    if cfg.is_auto:
-        return
-    counts = value if isinstance(value, tuple) else (value,)
-    if max(counts) > heads:
-        raise _setting_error(
-            "resident_kv_heads",
-            list(value) if isinstance(value, tuple) else value,
-            f"'auto' or integers 0..{heads} (this model has {heads} KV heads per "
-            "tensor-parallel rank)",
-        )
-    if isinstance(value, tuple) and len(value) != layers:
-        raise _setting_error(
-            "resident_kv_heads",
-            list(value),
-            f"a list of {layers} integers 0..{heads}, one per layer of this "
-            f"model (got {len(value)})",
-        )

@@ -24,10 +24,11 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from vllm.logger import init_logger
 
+from vllm_headinfer.host_memory import available_host_bytes
 from vllm_headinfer.layout import host_page_shape
 from vllm_headinfer.spec import HeadInferAttentionSpec
 
-logger = init_logger("vllm.headinfer")
+logger = init_logger("vllm.headinfer.host_pool")
 
 
 class HostPinningError(RuntimeError):
@@ -45,8 +46,6 @@ class HostMemoryError(RuntimeError):
 
 
 def _check_host_memory(nbytes: int) -> None:
-    from vllm_headinfer.config import available_host_bytes
-
     free = available_host_bytes()
     if nbytes > free - POOL_MARGIN_BYTES:
         raise HostMemoryError(

@@ -6,21 +6,23 @@ under the same block ids (layout.py shows both page layouts). Query heads follow
 KV head (``G = num_heads // num_kv_heads`` per KV head), so the query and
 output slices of the two parts are contiguous ranges and each part writes its
 own slice of ``output``: heads are independent and no merge is needed.
+
+The data path is the platform's (ops/): this class keeps vLLM's
+AttentionImpl contract and the layer's head split, and delegates.
 """
 
 from __future__ import annotations
 
 import torch
-from vllm.config import get_current_vllm_config
 from vllm.platforms import current_platform
 from vllm.v1.attention.backend import AttentionImpl, AttentionType
 
-from vllm_headinfer import config as hi_config
-from vllm_headinfer.coattention_path import CpuShare
+from vllm_headinfer.coattention.share import CpuShare
+from vllm_headinfer.config import HeadInferConfig
 from vllm_headinfer.host_pool import HostKVPool, host_pools
-from vllm_headinfer.kv_quant import Fp8Scales
 from vllm_headinfer.layout import device_kv, host_kv
 from vllm_headinfer.metadata import HeadInferMetadata
+from vllm_headinfer.ops.torch_attention import TorchHeadAttention
 
 
 def _unsupported(feature: str) -> NotImplementedError:
@@ -74,42 +76,44 @@ class HeadInferImpl(AttentionImpl[HeadInferMetadata]):
         # The offloaded heads CPU threads attend in short-query steps (CPU
         # co-attention); None when they do not.
         self.cpu_share: CpuShare | None = None
+        # The platform's data path (ops/).
+        if current_platform.is_cuda():
+            from vllm_headinfer.ops.cuda_attention import CudaHeadAttention
+
+            self.ops = CudaHeadAttention(self)
+        else:
+            self.ops = TorchHeadAttention(self)
         # Whether the layer hands fp8 queries over an fp8 cache (the attention
         # layer reads this after building the impl): as FLASH_ATTN on CUDA;
         # the CPU path attends dequantised K/V with the model's queries.
-        self.supports_quant_query_input = False
-        if current_platform.is_cuda():
-            from vllm_headinfer.cuda_attention import CudaHeadAttention
-
-            cfg = hi_config.HeadInferConfig.from_vllm_config(get_current_vllm_config())
-            self.ops = CudaHeadAttention(self, cfg)
-            self.supports_quant_query_input = self.ops.supports_quant_query_input
-        else:
-            self.ops = None
+        self.supports_quant_query_input = self.ops.supports_quant_query_input
 
     def place(
-        self, offloaded: int, pool: HostKVPool | None, cpu_share: float = 0, threads: int = 1
+        self, cfg: HeadInferConfig, offloaded: int, pool: HostKVPool | None,
+        cpu_share: float = 0, threads: int = 1, coattention=None,
     ) -> None:
-        """Adopts this layer's head split (its KV cache spec's offloaded
-        heads), the host pool of those heads (None when none) and how many
-        of them (in sixteenths) CPU threads attend in short-query steps,
-        with how many threads."""
+        """Adopts the settings ``cfg``, this layer's head split (its KV cache
+        spec's offloaded heads), the host pool of those heads (None when
+        none) and how many of them (in sixteenths) CPU threads attend in
+        short-query steps, with how many threads; ``coattention`` is the
+        process's co-attention (coattention/runtime.py), which the CUDA data
+        path posts the host's share to."""
         self.num_offloaded = offloaded
         self.num_resident = self.num_kv_heads - self.num_offloaded
         self.resident_q = self.num_resident * self.group
         self.host_pool = pool
         self.cpu_share = CpuShare(self, cpu_share, threads) if cpu_share else None
-        if self.ops is not None:
-            self.ops.placed()
+        self.ops.placed(cfg, coattention)
 
-    def _host_layer_name(self, layer) -> str:
+    def host_layer_name(self, layer) -> str:
+        """The layer whose host pages ``layer`` reads: a layer that shares
+        another layer's KV reads that layer's."""
         return self.kv_sharing_target_layer_name or layer.layer_name
 
-    def _pool_for(self, layer) -> HostKVPool:
-        """The host pool of ``layer``; a layer that shares another layer's KV
-        reads that layer's pool."""
+    def pool_for(self, layer) -> HostKVPool:
+        """The host pool of ``layer`` (that of the layer it shares KV with)."""
         if self.host_pool is None:
-            self.host_pool = host_pools.get(self._host_layer_name(layer))
+            self.host_pool = host_pools.get(self.host_layer_name(layer))
         assert self.host_pool is not None, "offloaded heads without a host pool"
         return self.host_pool
 
@@ -128,7 +132,7 @@ class HeadInferImpl(AttentionImpl[HeadInferMetadata]):
             parts.append((*device_kv(kv_cache, self.head_size), slice(0, r), slice(0, rq)))
         offloaded = self.num_offloaded - cpu_heads
         if pool is not None and offloaded:
-            name = self._host_layer_name(layer)
+            name = self.host_layer_name(layer)
             pages = pool.device_layer(name) if uva else pool.layer(name)
             parts.append((*host_kv(pages[:, :offloaded]), slice(r, r + offloaded),
                           slice(rq, rq + offloaded * self.group)))
@@ -142,17 +146,8 @@ class HeadInferImpl(AttentionImpl[HeadInferMetadata]):
         kv_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
     ) -> None:
-        pool = self._pool_for(layer) if self.num_offloaded else None
-        if self.ops is not None:
-            self.ops.write(layer, key, value, kv_cache, pool, slot_mapping)
-            return
-        from vllm_headinfer.torch_attention import write_paged
-
-        for k_cache, v_cache, kv_heads, _ in self.kv_parts(layer, kv_cache, pool, uva=False):
-            write_paged(
-                k_cache, v_cache, key[:, kv_heads], value[:, kv_heads], slot_mapping,
-                Fp8Scales.of(layer, self.kv_cache_dtype, kv_heads),
-            )
+        pool = self.pool_for(layer) if self.num_offloaded else None
+        self.ops.write(layer, key, value, kv_cache, pool, slot_mapping)
 
     def forward(
         self,
@@ -172,55 +167,6 @@ class HeadInferImpl(AttentionImpl[HeadInferMetadata]):
             # Profiling run: no KV to attend to.
             return output.fill_(0)
         n = attn_metadata.num_actual_tokens
-        pool = self._pool_for(layer) if self.num_offloaded else None
-        if self.ops is not None:
-            self.ops.forward(layer, query[:n], kv_cache, pool, attn_metadata, output[:n])
-            return output
-        from vllm_headinfer.torch_attention import paged_attention
-
-        m = attn_metadata
-        share = self.cpu_share if m.host_step is not None else None
-        cpu_heads = share.heads if share is not None else 0
-        for k_cache, v_cache, kv_heads, heads in self.kv_parts(layer, kv_cache, pool, False, cpu_heads):
-            paged_attention(
-                query[:n, heads],
-                k_cache,
-                v_cache,
-                m.block_table,
-                m.query_start_loc_cpu,
-                m.seq_lens_cpu if m.seq_lens_cpu is not None else m.seq_lens.cpu(),
-                self.scale,
-                output[:n, heads],
-                Fp8Scales.of(layer, self.kv_cache_dtype, kv_heads),
-            )
-        if share is not None:
-            self._coattend_on_cpu(layer, query, pool.layer(self._host_layer_name(layer)), m,
-                                  output, share)
+        pool = self.pool_for(layer) if self.num_offloaded else None
+        self.ops.forward(layer, query[:n], kv_cache, pool, attn_metadata, output[:n])
         return output
-
-    def _coattend_on_cpu(self, layer, query, pages, m: HeadInferMetadata, output, share) -> None:
-        """CPU co-attention's heads on the CPU platform: the kernel's share,
-        and a split head's first blocks by the torch path (the GPU's part on
-        CUDA), merged as on CUDA."""
-        from vllm_headinfer.coattention_path import merge_split_head, split_prefix_tokens
-        from vllm_headinfer.torch_attention import prefix_attention
-
-        step, g = m.host_step, self.group
-        t, dim = step.tokens, query.shape[2]
-        split_out = split_lse = None
-        if share.split_keep:
-            split_out = torch.empty(t, g, dim, dtype=output.dtype)
-            split_lse = torch.empty(g, t, dtype=torch.float32)
-        share.attend(layer, query[:t, share.query_heads], pages, step,
-                     output[:t, share.whole_query_heads], split_out=split_out, split_lse=split_lse)
-        if share.split_keep:
-            head = share.gpu_heads
-            kv = self.num_resident + head
-            prefix = split_prefix_tokens(step.seq_lens, step.query_start_loc, pages.shape[3],
-                                         share.split_keep)
-            gpu_out, gpu_lse = torch.empty_like(split_out), torch.empty_like(split_lse)
-            prefix_attention(query[:t, share.split_query_heads], *host_kv(pages[:, head : head + 1]),
-                             step.block_table, step.query_start_loc, prefix, self.scale, gpu_out,
-                             gpu_lse, Fp8Scales.of(layer, self.kv_cache_dtype, slice(kv, kv + 1)))
-            merge_split_head(output[:t, share.split_query_heads], gpu_out, gpu_lse, split_out,
-                             split_lse)

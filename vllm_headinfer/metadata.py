@@ -16,15 +16,16 @@ from vllm.v1.attention.backend import (
 )
 
 from vllm_headinfer.capacity import layer_index
-from vllm_headinfer.coattention_path import HostStep, HostStepCopies, rank_split, reserve_slots
-from vllm_headinfer.coattention_split import SHARE_STEPS, RankSplit, heads_text, startup_line
-from vllm_headinfer.coattention_tuning import split_tuning
-from vllm_headinfer.flash_splits import all_heads_num_splits, covers
+from vllm_headinfer.coattention.runtime import process_coattention
+from vllm_headinfer.coattention.share import HostStep, HostStepCopies, rank_split
+from vllm_headinfer.coattention.split import SHARE_STEPS, RankSplit, heads_text, startup_line
+from vllm_headinfer.config import HeadInferConfig
+from vllm_headinfer.ops.flash_splits import all_heads_num_splits, covers
 from vllm_headinfer.host_pool import host_pools
 from vllm_headinfer.kv_quant import fp8_dtype
 from vllm_headinfer.spec import HeadInferAttentionSpec
 
-logger = init_logger("vllm.headinfer")
+logger = init_logger("vllm.headinfer.metadata")
 
 # Flash attention's (left, right) window of a layer without sliding window.
 FULL_ATTENTION_WINDOW = (-1, -1)
@@ -36,7 +37,7 @@ FULL_ATTENTION_WINDOW = (-1, -1)
 IN_PLACE_QUERY_TILE = 32
 
 
-def _coattention_heads(vllm_config, kv_cache_spec) -> float:
+def _coattention_heads(vllm_config, cfg: HeadInferConfig, kv_cache_spec) -> float:
     """Offloaded heads CPU co-attention takes in the layers of this KV cache
     group (its spec may hold one spec per layer)."""
     from vllm.v1.kv_cache_interface import iter_layer_specs
@@ -44,7 +45,7 @@ def _coattention_heads(vllm_config, kv_cache_spec) -> float:
     specs = [s for s in iter_layer_specs(kv_cache_spec) if getattr(s, "num_offloaded_kv_heads", 0)]
     if not specs:
         return 0
-    split = rank_split(vllm_config, specs[0])
+    split = rank_split(vllm_config, cfg, specs[0])
     return sum(split.cpu_share(s.num_offloaded_kv_heads) for s in specs)
 
 
@@ -106,12 +107,10 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
         and run eagerly between captured pieces (PIECEWISE). So do all steps
         where CPU co-attention takes heads of these layers: the host runs
         its share inside each layer."""
-        from vllm_headinfer.config import HeadInferConfig
-
         cfg = HeadInferConfig.from_vllm_config(vllm_config)
         if not current_platform.is_cuda() or cfg.decode_path not in ("auto", "uva"):
             return AttentionCGSupport.NEVER
-        if _coattention_heads(vllm_config, kv_cache_spec):
+        if _coattention_heads(vllm_config, cfg, kv_cache_spec):
             return AttentionCGSupport.NEVER
         spec = vllm_config.speculative_config
         drafts = (spec.num_speculative_tokens or 0) if spec is not None else 0
@@ -127,6 +126,10 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
         device: torch.device,
     ) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        # The settings, parsed once here for this group's layers and their
+        # data paths; the process's co-attention, handed to both.
+        cfg = HeadInferConfig.from_vllm_config(vllm_config)
+        self.coattention = process_coattention
         # FLASH_ATTN's own builder for the full-head spec plans the KV splits
         # (and, under full CUDA graphs, keeps them in its persistent buffer
         # with its fixed split bound): flash attention otherwise picks the
@@ -160,7 +163,7 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
             pool = host_pools.ensure(
                 layer_names, kv_cache_spec, num_blocks, pin=current_platform.is_cuda()
             )
-            split = rank_split(vllm_config, kv_cache_spec)
+            split = rank_split(vllm_config, cfg, kv_cache_spec)
             line = startup_line(split, [layer_index(n) for n in layer_names],
                                 [offloaded] * len(layer_names))
             if line is not None:
@@ -170,15 +173,15 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
         cpu_share = split.cpu_share(offloaded)
         layers = get_layers_from_vllm_config(vllm_config, Attention, layer_names)
         for layer in layers.values():
-            layer.impl.place(offloaded, pool, cpu_share, split.threads)
-        # Auto's split follows the engine's own calls (coattention_tuning).
+            layer.impl.place(cfg, offloaded, pool, cpu_share, split.threads, self.coattention)
+        # Auto's split follows the engine's own calls (coattention/tuning.py).
         self.split, self.cpu_share, self.offloaded = split, cpu_share, offloaded
         self.token_head_bytes = kv_cache_spec.token_head_bytes
         self.impls = [layer.impl for layer in layers.values()]
-        self.tuning = bool(cpu_share) and split.fixed is None and current_platform.is_cuda()
+        self.retunes = bool(cpu_share) and split.fixed is None and current_platform.is_cuda()
         self.tuned_version = 0
-        if self.tuning:
-            split_tuning.reset()
+        if self.retunes:
+            self.coattention.tuning.reset()
         # A short-query step's metadata on the host, for the CPU kernel, in
         # steps with at least min_coattention_tokens of context.
         self.host_step_copies = None
@@ -191,7 +194,10 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
             )
             if current_platform.is_cuda():
                 impl = next(iter(layers.values())).impl
-                reserve_slots(vllm_config, impl.num_heads, impl.head_size)
+                scheduler = vllm_config.scheduler_config
+                self.coattention.reserve(scheduler.max_num_seqs,
+                                         scheduler.max_num_batched_tokens,
+                                         self.in_place_query_len, impl.num_heads, impl.head_size)
 
     def build(
         self,
@@ -207,7 +213,7 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
         split_plan, num_splits = self._split_plan(plan, m)
         short_queries = m.max_query_len <= self.in_place_query_len
         host_step = None
-        if short_queries and self.tuning:
+        if short_queries and self.retunes:
             self._retune()
         if (short_queries and self.host_step_copies is not None
                 and step_context_tokens(m) >= self.min_coattention_tokens):
@@ -232,8 +238,9 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
 
     def _retune(self) -> None:
         """Resizes this group's CPU shares to the latest rates of the
-        engine's own calls (coattention_tuning), between steps."""
-        version, split = split_tuning.current(self.split)
+        engine's own calls (coattention/tuning.py), between steps."""
+        tuning = self.coattention.tuning
+        version, split = tuning.current(self.split)
         if version == self.tuned_version:
             return
         self.tuned_version = version
@@ -245,7 +252,7 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
         logger.info(
             "HEADINFER CPU co-attention: split retuned (%s: CPU %.1f GB/s, GPU link %.1f GB/s "
             "at once): CPU threads attend %s of %d offloaded KV heads per layer (were %s)",
-            split_tuning.change, split.cpu_rate / 1e9, split.gpu_rate / 1e9, heads_text(share),
+            tuning.change, split.cpu_rate / 1e9, split.gpu_rate / 1e9, heads_text(share),
             self.offloaded, heads_text(self.cpu_share))
         for impl in self.impls:
             impl.cpu_share.resize(share)  # (the same size keeps the share as it is)

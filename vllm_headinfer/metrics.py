@@ -34,7 +34,7 @@ from vllm.v1.metrics.loggers import AggregateStatLoggerBase
 
 from vllm_headinfer.placement import Placement
 
-logger = init_logger("vllm.headinfer")
+logger = init_logger("vllm.headinfer.metrics")
 # Per user: another user's directory of the same name must not stop a start.
 CHANNEL_DIR = os.path.join(tempfile.gettempdir(), f"vllm-headinfer-{os.getuid()}")
 

@@ -203,7 +203,8 @@ def parse(argv: list[str]):
 def main(argv: list[str] | None = None) -> int:
     args, engine_args = parse(sys.argv[1:] if argv is None else argv)
     from vllm_headinfer.capacity import model_rank_kv, offload_device_bytes
-    from vllm_headinfer.config import HeadInferConfig, HeadInferConfigError, planning_elsewhere
+    from vllm_headinfer.config import HeadInferConfig, HeadInferConfigError
+    from vllm_headinfer.startup import planning_elsewhere
 
     try:
         with planning_elsewhere():

@@ -40,7 +40,7 @@ ENGINES = {
 def results(tiny_models, tmp_path_factory):
     """One runner process per co-attention engine: vLLM 0.32's CPU platform
     cannot start an engine in a process that has loaded numba (see
-    coattention_path), so each is the last engine of its process."""
+    vllm_headinfer/coattention/__init__.py), so each is the last engine of its process."""
     engine = lambda name, llm, env=None: {  # noqa: E731
         "name": name, "model": "m", "llm": llm, "env": env or {}, "scenarios": ["mixed"]}
     # The default backend runs what test_equivalence's does on this model and

@@ -76,7 +76,7 @@ def _scenarios() -> dict:
 
 def _refusal_budget() -> float:
     """A cpu_kv_gib one rank may pin but two ranks on this node may not."""
-    from vllm_headinfer.config import available_host_bytes, host_limit_per_rank
+    from vllm_headinfer.host_memory import available_host_bytes, host_limit_per_rank
 
     free = available_host_bytes()
     one, two = host_limit_per_rank(free, 1), host_limit_per_rank(free, TP)

@@ -12,7 +12,10 @@ repeat a 7-token pattern, so prompt lookup finds drafts), "coattention_calls"
 (also report the CPU co-attention kernel's layer calls by step kind; the
 engine core runs in this process), "retune" (auto co-attends every step and
 retunes its split from windows of 0.1 ms of kernel time; also reports how
-often the rates in force changed and the shapes of the shares served).
+often the rates in force changed and the shapes of the shares served),
+"second_engine" (the engine is shut down, what it left in this process is
+reported, and a second engine of the same spec runs: its outputs as
+"second").
 """
 
 import json
@@ -25,7 +28,8 @@ def main(spec: dict) -> dict:
     from vllm import LLM, SamplingParams
 
     if spec.get("retune"):
-        from vllm_headinfer import coattention_split, coattention_tuning
+        from vllm_headinfer.coattention import split as coattention_split
+        from vllm_headinfer.coattention import tuning as coattention_tuning
 
         coattention_split.MIN_CPU_SHARE_S = 0.0
         coattention_tuning.RETUNE_WINDOW_S = 1e-4
@@ -88,17 +92,36 @@ def main(spec: dict) -> dict:
         })
     extra = {}
     if spec.get("coattention_calls"):
-        from vllm_headinfer.coattention_path import CALLS
+        from vllm_headinfer.coattention.share import CALLS
 
         extra["coattention_calls"] = dict(CALLS)
     if spec.get("retune"):
-        from vllm_headinfer import coattention_path
-        from vllm_headinfer.coattention_tuning import split_tuning
+        from vllm_headinfer.coattention.runtime import process_coattention
 
-        served = coattention_path._cuda.service._layer_list if coattention_path._cuda else []
-        extra["retunes"] = split_tuning.version
+        service = process_coattention.service
+        served = service._layer_list if service is not None else []
+        extra["retunes"] = process_coattention.tuning.version
         extra["shares_served"] = sorted({(x.heads, x.split_keep) for x in served})
+    if spec.get("second_engine"):
+        del llm, outs
+        extra.update(left_behind())
+        extra["second"] = main({**spec, "second_engine": False})["outputs"]
     return {"outputs": result, **extra}
+
+
+def left_behind() -> dict:
+    """What an engine shut down in this process left: host pools still
+    mapped, and layers CPU co-attention's serving thread still holds."""
+    import gc
+
+    from vllm_headinfer.coattention.runtime import process_coattention
+    from vllm_headinfer.host_pool import HostKVPool
+
+    gc.collect()
+    pools = [o for o in gc.get_objects() if isinstance(o, HostKVPool) and o.tensor.numel()]
+    service = process_coattention.service
+    return {"pools_left": len(pools),
+            "layers_served_left": len(service.layers) if service is not None else 0}
 
 
 if __name__ == "__main__":

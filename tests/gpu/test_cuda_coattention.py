@@ -47,7 +47,7 @@ def test_retuned_split_matches_flash_attn(small_model, eager):
     0.5 s): the layers' shares resized between steps stay exact."""
     import os
 
-    from vllm_headinfer.coattention_split import MIN_CORES_PER_RANK
+    from vllm_headinfer.coattention.split import MIN_CORES_PER_RANK
 
     if len(os.sched_getaffinity(0)) < MIN_CORES_PER_RANK:
         pytest.skip(f"auto co-attention needs {MIN_CORES_PER_RANK} cores")
@@ -65,3 +65,14 @@ def test_retuned_split_matches_flash_attn(small_model, eager):
     # Short contexts read far below the startup probe's rate: the first
     # split tried is smaller.
     assert len(shares) > 1, f"no share was resized: {shares}"
+
+
+def test_a_second_engine_leaves_nothing_of_the_first(small_model):
+    """Two co-attending engines one after the other in one process: once the
+    first is shut down, none of its host pools stays mapped and the serving
+    thread holds none of its layers; the second serves as the first did."""
+    got = run_engine(spec(small_model, "HEADINFER", 0, dummy=False, coattention_calls=True,
+                          second_engine=True, headinfer={"cpu_attention": 2}))
+    assert got["coattention_calls"].get("decode", 0) > 0, got["coattention_calls"]
+    assert (got["pools_left"], got["layers_served_left"]) == (0, 0), got
+    assert [o["token_ids"] for o in got["second"]] == [o["token_ids"] for o in got["outputs"]]

@@ -89,10 +89,10 @@ def _flash_args(table, seq_lens, q_lens):
 
 def check_all(seed: int = 0) -> None:
     from vllm._custom_ops import reshape_and_cache_flash
-    from vllm_headinfer.cuda_attention import fa_view
+    from vllm_headinfer.layout import fa_view
     from vllm_headinfer.layout import host_kv
-    from vllm_headinfer.staging import gather_pages
-    from vllm_headinfer.torch_attention import paged_attention, write_paged
+    from vllm_headinfer.ops.staging import gather_pages
+    from vllm_headinfer.ops.torch_attention import paged_attention, write_paged
     from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func, get_flash_attn_version
 
     gen = torch.Generator().manual_seed(seed)
@@ -157,10 +157,10 @@ def check_fp8(seed: int = 2) -> None:
     from vllm._custom_ops import reshape_and_cache_flash
     from vllm.platforms import current_platform
     from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
-    from vllm_headinfer.cuda_attention import fa_view
+    from vllm_headinfer.layout import fa_view
     from vllm_headinfer.kv_quant import Fp8Scales, dequantize
     from vllm_headinfer.layout import host_kv
-    from vllm_headinfer.torch_attention import paged_attention, write_paged
+    from vllm_headinfer.ops.torch_attention import paged_attention, write_paged
 
     gen = torch.Generator().manual_seed(seed)
     num_blocks = 96
@@ -225,8 +225,8 @@ def check_split_plan(q, pages, table, qsl, sl, q_lens, seq_lens, batch) -> int:
       also with vLLM's wide block tables.
     Returns how many eager cases split, with a count that calls over one or
     three KV heads alone would not pick."""
-    from vllm_headinfer.cuda_attention import fa_view
-    from vllm_headinfer.flash_splits import all_heads_num_splits
+    from vllm_headinfer.layout import fa_view
+    from vllm_headinfer.ops.flash_splits import all_heads_num_splits
     from vllm_headinfer.layout import device_kv, host_kv
     from vllm.v1.attention.backends.fa_utils import (
         flash_attn_varlen_func,
@@ -356,7 +356,7 @@ def check_split_count() -> None:
     """``flash_splits.all_heads_num_splits`` equals the split count flash
     attention picks, over KV head counts, query group sizes, head sizes,
     query lengths and block-table widths (KV lengths)."""
-    from vllm_headinfer.flash_splits import all_heads_num_splits
+    from vllm_headinfer.ops.flash_splits import all_heads_num_splits
     from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
 
     if get_flash_attn_version(head_size=D) != 3:
@@ -393,11 +393,11 @@ def check_split_count() -> None:
 def check_split_head(seed: int = 3) -> None:
     from types import SimpleNamespace
 
-    from vllm_headinfer.coattention_path import merge_split_head, split_prefix_tokens
-    from vllm_headinfer.cpu_coattention import decode_attention
-    from vllm_headinfer.cuda_attention import CudaHeadAttention
+    from vllm_headinfer.coattention.share import merge_split_head, split_prefix_tokens
+    from vllm_headinfer.coattention.kernel import decode_attention
+    from vllm_headinfer.ops.cuda_attention import CudaHeadAttention
     from vllm_headinfer.layout import host_kv
-    from vllm_headinfer.torch_attention import paged_attention
+    from vllm_headinfer.ops.torch_attention import paged_attention
     from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
 
     gen = torch.Generator().manual_seed(seed)

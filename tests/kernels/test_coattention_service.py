@@ -1,4 +1,4 @@
-"""CPU co-attention's serving thread (coattention_service) against a GPU
+"""CPU co-attention's serving thread (coattention/service.py) against a GPU
 played by a Python thread: it publishes each call's queries through the
 handshake words as the CUDA stream does, waits for DONE and reads the
 outputs, which must equal the CPU platform's call of the same layer share
@@ -22,14 +22,15 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_headinfer.coattention_path import CpuShare, HostStep, served_layer
-from vllm_headinfer.coattention_service import (CALLS, CPU_LAST, CPU_LAST_GPU_BYTES,
+from vllm_headinfer.coattention.runtime import served_entry, served_layer
+from vllm_headinfer.coattention.share import CpuShare, HostStep
+from vllm_headinfer.coattention.service import (CALLS, CPU_LAST, CPU_LAST_GPU_BYTES,
                                                 CPU_LAST_KERNEL_CYCLES, DONE, FINISHED,
                                                 FLAG_WORDS, GPU_LAST, GPU_LAST_CYCLES,
                                                 GPU_LAST_GPU_BYTES, GPU_LAST_KERNEL_CYCLES,
                                                 KERNEL_BYTES, KERNEL_CYCLES, POSTED, PUBLISHED,
                                                 SERVED, STOP, CoattentionService, reached)
-from vllm_headinfer.cpu_coattention import raw_words, split_cut
+from vllm_headinfer.coattention.kernel import raw_words, split_cut
 from vllm_headinfer.kv_quant import fp8_dtype
 
 GROUP, DIM, BLOCK, SLOT_TOKENS = 2, 64, 16, 8
@@ -37,7 +38,7 @@ GROUP, DIM, BLOCK, SLOT_TOKENS = 2, 64, 16, 8
 
 class Layer:
     """A layer whose last ``share`` of its offloaded heads the CPU takes,
-    as the serving loop reads it (coattention_path.served_layer) and as
+    as the serving loop reads it (runtime.served_layer) and as
     the CPU platform's path attends it (CpuShare.attend)."""
 
     def __init__(self, gen, offloaded, share, kv_cache_dtype="auto", blocks=64):
@@ -228,3 +229,68 @@ def test_stop_while_the_loop_reports():
     stopper.start()
     stopper.join(30)
     assert not stopper.is_alive(), "stop() waits for a thread asleep"
+
+
+def test_the_report_goes_out_through_vllms_logging():
+    """The loop's report line reaches the handler of vLLM's own logging
+    configuration, applied as an engine process applies it (what an engine's
+    log shows), not only a logger of its own that nothing prints."""
+    import io
+    import logging
+
+    from vllm.config import LoggingConfig
+    from vllm.logger import configure_logging
+
+    root = logging.getLogger("vllm")
+    saved = (root.handlers[:], root.level, root.propagate, logging.getLogRecordFactory())
+    configure_logging(LoggingConfig())
+    assert root.handlers, "vLLM's logging configuration is off (VLLM_CONFIGURE_LOGGING)"
+    stream = io.StringIO()
+    root.handlers[0].setStream(stream)
+    try:
+        gen = torch.Generator().manual_seed(2)
+        layer = Layer(gen, 2, 1)
+        flags = np.zeros(FLAG_WORDS, np.int32)
+        service = CoattentionService(flags, np.zeros(GROUP * DIM, np.int16), 1,
+                                     np.zeros(GROUP * DIM, np.float32), np.zeros(GROUP, np.float32),
+                                     lambda: None, idle_cycles=1000, report_interval_s=0)
+        table = make_table(gen, [20], [1])
+        service.register([("a", layer.served)],
+                         [("t", tuple(x.reshape(-1).long().numpy() for x in table))])
+        call = service.post("a", "t", 1, table[0].shape[1], 1)
+        flags[FINISHED] = flags[PUBLISHED] = call  # the "GPU" published it and read its share
+        for _ in range(3000):  # (the first call may compile the loop)
+            if "layer calls" in stream.getvalue():
+                break
+            threading.Event().wait(0.1)
+        service.stop()
+    finally:
+        root.handlers, root.level, root.propagate = saved[:3]
+        logging.setLogRecordFactory(saved[3])
+    assert "HEADINFER CPU co-attention: 1 layer calls: the kernel read" in stream.getvalue()
+
+
+def test_a_share_that_goes_takes_its_served_layer_with_it():
+    """The serving thread does not keep a share (its engine's layer) alive:
+    once the share goes, the service forgets its layers, and with them
+    their views of the host pool, and the loop ends."""
+    import gc
+    import weakref
+
+    gen = torch.Generator().manual_seed(3)
+    layer = Layer(gen, 2, 1)
+    service = CoattentionService(np.zeros(FLAG_WORDS, np.int32), np.zeros(GROUP * DIM, np.int16),
+                                 1, np.zeros(GROUP * DIM, np.float32),
+                                 np.zeros(GROUP, np.float32), lambda: None, idle_cycles=1000,
+                                 report_interval_s=None)
+    table = tuple(x.reshape(-1).long().numpy() for x in make_table(gen, [20], [1]))
+    service.register([served_entry(service, layer.share, layer.layer, layer.pages,
+                                   lambda layer: 1.0)], [("t", table)])
+    assert len(service.layers) == 1 and service._layer_list
+    share = weakref.ref(layer.share)
+    del layer
+    gc.collect()
+    assert share() is None, "the service keeps the share alive"
+    assert not service.layers and not service._layer_list and not service.tables
+    service._thread.join(30)
+    assert not service._thread.is_alive(), "the loop holds the layers' pages"

@@ -19,7 +19,7 @@ import random
 import pytest
 import torch
 
-from vllm_headinfer.cpu_coattention import BLOCKS_PER_SPLIT, decode_attention
+from vllm_headinfer.coattention.kernel import BLOCKS_PER_SPLIT, decode_attention
 from vllm_headinfer.kv_quant import dequantize, quantize
 
 
@@ -114,10 +114,10 @@ def test_a_split_heads_parts_merge_to_the_whole_head(keep):
     reference over the whole head; head 1 whole. Contexts of one block (no
     GPU part), long ones (several kernel splits), and verify queries whose
     positions bound the GPU's part."""
-    from vllm_headinfer.coattention_path import merge_split_head, split_prefix_tokens
-    from vllm_headinfer.cpu_coattention import split_cut
+    from vllm_headinfer.coattention.share import merge_split_head, split_prefix_tokens
+    from vllm_headinfer.coattention.kernel import split_cut
     from vllm_headinfer.layout import host_kv
-    from vllm_headinfer.torch_attention import prefix_attention
+    from vllm_headinfer.ops.torch_attention import prefix_attention
 
     gen = torch.Generator().manual_seed(keep)
     group, dim, block = 4, 64, 16
@@ -181,7 +181,7 @@ def test_fp8_pages_read_with_their_scales(fp8):
     ("auto", None), ("fp8_e4m3", (0.5, 0.25)), ("fp8_e5m2", ([0.5, 2.0, 1.0, 0.25], [1.0, 0.5, 4.0, 2.0])),
 ])
 def test_a_layers_cpu_share(kv_cache_dtype, scales, share):
-    """A layer's CPU share (coattention_path.CpuShare) of its three
+    """A layer's CPU share (coattention.share.CpuShare) of its three
     offloaded heads (KV heads 1-3 of 4, query heads 2-7 of 8): 2 heads (KV
     heads 2-3) through the kernel, or 1.5 (KV head 3 whole, the later half
     of KV head 2's blocks, merged with the torch path's first half), against
@@ -189,10 +189,10 @@ def test_a_layers_cpu_share(kv_cache_dtype, scales, share):
     one scale per tensor or per head (one kernel call per head then)."""
     from types import SimpleNamespace
 
-    from vllm_headinfer.coattention_path import CpuShare, HostStep, merge_split_head, split_prefix_tokens
+    from vllm_headinfer.coattention.share import CpuShare, HostStep, merge_split_head, split_prefix_tokens
     from vllm_headinfer.kv_quant import Fp8Scales, fp8_dtype
     from vllm_headinfer.layout import host_kv
-    from vllm_headinfer.torch_attention import paged_attention, prefix_attention
+    from vllm_headinfer.ops.torch_attention import paged_attention, prefix_attention
 
     gen = torch.Generator().manual_seed(5)
     heads, group, dim, block, offloaded = 4, 2, 64, 16, 3
@@ -240,7 +240,7 @@ def test_every_value_widens_exactly(fmt):
     import numba
     import numpy as np
 
-    from vllm_headinfer.cpu_coattention import _CODES, _to_float
+    from vllm_headinfer.coattention.kernel import _CODES, _to_float
 
     code, scale = _CODES[fmt], np.float32(0.5 if fmt.itemsize == 1 else 1.0)
 

@@ -1,8 +1,8 @@
-"""CPU co-attention's policy (coattention_split) and its settings.
+"""CPU co-attention's policy (coattention/split.py) and its settings.
 
 The per-layer split against brute force over every share in sixteenths of a head, the thread
 count of a rank, auto's decisions from the cores and the measured rates, the
-startup line, and how config.py parses and checks the two settings.
+startup line, and how config.py parses and startup.py checks the two settings.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import itertools
 
 import pytest
 
-from vllm_headinfer.coattention_split import (
+from vllm_headinfer.coattention.split import (
     MIN_CORES_PER_RANK,
     MIN_CPU_SHARE_S,
     RankSplit,
@@ -22,7 +22,8 @@ from vllm_headinfer.coattention_split import (
     rank_cores,
     startup_line,
 )
-from vllm_headinfer.config import HeadInferConfig, HeadInferConfigError, check_cpu_attention
+from vllm_headinfer.config import HeadInferConfig, HeadInferConfigError
+from vllm_headinfer.startup import check_cpu_attention
 
 RATES = [1e9, 16e9, 30e9, 48e9, 50e9, 60e9, 91.8e9, 200e9]
 

@@ -1,6 +1,6 @@
 """Auto's split retuned from the engine's own calls: the rates the serving
-loop's figures give (coattention_split.engine_rates), the windows that take
-them (coattention_tuning.SplitTuning, against a stand-in of the serving
+loop's figures give (split.engine_rates), the windows that take
+them (tuning.SplitTuning, against a stand-in of the serving
 loop's counters) and a layer's share resized in place (CpuShare.resize)."""
 
 from __future__ import annotations
@@ -10,10 +10,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from vllm_headinfer import coattention_tuning
-from vllm_headinfer.coattention_path import CpuShare
-from vllm_headinfer.coattention_split import LoopFigures, RankSplit, engine_rates
-from vllm_headinfer.coattention_tuning import MIN_GAIN, RETUNE_WINDOW_S, RETUNES, SplitTuning
+from vllm_headinfer.coattention.share import CpuShare
+from vllm_headinfer.coattention.split import LoopFigures, RankSplit, engine_rates
+from vllm_headinfer.coattention.tuning import MIN_GAIN, RETUNE_WINDOW_S, RETUNES, SplitTuning
 
 PROBE = RankSplit(threads=15, cpu_rate=59.5e9, gpu_rate=51e9)  # as in run 18 (4.3125 of 8)
 
@@ -150,14 +149,14 @@ def test_a_new_serving_loop_or_engine():
     assert tuning.current(PROBE) == (0, PROBE)
 
 
-def test_the_process_tuning_reads_the_cuda_serving_loop(monkeypatch):
-    from vllm_headinfer import coattention_path
+def test_the_process_tuning_reads_the_cuda_serving_loop():
+    from vllm_headinfer.coattention.runtime import CoattentionRuntime
 
-    monkeypatch.setattr(coattention_path, "_cuda", None)
-    assert coattention_tuning._cuda_service() is None
+    runtime = CoattentionRuntime()
+    assert runtime.service is None and runtime.tuning._service_of() is None
     service = object()
-    monkeypatch.setattr(coattention_path, "_cuda", SimpleNamespace(service=service))
-    assert coattention_tuning._cuda_service() is service
+    runtime.cuda = SimpleNamespace(service=service)
+    assert runtime.tuning._service_of() is service
 
 
 @pytest.mark.parametrize("before,after", [(4.3125, 3.625), (2, 1.5), (1.5, 3), (0.0625, 4)])
@@ -172,7 +171,7 @@ def test_a_resized_share_is_a_new_share_of_that_size(before, after):
     for name in ("split_keep", "heads", "gpu_heads", "pool_start", "kv_heads",
                  "query_heads", "split_query_heads", "whole_query_heads", "threads"):
         assert getattr(share, name) == getattr(fresh, name), name
-    assert share.key != key and share.key[0] is share  # the serving loop's new entry
+    assert share.key != key and share.key[0] == id(share)  # the serving loop's new entry
     assert share._arguments is None  # (per-head scales follow the heads)
     # The same size again: nothing for the serving loop to restart for.
     key = share.key

@@ -4,7 +4,7 @@ than on a GPU host: HEADINFER's builder runs FLASH_ATTN's builder for the
 full-head spec to get its KV-split plan (``scheduler_metadata``) and split
 bound, after pinning its ``aot_sliding_window`` to full attention; it
 recomputes the split count of FLASH_ATTN's own call from the query and key
-lengths FLASH_ATTN passes (``vllm_headinfer.flash_splits``), and plans for
+lengths FLASH_ATTN passes (``vllm_headinfer.ops.flash_splits``), and plans for
 that count with the builder's ``_get_scheduler_metadata``."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The host-computed FA3 split count against the counts flash attention
 picked on the H100 (vLLM 0.32.0's build, 132 SMs), recorded by run 8 of
-``benchmarks/RESULTS.md``: a change to ``vllm_headinfer.flash_splits`` that
+``benchmarks/RESULTS.md``: a change to ``vllm_headinfer.ops.flash_splits`` that
 would make head-split calls disagree with FLASH_ATTN fails here, on CPU."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import json
 
 from conftest import REPO
 
-from vllm_headinfer.flash_splits import all_heads_num_splits, covers
+from vllm_headinfer.ops.flash_splits import all_heads_num_splits, covers
 
 MEASURED = REPO / "benchmarks/results/2026-11-22-h100-run8-split-counts.json"
 

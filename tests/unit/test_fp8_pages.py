@@ -18,7 +18,7 @@ from test_torch_attention import make_batch, naive_attention
 
 from vllm_headinfer.kv_quant import Fp8Scales, dequantize, quantize
 from vllm_headinfer.layout import device_kv
-from vllm_headinfer.torch_attention import paged_attention, write_paged
+from vllm_headinfer.ops.torch_attention import paged_attention, write_paged
 
 E4M3 = torch.float8_e4m3fn
 

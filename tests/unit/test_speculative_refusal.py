@@ -12,7 +12,8 @@ def test_unverified_speculation_is_refused_naming_the_setting():
     accepted."""
     from types import SimpleNamespace
 
-    from vllm_headinfer.config import HeadInferConfigError, _check_speculative
+    from vllm_headinfer.config import HeadInferConfigError
+    from vllm_headinfer.startup import _check_speculative
 
     with pytest.raises(HeadInferConfigError, match=r"--speculative-config method 'medusa'.*eagle3, mtp"):
         _check_speculative(SimpleNamespace(method="medusa"))

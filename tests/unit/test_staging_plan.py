@@ -3,7 +3,7 @@
 import pytest
 
 pytest.importorskip("triton")
-from vllm_headinfer.staging import SINGLE_GROUP_BYTES, plan_head_groups  # noqa: E402
+from vllm_headinfer.ops.staging import SINGLE_GROUP_BYTES, plan_head_groups  # noqa: E402
 
 MIB = 1 << 20
 BUFFER = 512 * MIB

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from vllm_headinfer.layout import device_kv, host_kv
-from vllm_headinfer.torch_attention import paged_attention, write_paged
+from vllm_headinfer.ops.torch_attention import paged_attention, write_paged
 
 
 def naive_attention(q, ks, vs, q_lens, seq_lens, scale):

@@ -23,7 +23,7 @@ def apply() -> None:
     def make(orig):
         def create_engine_config(self, usage_context=None, headless=False):
             vllm_config = orig(self, usage_context, headless)
-            from vllm_headinfer.config import resolve
+            from vllm_headinfer.startup import resolve
 
             resolve(vllm_config)
             return vllm_config

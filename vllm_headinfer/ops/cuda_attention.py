@@ -27,28 +27,19 @@ import torch
 from vllm.logger import init_logger
 from vllm.platforms import current_platform
 from vllm.utils.math_utils import cdiv
-from vllm.utils.torch_utils import canonicalize_singleton_dim_strides
 from vllm.v1.attention.backends.fa_utils import (
     flash_attn_supports_quant_query_input,
     flash_attn_varlen_func,
     get_flash_attn_version,
 )
 
-from vllm_headinfer.coattention_path import coattend
-from vllm_headinfer.coattention_split import SHARE_STEPS
+from vllm_headinfer.coattention.share import split_prefix_tokens
+from vllm_headinfer.coattention.split import SHARE_STEPS
 from vllm_headinfer.kv_quant import fp8_dtype
-from vllm_headinfer.layout import device_kv, host_kv
-from vllm_headinfer.staging import gather_pages, plan_head_groups, shared_staging
+from vllm_headinfer.layout import device_kv, fa_view, host_kv
+from vllm_headinfer.ops.staging import gather_pages, plan_head_groups, shared_staging
 
-logger = init_logger("vllm.headinfer")
-
-
-def fa_view(cache: torch.Tensor) -> torch.Tensor:
-    """A ``[blocks, heads, N, D]`` K or V view as flash attention's
-    ``[blocks, N, heads, D]``."""
-    # A single head gives a size-1 dim with a degenerate stride, which the
-    # TMA loads of FA3 reject.
-    return canonicalize_singleton_dim_strides(cache.transpose(1, 2))
+logger = init_logger("vllm.headinfer.ops.cuda_attention")
 
 
 _overlap_streams: dict = {}
@@ -62,13 +53,17 @@ def overlap_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 class CudaHeadAttention:
-    def __init__(self, impl, cfg) -> None:
+    """The CUDA data path of a layer (``impl``, HeadInferImpl); of the same
+    shape as the CPU one (torch_attention.TorchHeadAttention)."""
+
+    def __init__(self, impl) -> None:
         self.impl = impl
         self.fa_version = get_flash_attn_version(head_size=impl.head_size)
-        self.decode_path = cfg.resolved_decode_path
-        self.prefill_path = cfg.resolved_prefill_path
-        self.staging_bytes = cfg.staging_bytes
+        # The settings' paths, the staging buffers and the process's
+        # co-attention (coattention/runtime.py), once placed.
+        self.decode_path = self.prefill_path = None
         self.staging = None
+        self.coattention = None
         # An fp8 cache is read as FLASH_ATTN reads it: pages viewed as the
         # platform's fp8 type, queries quantised by the layer where flash
         # attention takes fp8 queries (all but FA4's SM90 dequantising path).
@@ -78,12 +73,16 @@ class CudaHeadAttention:
             self.fa_version == 4 and current_platform.is_device_capability_family(90) and quantized
         )
 
-    def placed(self) -> None:
-        """Takes the process's staging buffers once this layer offloads heads
+    def placed(self, cfg, coattention) -> None:
+        """Adopts the settings ``cfg`` and the process's co-attention, and
+        takes the process's staging buffers once this layer offloads heads
         (the engine core reserved their memory when it placed them)."""
-        if self.impl.num_offloaded and self.staging_bytes and self.staging is None:
+        self.decode_path = cfg.resolved_decode_path
+        self.prefill_path = cfg.resolved_prefill_path
+        self.coattention = coattention
+        if self.impl.num_offloaded and cfg.staging_bytes and self.staging is None:
             device = torch.device("cuda", torch.cuda.current_device())
-            self.staging = shared_staging(self.staging_bytes, device)
+            self.staging = shared_staging(cfg.staging_bytes, device)
 
     def write(self, layer, key, value, kv_cache, pool, slot_mapping) -> None:
         from vllm._custom_ops import reshape_and_cache_flash
@@ -106,10 +105,9 @@ class CudaHeadAttention:
         if pool is None:
             self._attend_resident(layer, query, kv_cache, m, output, m.scheduler_metadata)
             return
-        name = impl._host_layer_name(layer)
-        host = pool.device_layer(name)
+        host = pool.device_layer(impl.host_layer_name(layer))
         if m.host_step is not None and impl.cpu_share is not None:
-            coattend(self, layer, query, kv_cache, pool.layer(name), host, m, output)
+            self._coattend(layer, query, kv_cache, host, m, output)
             return
         path = self.decode_path if m.short_queries else self.prefill_path
         if path == "uva":
@@ -120,6 +118,26 @@ class CudaHeadAttention:
                                              output[:, impl.resident_q:]):
             return
         self._attend_offloaded(layer, query, host, m, output, impl.num_offloaded)
+
+    def _coattend(self, layer, query, kv_cache, host, m, output) -> None:
+        """One layer of a short-query step with CPU co-attention
+        (coattention/runtime.py's steps 1-4): the host's share posted, the
+        GPU's read over ``host`` (the pool's UVA view), the host's share
+        collected. Nothing here waits for the GPU."""
+        share, step = self.impl.cpu_share, m.host_step
+        call = self.coattention.post(share, query, step)
+        split_part = None
+        if share.split_keep:
+            keep = share.split_keep
+            if keep not in step.device_prefixes:
+                step.device_prefixes[keep] = split_prefix_tokens(
+                    m.seq_lens, m.query_start_loc, host.shape[3], keep)
+            split_part = self.read_beside_split_head(layer, query, kv_cache, host, m, output,
+                                                     share.gpu_heads, step.tokens, keep,
+                                                     step.device_prefixes[keep])
+        else:
+            self.read_in_place(layer, query, kv_cache, host, m, output, share.gpu_heads)
+        self.coattention.collect(call, share, step, output, split_part)
 
     def read_in_place(self, layer, query, kv_cache, host, m, output, heads: int) -> None:
         """The resident heads and the first ``heads`` offloaded heads, those

@@ -23,9 +23,9 @@ import time
 
 import torch
 
-from vllm_headinfer.cpu_coattention import decode_attention
+from vllm_headinfer.coattention.kernel import decode_attention
 from vllm_headinfer.host_pool import huge_page_mapping
-from vllm_headinfer.layout import host_kv, host_page_shape
+from vllm_headinfer.layout import fa_view, host_kv, host_page_shape
 
 PROBE_BYTES = 256 << 20  # each reader's pages: five times the GPU's L2 cache
 GPU_CALLS = 60  # 15 GiB: about 0.3 s at the link's ~50 GB/s
@@ -60,8 +60,6 @@ def _gpu_reader(source: torch.Tensor, dtype: torch.dtype, head_size: int, block_
     block geometry: the rate in bytes per second is what the split needs."""
     from vllm.utils.torch_utils import get_accelerator_view_from_cpu_tensor
     from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func, get_flash_attn_version
-
-    from vllm_headinfer.cuda_attention import fa_view
 
     if dtype.itemsize != 2 or not dtype.is_floating_point:
         dtype = torch.bfloat16

@@ -1,11 +1,9 @@
-"""CPU co-attention in the data path: in decode and verify steps CPU threads
-attend the last offloaded KV heads of a layer in host memory while the GPU
-reads the others over the link.
+"""A layer's CPU share, a step's metadata on the host, and this rank's split.
 
-With a CPU share of ``c`` heads (coattention_split: a multiple of 1/16) a
+With a CPU share of ``c`` heads (split.py: a multiple of 1/16) a
 layer's KV heads are ``[0, R)`` resident, then offloaded: the GPU reads the
 first ones whole, CPU threads attend the last ``floor(c)`` with
-``cpu_coattention.decode_attention``, straight from the host pool's CPU
+``kernel.decode_attention``, straight from the host pool's CPU
 tensor (a head slice of its pages, read in place), and where ``c`` has a
 fraction the head between them is split: the GPU attends the first blocks of
 each request's context (``split_prefix_tokens``), the kernel the rest, and
@@ -13,55 +11,34 @@ vLLM's merge of partial attentions combines the two by their log-sum-exps.
 Query heads follow their KV head, so each part writes its own slice of the
 output.
 
-On CUDA, per layer (``coattend``), with nothing on the host waiting for the
-GPU (coattention_service has the handshake):
+On CUDA the GPU's data path posts the share of each layer call to the
+process's serving thread and collects it (runtime.py); on CPU (what CI runs)
+an explicit ``cpu_attention`` routes the same heads through the kernel in the
+calling thread (``CpuShare.attend``).
 
-1. the call is posted to the process's serving thread; on the current
-   stream the CPU heads' queries are copied into a pinned slot and the
-   call's number is written to a pinned word. This step's K/V were written
-   into the pool (through its UVA view) earlier on the same stream, so the
-   serving thread, which waits for that word, reads them;
-2. the GPU's attention is launched as without co-attention, over its
-   narrower slice of the pool's UVA view, and its part of the split head
-   beside it on the side stream;
-3. the serving thread runs the kernel into pinned output slots and writes
-   the call's number to a second word, while the GPU reads its share and
-   then writes the number to a third word (the serving thread's count of
-   which reader was last);
-4. the stream waits for the second word, copies the outputs to the device
-   and merges the split head's two parts.
-
-The call numbers are arguments of the stream's write and wait, new in every
-call, so such steps do not replay from CUDA graphs: where co-attention is
-on, metadata.py keeps attention out of full graphs (piecewise graphs capture
-the rest of the model). On CPU (what CI runs) an explicit ``cpu_attention``
-routes the same heads through the kernel in the calling thread.
-
-numba (the kernel's compiler) is imported only where a layer uses the
-kernel: on vLLM 0.32's CPU platform, an engine started in a process that has
-loaded numba's llvmlite fails (its worker's scan of every module for Triton
-kernels trips over llvmlite's library object).
+The kernel (numba) is imported only where a layer uses it (the package's
+docstring says why).
 """
 
 from __future__ import annotations
 
 import collections
 import os
-import weakref
 from dataclasses import dataclass, field
 
 import torch
 from vllm.platforms import current_platform
 from vllm.utils.math_utils import cdiv
 
-from vllm_headinfer.coattention_split import (
+from vllm_headinfer.coattention.split import (
     SHARE_STEPS,
     RankSplit,
     auto_split,
     kernel_threads,
     rank_cores,
 )
-from vllm_headinfer.config import HeadInferConfig, ranks_per_node
+from vllm_headinfer.config import HeadInferConfig
+from vllm_headinfer.host_memory import ranks_per_node
 from vllm_headinfer.kv_quant import Fp8Scales, fp8_dtype
 
 # Layer calls the kernel served in this process, by step kind ("decode":
@@ -73,9 +50,9 @@ CALLS: collections.Counter = collections.Counter()
 _measured: dict[tuple, RankSplit] = {}
 
 
-def rank_split(vllm_config, spec) -> RankSplit:
-    """This rank's co-attention for layers of ``spec``'s page format."""
-    cfg = HeadInferConfig.from_vllm_config(vllm_config)
+def rank_split(vllm_config, cfg: HeadInferConfig, spec) -> RankSplit:
+    """This rank's co-attention for layers of ``spec``'s page format under
+    the settings ``cfg``."""
     cores = rank_cores(len(os.sched_getaffinity(0)), ranks_per_node(vllm_config))
     threads = cfg.cpu_attention_threads if isinstance(cfg.cpu_attention_threads, int) else None
     if cfg.fixed_cpu_share is not None:
@@ -88,7 +65,7 @@ def rank_split(vllm_config, spec) -> RankSplit:
     heads = spec.num_offloaded_kv_heads
     key = (cores, threads, spec.dtype, fp8, spec.head_size, spec.block_size, heads)
     if key not in _measured:
-        from vllm_headinfer.coattention_probe import measure_rates
+        from vllm_headinfer.coattention.probe import measure_rates
 
         _measured[key] = auto_split(
             cores, threads,
@@ -117,7 +94,7 @@ def split_prefix_tokens(seq_lens: torch.Tensor, query_start_loc: torch.Tensor, b
     """Tokens of each request's split head that the GPU attends (int32, on
     the tensors' device, without a host sync): the first ``keep``
     sixteenths of its blocks but none holding a query position, as
-    ``cpu_coattention.split_cut`` leaves them."""
+    ``kernel.split_cut`` leaves them."""
     n = seq_lens.shape[0]
     query_lens = query_start_loc[1 : n + 1] - query_start_loc[:n]
     blocks = (seq_lens + block_size - 1) // block_size
@@ -174,7 +151,8 @@ class CpuShare:
         self.scale = impl.scale
         self.kv_cache_dtype = impl.kv_cache_dtype
         self.version = -1
-        self.finalizer = None  # (coattention's serving thread forgets its layers with it)
+        # The serving thread forgets its layers when the share goes (runtime.served_entry).
+        self.finalizer = None
         self.resize(share)
 
     def resize(self, share: float) -> None:
@@ -199,7 +177,9 @@ class CpuShare:
         self.whole_query_heads = slice((h - whole) * g, h * g)  # the heads the CPU takes whole
         self._arguments: dict | None = None  # (fp8 scales per head follow the heads)
         self.version += 1
-        self.key = (self, self.version)
+        # What the serving thread knows the share by: no reference to it, so
+        # that the share (and with it its engine's layers) can go.
+        self.key = (id(self), self.version)
 
     def kernel_arguments(self, layer, query_scale) -> dict:
         """The kernel's scale arguments for this layer: the softmax scale
@@ -221,7 +201,7 @@ class CpuShare:
         ``out`` gets the heads the CPU takes whole, and a split head's part
         goes to ``split_out`` ``[tokens, G, D]`` with its log-sum-exps
         ``split_lse`` ``[G, tokens]``."""
-        from vllm_headinfer.cpu_coattention import decode_attention
+        from vllm_headinfer.coattention.kernel import decode_attention
 
         decode_attention(query, pages[:, self.pool_start:], step.block_table, step.seq_lens,
                          step.query_start_loc, out=out, threads=self.threads,
@@ -245,142 +225,3 @@ def merge_split_head(dest, gpu_out, gpu_lse, cpu_out, cpu_lse) -> None:
     merge_attn_states(merged, gpu_out, gpu_lse, cpu_out, cpu_lse)
     if merged is not dest:
         dest.copy_(merged)
-
-
-class CudaCoattention:
-    """The process's CPU co-attention on CUDA (the module docstring's steps):
-    the serving thread (coattention_service), its pinned query and output
-    slots, and the handshake words the GPU writes and waits on. Made at the
-    first co-attending call, with room for the largest short-query step
-    (``reserve_slots``)."""
-
-    def __init__(self, query_dtype: torch.dtype, slot_bytes: int, lse_bytes: int) -> None:
-        from vllm_headinfer.coattention_service import FLAG_WORDS, CoattentionService
-        from vllm_headinfer.cpu_coattention import raw_words
-        from vllm_headinfer.device_flags import DeviceFlags
-
-        self.query_dtype = query_dtype
-        self.queries, self.out, self.lse = (
-            torch.empty(size, dtype=dtype, pin_memory=True)
-            for size, dtype in ((slot_bytes // query_dtype.itemsize, query_dtype),
-                                (slot_bytes // 4, torch.float32), (lse_bytes // 4, torch.float32)))
-        self.flags = DeviceFlags(FLAG_WORDS)
-        self.service = CoattentionService(
-            self.flags.host, *raw_words(self.queries), self.out.numpy(), self.lse.numpy(),
-            drain=torch.cuda.synchronize)
-
-    def register(self) -> None:
-        """Every co-attending layer of the running model and the metadata
-        tables of this step's groups (the first call of the process, or of
-        a new group or engine: the serving loop restarts)."""
-        from vllm.forward_context import get_forward_context
-
-        context = get_forward_context()
-        layers = []
-        for layer in context.no_compile_layers.values():
-            impl = getattr(layer, "impl", None)
-            share = getattr(impl, "cpu_share", None)
-            if share is None or getattr(impl, "ops", None) is None:
-                continue
-            pages = impl._pool_for(layer).layer(impl._host_layer_name(layer))
-            layers.append((share.key, served_layer(share, layer, pages, impl.ops.query_scale)))
-            if share.finalizer is None:
-                share.finalizer = weakref.finalize(share, self.service.forget)
-        metadata = context.attn_metadata
-        steps = {id(m.host_step.buffers): m.host_step.buffers
-                 for m in (metadata.values() if isinstance(metadata, dict) else [])
-                 if getattr(m, "host_step", None) is not None and m.host_step.buffers}
-        self.service.register(layers, [served_tables(b) for b in steps.values()])
-
-
-def served_layer(share: CpuShare, layer, pages: torch.Tensor, query_scale):
-    """``share``'s layer as the serving loop reads it: ``pages`` the
-    layer's host pages ``[blocks, H_off, 2, N, D]``."""
-    from vllm_headinfer.coattention_service import ServedLayer
-    from vllm_headinfer.cpu_coattention import flat_pages, head_scales, page_format
-
-    pages = pages[:, share.pool_start:]
-    flat, block_stride, head_stride = flat_pages(pages)
-    kwargs = share.kernel_arguments(layer, query_scale)
-    return ServedLayer(
-        flat, block_stride, head_stride, pages.shape[3],
-        page_format(pages.dtype, kwargs.get("fp8")), share.heads, share.group, pages.shape[4],
-        share.split_keep, share.threads, kwargs["scale"],
-        head_scales(share.heads, kwargs.get("k_scale", 1.0), kwargs.get("v_scale", 1.0)),
-        share.gpu_heads)
-
-
-def served_tables(buffers: tuple[torch.Tensor, ...]):
-    """A HostStepCopies' pinned buffers, keyed as HostStep.buffers, as the
-    serving loop reads them."""
-    return buffers, tuple(b.numpy() for b in buffers)
-
-
-_cuda: CudaCoattention | None = None
-_slot_bytes = [0, 0]  # the query/output slots' and the log-sum-exps' bytes
-
-
-def reserve_slots(vllm_config, num_heads: int, head_size: int) -> None:
-    """Room for the largest short-query step: every request with its most
-    query tokens, all query heads (of at most 4 bytes an element), and per
-    token a log-sum-exp of each query head."""
-    from vllm_headinfer.metadata import in_place_query_len
-
-    scheduler = vllm_config.scheduler_config
-    tokens = min(scheduler.max_num_seqs * in_place_query_len(vllm_config),
-                 scheduler.max_num_batched_tokens)
-    _slot_bytes[0] = max(_slot_bytes[0], tokens * num_heads * head_size * 4)
-    _slot_bytes[1] = max(_slot_bytes[1], tokens * num_heads * 4)
-
-
-def cuda_coattention(query_dtype: torch.dtype) -> CudaCoattention:
-    global _cuda
-    if _cuda is None or _cuda.query_dtype != query_dtype:
-        if _cuda is not None:
-            _cuda.service.forget()
-        _cuda = CudaCoattention(query_dtype, *_slot_bytes)
-    return _cuda
-
-
-def coattend(ops, layer, query, kv_cache, pages, host, m, output) -> None:
-    """One layer of a short-query step with co-attention on CUDA (the
-    module docstring's steps 1-4): ``host`` the layer's pages' UVA view.
-    Nothing here waits for the GPU."""
-    from vllm_headinfer.coattention_service import DONE, FINISHED, PUBLISHED
-
-    share, step = ops.impl.cpu_share, m.host_step
-    t, g, dim = step.tokens, share.group, query.shape[2]
-    n, blocks = step.block_table.shape
-    cuda = cuda_coattention(query.dtype)
-    service = cuda.service
-    if share.key not in service.layers or step.buffers not in service.tables:
-        cuda.register()
-    call = service.post(share.key, step.buffers, n, blocks, t)
-    rows = t * share.heads * g
-    cuda.queries[: rows * dim].view(t, share.heads * g, dim).copy_(query[:t, share.query_heads],
-                                                                    non_blocking=True)
-    cuda.flags.write(PUBLISHED, call)
-    split = 1 if share.split_keep else 0
-    if split:
-        keep = share.split_keep
-        if keep not in step.device_prefixes:
-            step.device_prefixes[keep] = split_prefix_tokens(
-                m.seq_lens, m.query_start_loc, host.shape[3], keep)
-        gpu_out, gpu_lse = ops.read_beside_split_head(layer, query, kv_cache, host, m, output,
-                                                      share.gpu_heads, t, keep,
-                                                      step.device_prefixes[keep])
-    else:
-        ops.read_in_place(layer, query, kv_cache, host, m, output, share.gpu_heads)
-    cuda.flags.write(FINISHED, call)  # (which reader was last: the serving thread counts)
-    cuda.flags.wait(DONE, call)
-    # Whole prefixes of the slots: a contiguous pinned source is copied in
-    # stream order (a strided one would be gathered on the host first, now).
-    device = output.device
-    out = cuda.out[: rows * dim].to(device, non_blocking=True).view(t, share.heads, g, dim)
-    if share.heads > split:
-        output[:t, share.whole_query_heads].copy_(out[:, split:].reshape(t, -1, dim))
-    if split:
-        lse = cuda.lse[:rows].to(device, non_blocking=True).view(t, share.heads, g)
-        merge_split_head(output[:t, share.split_query_heads], gpu_out, gpu_lse,
-                         out[:, 0].to(output.dtype), lse[:, 0].T.contiguous())
-    count_call(t, n)

@@ -1,15 +1,15 @@
 """Auto's CPU co-attention split retuned from the engine's own calls (CUDA).
 
-The startup probe (coattention_probe) measures the two readers of host
+The startup probe (probe.py) measures the two readers of host
 memory apart from the engine. Inside engines the kernel can read slower
 (run 18: 41-43 GB/s where the probe had measured 52-59, and auto's split gave
 the CPU too many heads). The serving loop counts, per layer call, the
 kernel's bytes and cycles, the GPU's bytes, which reader finished last and
-how long the GPU took past the kernel (coattention_service).
+how long the GPU took past the kernel (service.py).
 
 Windows of RETUNE_WINDOW_S of kernel time each judge the split in force by
 what its calls took per offloaded byte. After a window, the rates its calls
-show (coattention_split.engine_rates) are tried: the metadata builders
+show (split.engine_rates) are tried: the metadata builders
 resize their layers' shares at their next co-attending step. The next window
 keeps them only if their calls took less per byte, by MIN_GAIN; else the
 rates before come back and tuning ends. The rates alone do not decide: each
@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
-from vllm_headinfer.coattention_split import RankSplit, engine_rates
+from vllm_headinfer.coattention.split import RankSplit, engine_rates
 
 # Kernel time per window: at 512K tokens and 4 CPU heads a layer call runs
 # the kernel for ~25 ms, so a window holds about 20 calls.
@@ -37,18 +37,12 @@ RETUNES = 4
 MIN_GAIN = 0.02
 
 
-def _cuda_service():
-    from vllm_headinfer import coattention_path
-
-    cuda = coattention_path._cuda
-    return cuda.service if cuda is not None else None
-
-
 class SplitTuning:
-    """The process's retuned rates. ``service`` gives the serving loop's
-    service (None before the first co-attending call)."""
+    """The process's retuned rates (runtime.CoattentionRuntime holds them).
+    ``service`` gives the serving loop's service (None before the first
+    co-attending call)."""
 
-    def __init__(self, service: Callable[[], object] = _cuda_service) -> None:
+    def __init__(self, service: Callable[[], object]) -> None:
         self._service_of = service
         self.reset()
 
@@ -102,5 +96,3 @@ class SplitTuning:
         self.version += 1
         self.change = "tried: the rates the engine's calls read"
 
-
-split_tuning = SplitTuning()

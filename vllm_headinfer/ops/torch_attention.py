@@ -1,8 +1,9 @@
 """Paged KV writes and exact paged attention in plain torch.
 
-This is the path on CPU and the oracle the CUDA path is checked against.
-Caches are K and V views ``[blocks, heads, block_size, D]`` (see layout.py for
-how the device and host pages hold them).
+This is the path on CPU (``TorchHeadAttention``, the CPU platform's data
+path) and the oracle the CUDA path is checked against. Caches are K and V
+views ``[blocks, heads, block_size, D]`` (see layout.py for how the device and
+host pages hold them).
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vllm_headinfer.coattention.share import merge_split_head, split_prefix_tokens
 from vllm_headinfer.kv_quant import Fp8Scales, dequantize, quantize
+from vllm_headinfer.layout import host_kv
 
 
 def write_paged(
@@ -144,3 +147,80 @@ def prefix_attention(
         scores = q @ k.transpose(1, 2) * scale
         lse[:, rows] = torch.logsumexp(scores, -1)
         output[rows] = (torch.softmax(scores, -1) @ v).transpose(0, 1).to(output.dtype)
+
+
+class TorchHeadAttention:
+    """The CPU platform's data path of a layer (``impl``, HeadInferImpl):
+    each part of its heads (``impl.kv_parts``) by the torch functions above,
+    and in short-query steps with CPU co-attention the share's heads by the
+    kernel in the calling thread. Of the same shape as the CUDA path
+    (cuda_attention.CudaHeadAttention)."""
+
+    # The attention layer hands over the model's queries: K/V of an fp8
+    # cache are dequantised.
+    supports_quant_query_input = False
+
+    def __init__(self, impl) -> None:
+        self.impl = impl
+
+    def placed(self, cfg, coattention) -> None:
+        """Nothing to take: no staging, and co-attention runs in this
+        thread."""
+
+    def query_scale(self, layer) -> float:
+        return 1.0
+
+    def write(self, layer, key, value, kv_cache, pool, slot_mapping) -> None:
+        impl = self.impl
+        for k_cache, v_cache, kv_heads, _ in impl.kv_parts(layer, kv_cache, pool, uva=False):
+            write_paged(
+                k_cache, v_cache, key[:, kv_heads], value[:, kv_heads], slot_mapping,
+                Fp8Scales.of(layer, impl.kv_cache_dtype, kv_heads),
+            )
+
+    def forward(self, layer, query, kv_cache, pool, m, output) -> None:
+        impl = self.impl
+        share = impl.cpu_share if m.host_step is not None else None
+        cpu_heads = share.heads if share is not None else 0
+        seq_lens = m.seq_lens_cpu if m.seq_lens_cpu is not None else m.seq_lens.cpu()
+        for k_cache, v_cache, kv_heads, heads in impl.kv_parts(layer, kv_cache, pool, False,
+                                                               cpu_heads):
+            paged_attention(
+                query[:, heads],
+                k_cache,
+                v_cache,
+                m.block_table,
+                m.query_start_loc_cpu,
+                seq_lens,
+                impl.scale,
+                output[:, heads],
+                Fp8Scales.of(layer, impl.kv_cache_dtype, kv_heads),
+            )
+        if share is not None:
+            self._coattend(layer, query, pool.layer(impl.host_layer_name(layer)), m, output,
+                           share)
+
+    def _coattend(self, layer, query, pages, m, output, share) -> None:
+        """CPU co-attention's heads: the kernel's share, and a split head's
+        first blocks by ``prefix_attention`` (the GPU's part on CUDA),
+        merged as on CUDA."""
+        impl = self.impl
+        step, g = m.host_step, impl.group
+        t, dim = step.tokens, query.shape[2]
+        split_out = split_lse = None
+        if share.split_keep:
+            split_out = torch.empty(t, g, dim, dtype=output.dtype)
+            split_lse = torch.empty(g, t, dtype=torch.float32)
+        share.attend(layer, query[:t, share.query_heads], pages, step,
+                     output[:t, share.whole_query_heads], split_out=split_out, split_lse=split_lse)
+        if share.split_keep:
+            head = share.gpu_heads
+            kv = impl.num_resident + head
+            prefix = split_prefix_tokens(step.seq_lens, step.query_start_loc, pages.shape[3],
+                                         share.split_keep)
+            gpu_out, gpu_lse = torch.empty_like(split_out), torch.empty_like(split_lse)
+            prefix_attention(query[:t, share.split_query_heads], *host_kv(pages[:, head : head + 1]),
+                             step.block_table, step.query_start_loc, prefix, impl.scale, gpu_out,
+                             gpu_lse, Fp8Scales.of(layer, impl.kv_cache_dtype, slice(kv, kv + 1)))
+            merge_split_head(output[:t, share.split_query_heads], gpu_out, gpu_lse, split_out,
+                             split_lse)

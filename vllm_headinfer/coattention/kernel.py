@@ -35,11 +35,11 @@ import math
 import numba
 import numpy as np
 import torch
-from llvmlite import ir
-from numba.core import cgutils, types
-from numba.extending import intrinsic, overload
+from numba.core import types
+from numba.extending import overload
 
-from vllm_headinfer.coattention_split import SHARE_STEPS
+from vllm_headinfer.coattention.intrinsics import bits_to_float, fetch_add, prefetch
+from vllm_headinfer.coattention.split import SHARE_STEPS
 
 # Page formats: read as float32, as raw 16-bit words for bf16 and fp16
 # (numpy has no bf16), as bytes for fp8.
@@ -62,48 +62,11 @@ def split_cut(length, query_len, block_size, keep):
     ``keep`` sixteenths of its blocks (rounded down), but none that holds a
     query position (every query sees all of the GPU's part, which it attends
     without a causal mask), so the kernel always has the last block. The
-    torch formula in coattention_path computes the same on the device."""
+    torch formula in share.py computes the same on the device."""
     if keep <= 0:
         return 0
     blocks = (length + block_size - 1) // block_size
     return max(0, min(blocks * keep // SHARE_STEPS, (length - query_len) // block_size))
-
-
-@intrinsic
-def _fetch_add(typingctx, array, index, value):
-    """``array[index] += value`` atomically (sequentially consistent);
-    returns the value before. The thread that takes a request's count to 0
-    sees every other thread's writes made before they counted down."""
-
-    def codegen(context, builder, signature, args):
-        array_type = signature.args[0]
-        array_value = context.make_array(array_type)(context, builder, args[0])
-        pointer = cgutils.get_item_pointer(context, builder, array_type, array_value, [args[1]],
-                                           wraparound=False)
-        return builder.atomic_rmw("add", pointer, args[2], "seq_cst")
-
-    return types.int64(array, index, types.int64), codegen
-
-
-@intrinsic
-def _prefetch(typingctx, array, index):
-    """A hint to fetch ``array[index]``'s cache line: the next block of
-    context is a random page of the pool, so the hardware prefetcher cannot
-    guess it, while the current block's arithmetic leaves the memory idle."""
-
-    def codegen(context, builder, signature, args):
-        array_type = signature.args[0]
-        array_value = context.make_array(array_type)(context, builder, args[0])
-        pointer = cgutils.get_item_pointer(context, builder, array_type, array_value, [args[1]],
-                                           wraparound=False)
-        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
-        function = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0")
-        # read, high locality, data cache
-        builder.call(function, [builder.bitcast(pointer, i8p), i32(0), i32(3), i32(1)])
-        return context.get_dummy_value()
-
-    return types.void(array, index), codegen
 
 
 @numba.njit(inline="always")
@@ -177,19 +140,6 @@ def _exp_scores(values, bits):
         values[t] *= powers[t]
 
 
-@intrinsic
-def _bits_to_float(typingctx, word):
-    """The float32 whose bits are the low 32 of the unsigned ``word``."""
-    if not isinstance(word, types.Integer) or word.signed:
-        return None
-
-    def codegen(context, builder, signature, args):
-        low = builder.trunc(args[0], ir.IntType(32)) if word.bitwidth > 32 else args[0]
-        return builder.bitcast(low, ir.FloatType())
-
-    return types.float32(word), codegen
-
-
 def _as_float(x):
     """An element of a page read in place, as float32: float32 itself, or
     a bf16 word (bf16 is the upper half of a float32)."""
@@ -200,7 +150,7 @@ def _as_float_impl(x):
     if isinstance(x, types.Float):
         return lambda x: np.float32(x)
     if isinstance(x, types.Integer):
-        return lambda x: _bits_to_float(np.uint32(np.uint16(x)) << np.uint32(16))
+        return lambda x: bits_to_float(np.uint32(np.uint16(x)) << np.uint32(16))
     return None
 
 
@@ -221,7 +171,7 @@ def _dot(a, b, dim):
 def _prefetch_span(pool, first, end):
     """Hints for the cache lines of ``pool[first:end]``."""
     for off in range(first, end, 64 // pool.itemsize):
-        _prefetch(pool, off)
+        prefetch(pool, off)
 
 
 @numba.njit(inline="always")
@@ -581,7 +531,7 @@ def _attention(q, flat, block_stride, head_stride, block_size, code, scales, blo
                               v_bits.view(np.float32))
                     _block(k_rows, v_rows, in_block, start, group, queries[h], scores,
                            flat_scores, exp_bits, m[h], l_sum[h], acc[h], flat, ahead)
-        if _fetch_add(remaining, r, np.int64(-1)) == 1:
+        if fetch_add(remaining, r, np.int64(-1)) == 1:
             _merge(r, first_item, query_start, group, m_part, l_part, acc_part, out, lse)
 
 

@@ -2,7 +2,7 @@
 co-attending layer call of the process, handshaking with the GPU through
 two words of pinned memory instead of host waits in the layers.
 
-A layer call on the GPU's stream (coattention_path.coattend) copies its CPU
+A layer call on the GPU's stream (runtime.py: post, collect) copies its CPU
 heads' queries into the query slot and then writes the call's number into
 the PUBLISHED word; later on the same stream it waits until the DONE word
 holds that number, and copies the outputs back. The Python thread running
@@ -34,7 +34,7 @@ counts, the kernel's cycles and the bytes it read are reported in the log
 when the loop goes idle, at most every REPORT_INTERVAL_S: the engine's own
 figures for the split (the startup measurement runs outside the engine).
 By which reader was last, the loop also sums the kernel's cycles and the
-GPU's bytes (the layer's other offloaded heads): coattention_tuning judges
+GPU's bytes (the layer's other offloaded heads): tuning.py judges
 and retunes auto's split by them.
 
 Layers and step-metadata tables are fixed arguments of the loop; one not
@@ -51,15 +51,13 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
-from llvmlite import ir
-from numba.core import cgutils, types
-from numba.extending import intrinsic
 from vllm.logger import init_logger
 
-from vllm_headinfer.coattention_split import LoopFigures
-from vllm_headinfer.cpu_coattention import run_attention, split_cut, use_threads
+from vllm_headinfer.coattention.intrinsics import cycles, load_acquire, store_release
+from vllm_headinfer.coattention.split import LoopFigures
+from vllm_headinfer.coattention.kernel import run_attention, split_cut, use_threads
 
-logger = init_logger(__name__)
+logger = init_logger("vllm.headinfer.coattention.service")
 
 # Posted calls not yet served that the ring holds (the model's thread is at
 # most a step of layers ahead of the GPU: far fewer).
@@ -93,54 +91,10 @@ REPORT_INTERVAL_S = 10.0
 C_LAYER, C_TABLE, C_REQUESTS, C_BLOCKS, C_TOKENS = range(5)
 
 
-@intrinsic
-def _load_acquire(typingctx, array, index):
-    """``array[index]``, read again on every call (the loop waits on words
-    other threads, or the GPU, write)."""
-
-    def codegen(context, builder, signature, args):
-        array_type = signature.args[0]
-        array_value = context.make_array(array_type)(context, builder, args[0])
-        pointer = cgutils.get_item_pointer(context, builder, array_type, array_value, [args[1]],
-                                           wraparound=False)
-        return builder.load_atomic(pointer, "acquire", array_type.dtype.bitwidth // 8)
-
-    return array.dtype(array, index), codegen
-
-
-@intrinsic
-def _store_release(typingctx, array, index, value):
-    """``array[index] = value``, visible after every write before it."""
-
-    def codegen(context, builder, signature, args):
-        array_type = signature.args[0]
-        array_value = context.make_array(array_type)(context, builder, args[0])
-        pointer = cgutils.get_item_pointer(context, builder, array_type, array_value, [args[1]],
-                                           wraparound=False)
-        item = context.cast(builder, args[2], signature.args[2], array_type.dtype)
-        builder.store_atomic(item, pointer, "release", array_type.dtype.bitwidth // 8)
-        return context.get_dummy_value()
-
-    return types.void(array, index, value), codegen
-
-
-@intrinsic
-def _cycles(typingctx):
-    """The processor's cycle counter (a clock for the idle timeout)."""
-
-    def codegen(context, builder, signature, args):
-        i64 = ir.IntType(64)
-        function = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i64, []),
-                                                  "llvm.readcyclecounter")
-        return builder.call(function, [])
-
-    return types.int64(), codegen
-
-
 @numba.njit(nogil=True, cache=True)
 def cycle_count():
     """The cycle counter, read from Python (to convert cycles to seconds)."""
-    return _cycles()
+    return cycles()
 
 
 @numba.njit(inline="always")
@@ -171,25 +125,25 @@ def _serve(control, ring, flags, layers, layer_scale, kv_scales, pages, tables, 
     """Serves posted calls in order until told to stop or idle for
     ``idle_cycles``; returns STOPPED or IDLE."""
     served = control[SERVED]
-    idle_since = _cycles()
+    idle_since = cycles()
     while True:
-        if _load_acquire(control, STOP) != 0:
+        if load_acquire(control, STOP) != 0:
             return STOPPED
-        if _load_acquire(control, POSTED) <= served:
-            if _cycles() - idle_since > idle_cycles:
+        if load_acquire(control, POSTED) <= served:
+            if cycles() - idle_since > idle_cycles:
                 return IDLE
             continue
         call = served + 1
         entry = ring[call % RING]
-        while not reached(_load_acquire(flags, PUBLISHED), call):
-            if _load_acquire(control, STOP) != 0:
+        while not reached(load_acquire(flags, PUBLISHED), call):
+            if load_acquire(control, STOP) != 0:
                 return STOPPED
         info = layers[entry[C_LAYER]]
         heads, group, dim = info[L_HEADS], info[L_GROUP], info[L_DIM]
         table = entry[C_TABLE]
         n, blocks, tokens = entry[C_REQUESTS], entry[C_BLOCKS], entry[C_TOKENS]
         rows = tokens * heads * group
-        began = _cycles()
+        began = cycles()
         run_attention(queries[: rows * dim], query_code, tokens, heads, group, dim,
                       pages[entry[C_LAYER]], info[L_BLOCK_STRIDE], info[L_HEAD_STRIDE],
                       info[L_BLOCK_SIZE], info[L_CODE], kv_scales[entry[C_LAYER], :heads],
@@ -197,7 +151,7 @@ def _serve(control, ring, flags, layers, layer_scale, kv_scales, pages, tables, 
                       starts[table][: n + 1], layer_scale[entry[C_LAYER]], info[L_THREADS],
                       info[L_SPLIT_KEEP], out[: rows * dim].reshape((tokens, heads, group, dim)),
                       lse[:rows].reshape((tokens, heads, group)))
-        ended = _cycles()
+        ended = cycles()
         # Before DONE, so that the GPU cannot have gone on to the next call
         # (nor the next step's metadata copies into the tables).
         page_bytes = 2 * info[L_BLOCK_SIZE] * dim * pages[entry[C_LAYER]].itemsize
@@ -207,10 +161,10 @@ def _serve(control, ring, flags, layers, layer_scale, kv_scales, pages, tables, 
         # The GPU's: the layer's other offloaded heads, and the split head's
         # blocks the kernel left.
         gpu_bytes = (head_pages * info[L_GPU_HEADS] + cut) * page_bytes
-        gpu_first = reached(_load_acquire(flags, FINISHED), call)
-        _store_release(flags, DONE, call)  # (its low 32 bits)
+        gpu_first = reached(load_acquire(flags, FINISHED), call)
+        store_release(flags, DONE, call)  # (its low 32 bits)
         served = call
-        _store_release(control, SERVED, served)
+        store_release(control, SERVED, served)
         control[CALLS] += 1
         control[KERNEL_CYCLES] += ended - began
         control[KERNEL_BYTES] += cpu_bytes
@@ -222,26 +176,26 @@ def _serve(control, ring, flags, layers, layer_scale, kv_scales, pages, tables, 
             while True:
                 # PUBLISHED first: the stream writes FINISHED before the next
                 # call's PUBLISHED, so a FINISHED read after it is the final one.
-                went_past = reached(_load_acquire(flags, PUBLISHED), call + 1)
-                finished = _load_acquire(flags, FINISHED)
+                went_past = reached(load_acquire(flags, PUBLISHED), call + 1)
+                finished = load_acquire(flags, FINISHED)
                 if reached(finished, call) and not reached(finished, call + 1):
                     control[GPU_LAST] += 1
-                    control[GPU_LAST_CYCLES] += _cycles() - ended
+                    control[GPU_LAST_CYCLES] += cycles() - ended
                     control[GPU_LAST_KERNEL_CYCLES] += ended - began
                     control[GPU_LAST_GPU_BYTES] += gpu_bytes
                     break
-                if _load_acquire(control, STOP) != 0:
+                if load_acquire(control, STOP) != 0:
                     return STOPPED
                 # The GPU went past the word without writing it.
-                if went_past or _cycles() - ended > UNFINISHED_IDLES * idle_cycles:
+                if went_past or cycles() - ended > UNFINISHED_IDLES * idle_cycles:
                     break
-        idle_since = _cycles()
+        idle_since = cycles()
 
 
 @dataclass
 class ServedLayer:
     """A co-attending layer as the loop reads it: its CPU heads' pages as
-    the kernel's flat array (cpu_coattention.flat_pages), their format and
+    the kernel's flat array (kernel.flat_pages), their format and
     scales, and the share's shape."""
 
     pages: np.ndarray
