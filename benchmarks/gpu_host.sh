@@ -4,7 +4,7 @@
 # Usage: bash benchmarks/gpu_host.sh install|check|ray-example|bench|bench-long|bench-tp|capacity
 #                                   |place-short|place-512k|place-capacity|fp8|fp8-capacity|spec|spec-steps|serve-load|cpu-attn
 #                                   |long-tp4|x4|load-lanes|coattn|coattn-gate|coattn-auto|coattn-overhead|co-spec
-#                                   |drift|serve-metrics
+#                                   |drift|serve-metrics|upgrade
 #        bash benchmarks/gpu_host.sh background "STAGE [STAGE...]"   (returns at once)
 #        bash benchmarks/gpu_host.sh wait SECONDS   (until the background stages end)
 # Logs and results go to $OUT (or ./gpu-out). A device command may run 10
@@ -35,7 +35,7 @@ COATTN_MTP_CHECK=("T=tests/gpu/test_cuda_coattention.py tests/gpu/test_cuda_spec
                   "K=(coattention and cuda-graphs) or mtp" KERNELS=0 CHECK_TIMEOUT=1500)
 EDIT_SPEC=(SPEC_CONFIGS=R0,R0+ngram7,FLASH_ATTN,FLASH_ATTN+ngram7 DECODE=96)
 accepted_gib() {  # per-rank cpu_kv_gib startup accepts now for $1 ranks, times $2, less $3 GiB
-  python3 -c "from vllm_headinfer.config import available_host_bytes as a, host_limit_per_rank as l; print(round(l(a(), $1) / 2**30 * $2 - $3, 2))"
+  python3 -c "from vllm_headinfer.host_memory import available_host_bytes as a, host_limit_per_rank as l; print(round(l(a(), $1) / 2**30 * $2 - $3, 2))"
 }
 case "$1" in
   install)
@@ -72,6 +72,24 @@ case "$1" in
     PYTHONPATH= python3 -m pip list 2>/dev/null | grep -iE "^(nvidia|cuda|torch|triton|numpy|numba)" > "$out/image_packages_bare.txt"
     timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_vllm_support.py tests/test_patches.py \
       2>&1 | tee "$out/drift.log" | tail -5
+    ;;
+  upgrade)
+    # One lease on a vLLM version the plugin newly supports (longer than a
+    # device command: run in background): the version layer's tests, the
+    # kernel checks, exactness against FLASH_ATTN (R = 0 and H, uneven auto
+    # placement, co-attention under CUDA graphs, fp8, ngram, a second engine
+    # in one process, co-attention failing loudly), vllm serve with /metrics,
+    # 128K on 32 layers with and without co-attention, the largest pool.
+    g=tests/gpu
+    bash "$0" drift
+    T="$g/test_cuda_exactness.py::test_small_model_tokens_identical[0] $g/test_cuda_exactness.py::test_small_model_tokens_identical[4] \
+$g/test_cuda_exactness.py::test_per_layer_counts[auto] $g/test_cuda_coattention.py::test_matches_flash_attn[cuda-graphs-R0-cpuauto] \
+$g/test_cuda_exactness.py::test_fp8_cache[0] $g/test_cuda_speculative.py::test_ngram_matches_flash_attn[0] \
+$g/test_cuda_coattention.py::test_a_second_engine_leaves_nothing_of_the_first ${UPGRADE_EXTRA_CHECKS:-}" \
+      CHECK_TIMEOUT=900 bash "$0" check
+    bash "$0" serve-metrics
+    SHAPES=32l COATTN_CONFIGS=R0,R0+cpuauto bash "$0" coattn
+    bash "$0" place-capacity
     ;;
   serve-metrics)
     # vllm serve with HEADINFER: one completion, then /metrics.
