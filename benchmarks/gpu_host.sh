@@ -70,7 +70,7 @@ case "$1" in
     python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)" | tee "$out/versions.txt"
     python3 -m pip list 2>/dev/null | grep -iE "^(nvidia|cuda|torch|triton|numpy|numba)" > "$out/image_packages.txt"
     PYTHONPATH= python3 -m pip list 2>/dev/null | grep -iE "^(nvidia|cuda|torch|triton|numpy|numba)" > "$out/image_packages_bare.txt"
-    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_vllm_support.py tests/test_patches.py \
+    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/unit/test_vllm_support.py tests/unit/test_patches.py \
       2>&1 | tee "$out/drift.log" | tail -5
     ;;
   upgrade)
