@@ -96,12 +96,57 @@ class HeadInferConfigError(ValueError):
     """A HeadInfer setting, or the model, cannot be served as configured."""
 
 
-def _setting_error(key: str, value: Any, accepted: str) -> HeadInferConfigError:
-    env = SETTINGS[key][0]
-    return HeadInferConfigError(
-        f"additional_config.{CONFIG_KEY}.{key} (or {env}) = {value!r} is not "
-        f"accepted: expected {accepted}."
-    )
+class SettingValueError(HeadInferConfigError):
+    """One setting's value is refused; ``source`` says where it came from."""
+
+    def __init__(self, key: str, value: Any, accepted: str, source: str | None = None):
+        self.key, self.value, self.accepted = key, value, accepted
+        self.source = source or f"additional_config.{CONFIG_KEY}.{key}"
+        hint = ""
+        # JSON's "2" where 2 was meant, the usual mistake, said plainly (a
+        # variable's text is parsed, so there it cannot be the mistake).
+        if self.source.startswith("additional_config") and (
+            _is_number_text(value)
+            or (isinstance(value, list) and any(_is_number_text(v) for v in value))
+        ):
+            hint = " (write numbers without quotes: a number, not a string)"
+        super().__init__(
+            f"{self.source} = {value!r} is not accepted: expected {accepted}{hint}."
+        )
+
+    def from_source(self, source: str) -> SettingValueError:
+        return SettingValueError(self.key, self.value, self.accepted, source)
+
+    def __reduce__(self):  # pickled across engine processes with its fields
+        return SettingValueError, (self.key, self.value, self.accepted, self.source)
+
+
+def _is_number_text(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return value.strip().lower() not in ("inf", "-inf", "nan", "infinity", "-infinity")
+
+
+def _setting_error(key: str, value: Any, accepted: str) -> SettingValueError:
+    return SettingValueError(key, value, accepted)
+
+
+def env_source(key: str) -> str:
+    return f"environment variable {SETTINGS[key][0]}"
+
+
+def source_of(key: str, raw: dict | None) -> str:
+    """Where a setting's value came from: additional_config, its
+    environment variable, or neither (its default)."""
+    if raw and key in raw:
+        return f"additional_config.{CONFIG_KEY}.{key}"
+    if os.environ.get(SETTINGS[key][0], "") != "":
+        return env_source(key)
+    return f"additional_config.{CONFIG_KEY}.{key} (not set: its default)"
 
 
 AUTO = "auto"
@@ -140,34 +185,17 @@ class HeadInferConfig:
                 f"{', '.join(map(repr, unknown))}; accepted settings: "
                 f"{', '.join(SETTINGS)}."
             )
-        for key, (env, _) in SETTINGS.items():
-            if key not in raw and os.environ.get(env, "") != "":
-                raw[key] = _from_env_text(key, os.environ[env])
-        kwargs: dict[str, Any] = {}
-        if "resident_kv_heads" in raw:
-            kwargs["resident_kv_heads"] = _resident_setting(raw["resident_kv_heads"])
-        if raw.get("kv_pool_tokens") is not None:
-            kwargs["kv_pool_tokens"] = _keyword_or_int(
-                "kv_pool_tokens", raw["kv_pool_tokens"], (MAX_POOL,), 1, _POOL_ACCEPTED)
-        if raw.get("cpu_kv_gib") is not None:
-            gib = _as_float("cpu_kv_gib", raw["cpu_kv_gib"], "a number of GiB > 0")
-            if not (gib > 0 and math.isfinite(gib)):
-                raise _setting_error("cpu_kv_gib", raw["cpu_kv_gib"], "a number of GiB > 0")
-            kwargs["cpu_kv_gib"] = gib
-        for key in ("decode_path", "prefill_path"):
-            if key in raw:
-                if raw[key] not in OFFLOAD_PATHS:
-                    raise _setting_error(key, raw[key], f"one of {OFFLOAD_PATHS}")
-                kwargs[key] = raw[key]
-        if "staging_mib" in raw:
-            kwargs["staging_mib"] = _keyword_or_int(
-                "staging_mib", raw["staging_mib"], (), 16, "an integer >= 16")
-        if "cpu_attention" in raw:
-            kwargs["cpu_attention"] = _cpu_attention_setting(raw["cpu_attention"])
-        if "cpu_attention_threads" in raw:
-            kwargs["cpu_attention_threads"] = _keyword_or_int(
-                "cpu_attention_threads", raw["cpu_attention_threads"], (AUTO,), 1, _THREADS_ACCEPTED)
-        return cls(**kwargs)
+        from_env = [k for k, (env, _) in SETTINGS.items() if k not in raw and os.environ.get(env, "") != ""]
+        try:
+            for key in from_env:
+                raw[key] = _from_env_text(key, os.environ[SETTINGS[key][0]])
+            return cls(**_parse_values(raw))
+        except SettingValueError as e:
+            if e.key in from_env:
+                # Name the variable and its text, not the value parsed from it.
+                raise SettingValueError(
+                    e.key, os.environ[SETTINGS[e.key][0]], e.accepted, env_source(e.key)) from None
+            raise
 
     @classmethod
     def from_vllm_config(cls, vllm_config: VllmConfig) -> HeadInferConfig:
@@ -220,6 +248,35 @@ class HeadInferConfig:
         if isinstance(self.resident_kv_heads, tuple):
             out["resident_kv_heads"] = list(self.resident_kv_heads)
         return out
+
+
+def _parse_values(raw: dict) -> dict[str, Any]:
+    """The dataclass's keyword arguments from JSON-typed values."""
+    kwargs: dict[str, Any] = {}
+    if "resident_kv_heads" in raw:
+        kwargs["resident_kv_heads"] = _resident_setting(raw["resident_kv_heads"])
+    if raw.get("kv_pool_tokens") is not None:
+        kwargs["kv_pool_tokens"] = _keyword_or_int(
+            "kv_pool_tokens", raw["kv_pool_tokens"], (MAX_POOL,), 1, _POOL_ACCEPTED)
+    if raw.get("cpu_kv_gib") is not None:
+        gib = _as_float("cpu_kv_gib", raw["cpu_kv_gib"], "a number of GiB > 0")
+        if not (gib > 0 and math.isfinite(gib)):
+            raise _setting_error("cpu_kv_gib", raw["cpu_kv_gib"], "a number of GiB > 0")
+        kwargs["cpu_kv_gib"] = gib
+    for key in ("decode_path", "prefill_path"):
+        if key in raw:
+            if raw[key] not in OFFLOAD_PATHS:
+                raise _setting_error(key, raw[key], f"one of {OFFLOAD_PATHS}")
+            kwargs[key] = raw[key]
+    if "staging_mib" in raw:
+        kwargs["staging_mib"] = _keyword_or_int(
+            "staging_mib", raw["staging_mib"], (), 16, "an integer >= 16")
+    if "cpu_attention" in raw:
+        kwargs["cpu_attention"] = _cpu_attention_setting(raw["cpu_attention"])
+    if "cpu_attention_threads" in raw:
+        kwargs["cpu_attention_threads"] = _keyword_or_int(
+            "cpu_attention_threads", raw["cpu_attention_threads"], (AUTO,), 1, _THREADS_ACCEPTED)
+    return kwargs
 
 
 _RESIDENT_ACCEPTED = "'auto', an integer 0..H or a list of integers 0..H, one per layer"
@@ -435,9 +492,46 @@ def resolve(vllm_config: VllmConfig) -> HeadInferConfig | None:
     """Validates everything at startup and pins the resolved settings.
 
     Returns None when HEADINFER is not selected. Raises HeadInferConfigError
-    naming the setting and its accepted values otherwise.
+    naming the setting, where its value came from and the accepted values
+    otherwise; left uncaught, it is printed as one line (show_refusals_alone).
     """
     raw = (vllm_config.additional_config or {}).get(CONFIG_KEY)
+    try:
+        return _resolve(vllm_config, raw)
+    except SettingValueError as e:
+        show_refusals_alone()
+        if e.source == f"additional_config.{CONFIG_KEY}.{e.key}":
+            raise e.from_source(source_of(e.key, raw if isinstance(raw, dict) else None)) from None
+        raise
+    except HeadInferConfigError:
+        show_refusals_alone()
+        raise
+
+
+def show_refusals_alone() -> None:
+    """A refusal that reaches the top of the user's process (``vllm serve``,
+    a script calling ``LLM(...)``) is printed as its message on a line of its
+    own, as the last thing printed, not under a traceback through vLLM's
+    engine-config code; anything else keeps Python's usual report.
+    ``VLLM_HEADINFER_TRACEBACK=1`` keeps the traceback for bug reports."""
+    import sys
+
+    previous = sys.excepthook
+    if getattr(previous, "headinfer", False) or os.environ.get("VLLM_HEADINFER_TRACEBACK") == "1":
+        return
+
+    def hook(kind, error, tb):
+        if issubclass(kind, HeadInferConfigError):
+            sys.stderr.flush()
+            print(f"\nHEADINFER refused to start: {error}", file=sys.stderr, flush=True)
+        else:
+            previous(kind, error, tb)
+
+    hook.headinfer = True
+    sys.excepthook = hook
+
+
+def _resolve(vllm_config: VllmConfig, raw) -> HeadInferConfig | None:
     if not is_selected(vllm_config):
         if raw:
             raise HeadInferConfigError(
