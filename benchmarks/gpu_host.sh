@@ -1,5 +1,5 @@
 #!/bin/bash
-# Stages of a GPU-host session (see ../shared/gpu/README.md for the wheel kit).
+# Stages of a GPU-host session (docs/gpu-host.md: what the host needs).
 # Usage: bash benchmarks/gpu_host.sh install|check|ray-example|bench|bench-long|bench-tp|capacity
 #                                   |place-short|place-512k|place-capacity|fp8|fp8-capacity|spec|spec-steps|serve-load|cpu-attn
 #                                   |long-tp4|x4|load-lanes|coattn|coattn-gate|coattn-auto|coattn-overhead|co-spec
