@@ -152,3 +152,16 @@ def test_planner_help_shows_its_own_flags():
     assert out.returncode == 0
     for flag in ("--model-shape", "--gpu-memory-gib", "--link-gbps", "--measure", "--contexts"):
         assert flag in out.stdout, flag
+
+
+def test_checks_after_parsing_name_the_source_too(monkeypatch):
+    """Checks against the model or the machine run after parsing; they name
+    the value's source the same way (config.resolve relabels with source_of)."""
+    from vllm_headinfer.config import source_of
+
+    monkeypatch.delenv("VLLM_HEADINFER_CPU_KV_GIB", raising=False)
+    assert source_of("cpu_kv_gib", {"cpu_kv_gib": 9}) == "additional_config.headinfer.cpu_kv_gib"
+    assert source_of("cpu_kv_gib", {}).endswith("(not set: its default)")
+    monkeypatch.setenv("VLLM_HEADINFER_CPU_KV_GIB", "9")
+    assert source_of("cpu_kv_gib", {}) == "environment variable VLLM_HEADINFER_CPU_KV_GIB"
+    assert source_of("cpu_kv_gib", {"cpu_kv_gib": 9}) == "additional_config.headinfer.cpu_kv_gib"

@@ -181,7 +181,7 @@ def render(vllm_config, cfg, kv, budgets, dev: DeviceBudget, link_gbps: float, l
         *(line(r) for r in table),
         "",
         f"startup line: HEADINFER placement: {chosen.summary(link_wording(on_gpu))}",
-        f"     and then HEADINFER heads per rank: {describe_heads(chosen, on_gpu)}",
+        f"next line:    HEADINFER heads per rank: {describe_heads(chosen, on_gpu)}",
     ]
     if not dev.exact:
         out.append(
