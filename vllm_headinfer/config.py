@@ -96,31 +96,6 @@ class HeadInferConfigError(ValueError):
     """A HeadInfer setting, or the model, cannot be served as configured."""
 
 
-class SettingValueError(HeadInferConfigError):
-    """One setting's value is refused; ``source`` says where it came from."""
-
-    def __init__(self, key: str, value: Any, accepted: str, source: str | None = None):
-        self.key, self.value, self.accepted = key, value, accepted
-        self.source = source or f"additional_config.{CONFIG_KEY}.{key}"
-        hint = ""
-        # JSON's "2" where 2 was meant, the usual mistake, said plainly (a
-        # variable's text is parsed, so there it cannot be the mistake).
-        if self.source.startswith("additional_config") and (
-            _is_number_text(value)
-            or (isinstance(value, list) and any(_is_number_text(v) for v in value))
-        ):
-            hint = " (write numbers without quotes: a number, not a string)"
-        super().__init__(
-            f"{self.source} = {value!r} is not accepted: expected {accepted}{hint}."
-        )
-
-    def from_source(self, source: str) -> SettingValueError:
-        return SettingValueError(self.key, self.value, self.accepted, source)
-
-    def __reduce__(self):  # pickled across engine processes with its fields
-        return SettingValueError, (self.key, self.value, self.accepted, self.source)
-
-
 def _is_number_text(value: Any) -> bool:
     if not isinstance(value, str):
         return False
@@ -131,12 +106,36 @@ def _is_number_text(value: Any) -> bool:
     return value.strip().lower() not in ("inf", "-inf", "nan", "infinity", "-infinity")
 
 
-def _setting_error(key: str, value: Any, accepted: str) -> SettingValueError:
-    return SettingValueError(key, value, accepted)
+def _setting_error(key: str, value: Any, accepted: str, source: str | None = None
+                   ) -> HeadInferConfigError:
+    """A refused value of one setting, naming where it came from (by default
+    additional_config; ``relabel`` names another source). ``.setting`` keeps
+    (key, value, accepted) for relabelling; the message alone crosses
+    processes."""
+    source = source or f"additional_config.{CONFIG_KEY}.{key}"
+    hint = ""
+    # JSON's "2" where 2 was meant, the usual mistake, said plainly (a
+    # variable's text is parsed, so there it cannot be the mistake).
+    if source.startswith("additional_config") and (
+        _is_number_text(value)
+        or (isinstance(value, list) and any(_is_number_text(v) for v in value))
+    ):
+        hint = " (write numbers without quotes: a number, not a string)"
+    error = HeadInferConfigError(
+        f"{source} = {value!r} is not accepted: expected {accepted}{hint}.")
+    error.setting = (key, value, accepted)
+    return error
+
+
+def relabel(error: HeadInferConfigError, source: str, value: Any = None) -> HeadInferConfigError:
+    """The same refusal naming ``source`` (and ``value``, where the source's
+    own text differs from the value parsed from it)."""
+    key, parsed, accepted = error.setting
+    return _setting_error(key, parsed if value is None else value, accepted, source)
 
 
 def env_source(key: str) -> str:
-    return f"environment variable {SETTINGS[key][0]}"
+    return f"environment variable {SETTINGS[key][0]} (setting {key})"
 
 
 def source_of(key: str, raw: dict | None) -> str:
@@ -190,11 +189,11 @@ class HeadInferConfig:
             for key in from_env:
                 raw[key] = _from_env_text(key, os.environ[SETTINGS[key][0]])
             return cls(**_parse_values(raw))
-        except SettingValueError as e:
-            if e.key in from_env:
+        except HeadInferConfigError as e:
+            key = getattr(e, "setting", (None,))[0]
+            if key in from_env:
                 # Name the variable and its text, not the value parsed from it.
-                raise SettingValueError(
-                    e.key, os.environ[SETTINGS[e.key][0]], e.accepted, env_source(e.key)) from None
+                raise relabel(e, env_source(key), os.environ[SETTINGS[key][0]]) from None
             raise
 
     @classmethod
@@ -498,13 +497,14 @@ def resolve(vllm_config: VllmConfig) -> HeadInferConfig | None:
     raw = (vllm_config.additional_config or {}).get(CONFIG_KEY)
     try:
         return _resolve(vllm_config, raw)
-    except SettingValueError as e:
+    except HeadInferConfigError as e:
         show_refusals_alone()
-        if e.source == f"additional_config.{CONFIG_KEY}.{e.key}":
-            raise e.from_source(source_of(e.key, raw if isinstance(raw, dict) else None)) from None
-        raise
-    except HeadInferConfigError:
-        show_refusals_alone()
+        key = getattr(e, "setting", (None,))[0]
+        source = key and source_of(key, raw if isinstance(raw, dict) else None)
+        if key and not str(e).startswith(source):
+            # A check after parsing, of a value the environment (or the
+            # default) gave: say so.
+            raise relabel(e, source) from None
         raise
 
 
