@@ -86,10 +86,11 @@ def print_placement(placement: dict) -> None:
     mib = 1 << 20
     h = placement["num_kv_heads"]
     print("\n=== HEADINFER placement ===")
-    print(placement["summary"])
+    print(f"{placement['resident_head_layers']} of {h * len(placement['counts'])} KV "
+          "head-layers in vLLM's KV cache, the others in HEADINFER's host pool:")
     for layer, r in zip(placement["layer_indices"], placement["counts"]):
-        resident = f"{heads(0, r)} in device KV pages" if r else "no head on the device"
-        offloaded = f"{heads(r, h)} in host memory" if r < h else "none offloaded"
+        resident = f"{heads(0, r)} in vLLM's KV cache" if r else "no head in vLLM's KV cache"
+        offloaded = f"{heads(r, h)} in the host pool" if r < h else "none offloaded"
         print(f"  layer {layer}: {resident}; {offloaded}")
     print(f"device KV: {placement['device_kv_bytes'] / mib:.2f} MiB   "
           f"host KV: {placement['host_kv_bytes'] / mib:.2f} MiB   "
