@@ -36,23 +36,18 @@ import sys
 import time
 from pathlib import Path
 
-LLAMA3_8B = dict(
-    architectures=["LlamaForCausalLM"],
-    model_type="llama",
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=128,
-    vocab_size=128256,
-    rms_norm_eps=1e-5,
-    rope_theta=500000.0,
-    max_position_embeddings=4 * 1024 * 1024,
-    torch_dtype="bfloat16",
-    tie_word_embeddings=False,
-    bos_token_id=128000,
-    eos_token_id=128001,
-)
+from vllm_headinfer import model_shapes
+
+# The shape timed: gradientai/Llama-3-8B-Instruct-Gradient-1048k's config
+# (shipped in vllm_headinfer/model_shapes), with positions raised to 4M so
+# that contexts past its 1M fit (VLLM_ALLOW_LONG_MAX_MODEL_LEN, set in main).
+# Weights are dummy: time and capacity depend on the shape alone.
+LLAMA3_8B = {
+    **json.loads((model_shapes.path("llama-3-8b-1048k") / "config.json").read_text()),
+    "head_dim": 128,
+    "max_position_embeddings": 4 * 1024 * 1024,
+    "eos_token_id": 128001,
+}
 KV_BYTES_PER_TOKEN_LAYER_HEAD = 2 * 128 * 2  # K and V, head_dim 128, bf16 (fp8: half)
 GIB = 1 << 30
 

@@ -69,7 +69,10 @@ def generate(model: Path, dtype: str, **backend) -> tuple[list, dict | None]:
     ]
     # The placement the engine core decided (None with the default backend).
     placement = read(llm.llm_engine.vllm_config, 0)
-    llm.llm_engine.engine_core.shutdown()
+    # vLLM force-kills engine processes still up after 5 s, leaving its
+    # shared-memory queues for the resource tracker to report as leaked; on a
+    # busy machine their teardown can take longer.
+    llm.llm_engine.engine_core.shutdown(timeout=60)
     del llm
     gc.collect()
     return results, placement
@@ -83,10 +86,11 @@ def print_placement(placement: dict) -> None:
     mib = 1 << 20
     h = placement["num_kv_heads"]
     print("\n=== HEADINFER placement ===")
-    print(placement["summary"])
+    print(f"{placement['resident_head_layers']} of {h * len(placement['counts'])} KV "
+          "head-layers in vLLM's KV cache, the others in HEADINFER's host pool:")
     for layer, r in zip(placement["layer_indices"], placement["counts"]):
-        resident = f"{heads(0, r)} in device KV pages" if r else "no head on the device"
-        offloaded = f"{heads(r, h)} in host memory" if r < h else "none offloaded"
+        resident = f"{heads(0, r)} in vLLM's KV cache" if r else "no head in vLLM's KV cache"
+        offloaded = f"{heads(r, h)} in the host pool" if r < h else "none offloaded"
         print(f"  layer {layer}: {resident}; {offloaded}")
     print(f"device KV: {placement['device_kv_bytes'] / mib:.2f} MiB   "
           f"host KV: {placement['host_kv_bytes'] / mib:.2f} MiB   "

@@ -312,7 +312,7 @@ def placement_of(lines: list[str]) -> dict:
         r"HEADINFER placement: (\d+)/(\d+) KV head-layers resident per rank "
         r"\((\d+) KV heads x (\d+) layers: ([^)]*)\); device KV ([\d.]+) GiB, "
         r"host KV ([\d.]+) GiB; pool (\d+) blocks = (\d+) tokens \(limited by "
-        r"([^)]*\)?)\); decode reads ([\d.]+) MiB over the link per 1K tokens"
+        r"([^)]*\)?)\); decode reads ([\d.]+) MiB (?:over the link|from the host pool) per 1K tokens"
     )
     found = [m for m in map(pat.search, lines) if m]
     assert found, "no 'HEADINFER placement' log line:\n" + "\n".join(lines[-20:])

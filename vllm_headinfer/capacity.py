@@ -268,8 +268,41 @@ def log_placement(vllm_config, p: policy.Placement, kv_cache_config) -> policy.P
     else:
         limited = "device"
     final = replace(p, num_blocks=num_blocks, limited_by=limited)
-    logger.info("HEADINFER placement: %s", final.summary())
+    from vllm.platforms import current_platform
+
+    on_gpu = current_platform.is_cuda()
+    logger.info("HEADINFER placement: %s", final.summary(link_wording(on_gpu)))
+    logger.info("HEADINFER heads per rank: %s", describe_heads(final, on_gpu))
     return final
+
+
+def link_wording(on_gpu: bool) -> str:
+    """Where decode steps read offloaded heads from: over PCIe on a GPU; on
+    CPU both parts are RAM, so there is no link to name."""
+    return "over the link" if on_gpu else "from the host pool"
+
+
+def describe_heads(p: policy.Placement, on_gpu: bool) -> str:
+    """Which KV heads of each layer sit where, in runs of layers, e.g.
+    ``layers 0-19: heads 0-6 on the GPU, head 7 in host RAM; layers 20-31: ...``.
+    A layer keeps its first ``count`` heads resident (spec.split_spec)."""
+    device, host = ("on the GPU", "in host RAM") if on_gpu else (
+        "in vLLM's KV cache", "in the host pool")
+    heads = p.kv.num_kv_heads
+
+    def named(noun: str, first: int, last: int) -> str:
+        return f"{noun} {first}" if first == last else f"{noun}s {first}-{last}"
+
+    def where(count: int) -> str:
+        parts = [f"{named('head', 0, count - 1)} {device}"] if count else []
+        if count < heads:
+            parts.append(f"{named('head', count, heads - 1)} {host}")
+        return ", ".join(parts)
+
+    return "; ".join(
+        f"{named('layer', first, last)}: {where(count)}"
+        for count, first, last in policy.layer_runs(p.kv.layer_indices, p.counts)
+    )
 
 
 def model_rank_kv(vllm_config) -> policy.RankKV:

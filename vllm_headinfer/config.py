@@ -86,12 +86,56 @@ class HeadInferConfigError(ValueError):
     """A HeadInfer setting, or the model, cannot be served as configured."""
 
 
-def setting_error(key: str, value: Any, accepted: str) -> HeadInferConfigError:
-    env = SETTINGS[key][0]
-    return HeadInferConfigError(
-        f"additional_config.{CONFIG_KEY}.{key} (or {env}) = {value!r} is not "
-        f"accepted: expected {accepted}."
-    )
+def _is_number_text(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return value.strip().lower() not in ("inf", "-inf", "nan", "infinity", "-infinity")
+
+
+def setting_error(key: str, value: Any, accepted: str, source: str | None = None
+                   ) -> HeadInferConfigError:
+    """A refused value of one setting, naming where it came from (by default
+    additional_config; ``relabel`` names another source). ``.setting`` keeps
+    (key, value, accepted) for relabelling; the message alone crosses
+    processes."""
+    source = source or f"additional_config.{CONFIG_KEY}.{key}"
+    hint = ""
+    # JSON's "2" where 2 was meant, the usual mistake, said plainly (a
+    # variable's text is parsed, so there it cannot be the mistake).
+    if source.startswith("additional_config") and (
+        _is_number_text(value)
+        or (isinstance(value, list) and any(_is_number_text(v) for v in value))
+    ):
+        hint = " (write numbers without quotes: a number, not a string)"
+    error = HeadInferConfigError(
+        f"{source} = {value!r} is not accepted: expected {accepted}{hint}.")
+    error.setting = (key, value, accepted)
+    return error
+
+
+def relabel(error: HeadInferConfigError, source: str, value: Any = None) -> HeadInferConfigError:
+    """The same refusal naming ``source`` (and ``value``, where the source's
+    own text differs from the value parsed from it)."""
+    key, parsed, accepted = error.setting
+    return setting_error(key, parsed if value is None else value, accepted, source)
+
+
+def env_source(key: str) -> str:
+    return f"environment variable {SETTINGS[key][0]} (setting {key})"
+
+
+def source_of(key: str, raw: dict | None) -> str:
+    """Where a setting's value came from: additional_config, its
+    environment variable, or neither (its default)."""
+    if raw and key in raw:
+        return f"additional_config.{CONFIG_KEY}.{key}"
+    if os.environ.get(SETTINGS[key][0], "") != "":
+        return env_source(key)
+    return f"additional_config.{CONFIG_KEY}.{key} (not set: its default)"
 
 
 AUTO = "auto"
@@ -130,34 +174,17 @@ class HeadInferConfig:
                 f"{', '.join(map(repr, unknown))}; accepted settings: "
                 f"{', '.join(SETTINGS)}."
             )
-        for key, (env, _) in SETTINGS.items():
-            if key not in raw and os.environ.get(env, "") != "":
-                raw[key] = _from_env_text(key, os.environ[env])
-        kwargs: dict[str, Any] = {}
-        if "resident_kv_heads" in raw:
-            kwargs["resident_kv_heads"] = _resident_setting(raw["resident_kv_heads"])
-        if raw.get("kv_pool_tokens") is not None:
-            kwargs["kv_pool_tokens"] = _keyword_or_int(
-                "kv_pool_tokens", raw["kv_pool_tokens"], (MAX_POOL,), 1, _POOL_ACCEPTED)
-        if raw.get("cpu_kv_gib") is not None:
-            gib = _as_float("cpu_kv_gib", raw["cpu_kv_gib"], "a number of GiB > 0")
-            if not (gib > 0 and math.isfinite(gib)):
-                raise setting_error("cpu_kv_gib", raw["cpu_kv_gib"], "a number of GiB > 0")
-            kwargs["cpu_kv_gib"] = gib
-        for key in ("decode_path", "prefill_path"):
-            if key in raw:
-                if raw[key] not in OFFLOAD_PATHS:
-                    raise setting_error(key, raw[key], f"one of {OFFLOAD_PATHS}")
-                kwargs[key] = raw[key]
-        if "staging_mib" in raw:
-            kwargs["staging_mib"] = _keyword_or_int(
-                "staging_mib", raw["staging_mib"], (), 16, "an integer >= 16")
-        if "cpu_attention" in raw:
-            kwargs["cpu_attention"] = _cpu_attention_setting(raw["cpu_attention"])
-        if "cpu_attention_threads" in raw:
-            kwargs["cpu_attention_threads"] = _keyword_or_int(
-                "cpu_attention_threads", raw["cpu_attention_threads"], (AUTO,), 1, _THREADS_ACCEPTED)
-        return cls(**kwargs)
+        from_env = [k for k, (env, _) in SETTINGS.items() if k not in raw and os.environ.get(env, "") != ""]
+        try:
+            for key in from_env:
+                raw[key] = _from_env_text(key, os.environ[SETTINGS[key][0]])
+            return cls(**_parse_values(raw))
+        except HeadInferConfigError as e:
+            key = getattr(e, "setting", (None,))[0]
+            if key in from_env:
+                # Name the variable and its text, not the value parsed from it.
+                raise relabel(e, env_source(key), os.environ[SETTINGS[key][0]]) from None
+            raise
 
     @classmethod
     def from_vllm_config(cls, vllm_config: VllmConfig) -> HeadInferConfig:
@@ -210,6 +237,35 @@ class HeadInferConfig:
         if isinstance(self.resident_kv_heads, tuple):
             out["resident_kv_heads"] = list(self.resident_kv_heads)
         return out
+
+
+def _parse_values(raw: dict) -> dict[str, Any]:
+    """The dataclass's keyword arguments from JSON-typed values."""
+    kwargs: dict[str, Any] = {}
+    if "resident_kv_heads" in raw:
+        kwargs["resident_kv_heads"] = _resident_setting(raw["resident_kv_heads"])
+    if raw.get("kv_pool_tokens") is not None:
+        kwargs["kv_pool_tokens"] = _keyword_or_int(
+            "kv_pool_tokens", raw["kv_pool_tokens"], (MAX_POOL,), 1, _POOL_ACCEPTED)
+    if raw.get("cpu_kv_gib") is not None:
+        gib = _as_float("cpu_kv_gib", raw["cpu_kv_gib"], "a number of GiB > 0")
+        if not (gib > 0 and math.isfinite(gib)):
+            raise setting_error("cpu_kv_gib", raw["cpu_kv_gib"], "a number of GiB > 0")
+        kwargs["cpu_kv_gib"] = gib
+    for key in ("decode_path", "prefill_path"):
+        if key in raw:
+            if raw[key] not in OFFLOAD_PATHS:
+                raise setting_error(key, raw[key], f"one of {OFFLOAD_PATHS}")
+            kwargs[key] = raw[key]
+    if "staging_mib" in raw:
+        kwargs["staging_mib"] = _keyword_or_int(
+            "staging_mib", raw["staging_mib"], (), 16, "an integer >= 16")
+    if "cpu_attention" in raw:
+        kwargs["cpu_attention"] = _cpu_attention_setting(raw["cpu_attention"])
+    if "cpu_attention_threads" in raw:
+        kwargs["cpu_attention_threads"] = _keyword_or_int(
+            "cpu_attention_threads", raw["cpu_attention_threads"], (AUTO,), 1, _THREADS_ACCEPTED)
+    return kwargs
 
 
 _RESIDENT_ACCEPTED = "'auto', an integer 0..H or a list of integers 0..H, one per layer"

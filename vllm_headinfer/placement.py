@@ -108,8 +108,9 @@ class Placement:
         """Resident heads per layer in runs, e.g. ``7 in layers 0-11, 6 in 12-31``."""
         return describe_runs(self.kv.layer_indices, self.counts)
 
-    def summary(self) -> str:
-        """The startup line (after ``HEADINFER placement: ``)."""
+    def summary(self, reads: str = "over the link") -> str:
+        """The startup line (after ``HEADINFER placement: ``); ``reads`` says
+        where decode steps read offloaded heads from (on CPU there is no link)."""
         kv = self.kv
         return (
             f"{self.resident_head_layers}/{kv.head_layers} KV head-layers resident "
@@ -119,21 +120,26 @@ class Placement:
             f"{self.num_blocks * self.host_bytes_per_block / GIB:.3f} GiB; pool "
             f"{self.num_blocks} blocks = {self.tokens} tokens (limited by "
             f"{self.limited_by}); decode reads "
-            f"{self.link_bytes_per_token() * 1024 / (1 << 20):.3f} MiB over the link "
+            f"{self.link_bytes_per_token() * 1024 / (1 << 20):.3f} MiB {reads} "
             "per 1K tokens of context"
         )
 
 
-def describe_runs(layer_indices, counts) -> str:
-    """Counts per layer in runs, e.g. ``7 in layers 0-11, 6 in 12-31``."""
-    runs: list[list[int]] = []  # [count, first index, last index]
+def layer_runs(layer_indices, counts) -> list[tuple]:
+    """Consecutive layers of equal count: [(count, first index, last index)]."""
+    runs: list[list] = []
     for index, count in zip(layer_indices, counts):
         if runs and runs[-1][0] == count and runs[-1][2] + 1 == index:
             runs[-1][2] = index
         else:
             runs.append([count, index, index])
+    return [tuple(r) for r in runs]
+
+
+def describe_runs(layer_indices, counts) -> str:
+    """Counts per layer in runs, e.g. ``7 in layers 0-11, 6 in 12-31``."""
     parts = []
-    for i, (count, first, last) in enumerate(runs):
+    for i, (count, first, last) in enumerate(layer_runs(layer_indices, counts)):
         where = str(first) if first == last else f"{first}-{last}"
         noun = ("layer " if first == last else "layers ") if i == 0 else ""
         parts.append(f"{count} in {noun}{where}")

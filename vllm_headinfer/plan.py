@@ -1,10 +1,11 @@
 """Planner: the placement HEADINFER would pick, before starting an engine.
 
-    python -m vllm_headinfer.plan MODEL [engine flags] [--gpu-memory-gib G]
-        [--link-gbps B | --measure] [--contexts 32768,131072]
-    vllm-headinfer-plan MODEL ...
+    vllm-headinfer-plan (MODEL | --model-shape NAME) [engine flags]
+        [--gpu-memory-gib G] [--link-gbps B | --measure] [--contexts 32768,131072]
+    python -m vllm_headinfer.plan ...
 
-Reads the model's config (a local path, or the Hugging Face cache) through
+Reads the model's config (a local path, the Hugging Face cache, or one of the
+real checkpoints' configs shipped in vllm_headinfer/model_shapes) through
 vLLM's own engine arguments (``-tp``, ``--gpu-memory-utilization``,
 ``--kv-cache-memory-bytes``, ``--max-model-len``, ``--kv-cache-dtype``,
 ``--block-size``, ``--additional-config``, ...), loads no weights and starts
@@ -14,11 +15,13 @@ The device KV budget is exact with ``--kv-cache-memory-bytes``. Otherwise it
 is an estimate of what vLLM's memory profile will leave: GPU memory x
 ``--gpu-memory-utilization`` less the weights (their files' size, or a count
 from the config) and ACTIVATION_RESERVE; the engine decides with the real
-figure, and the output says which it used.
+figure, and the output says which it used. Planning a GPU from a machine
+without one, the engine flags left unset take CUDA's defaults, not this
+machine's (the CPU platform's 128-token blocks).
 
 Decode time is predicted as link-bound: the offloaded KV of the context
-crosses the link once per step at ``--link-gbps`` (default: the UVA read rate
-measured on an H100 with PCIe Gen5), or at the rate ``--measure`` reads
+crosses the link once per step at ``--link-gbps`` (default: an assumed rate,
+what an H100 on PCIe Gen5 read over UVA), or at the rate ``--measure`` reads
 pinned host memory over UVA on this machine's GPU.
 """
 
@@ -34,8 +37,10 @@ from vllm_headinfer import placement as policy
 
 GIB = 1 << 30
 # Decode reads of pinned host memory over UVA on the H100 host (PCIe Gen5):
-# 49.5-50.5 GB/s (benchmarks/RESULTS.md).
+# 49.5-50.5 GB/s (benchmarks/RESULTS.md). Assumed unless --measure or
+# --link-gbps says otherwise.
 DEFAULT_LINK_GBPS = 50.0
+ASSUMED_LINK = "assumed: an H100 on PCIe Gen5 reading pinned host memory; --measure times yours"
 # Device memory vLLM's profile keeps besides weights and KV at
 # gpu_memory_utilization=0.9 for the Llama-3-8B shape on the H100 (activations,
 # CUDA graphs, allocator slack): 0.9 x 79.2 GiB - 15.0 GiB weights - 52.6 GiB
@@ -63,10 +68,20 @@ def weights_bytes(model_config) -> int:
     head = model_config.get_head_size()
     q = hf.num_attention_heads * head
     kv = model_config.get_total_num_kv_heads() * head
-    inter = getattr(hf, "intermediate_size", 4 * hidden)
     embed = hf.vocab_size * hidden * (1 if getattr(hf, "tie_word_embeddings", False) else 2)
-    per_layer = hidden * (2 * q + 2 * kv) + 3 * hidden * inter + 2 * hidden
+    per_layer = hidden * (2 * q + 2 * kv) + mlp_params(hf) + 2 * hidden
     return (embed + layers * per_layer) * model_config.dtype.itemsize
+
+
+def mlp_params(hf) -> int:
+    """One layer's gated MLP, or its experts and router in a mixture of
+    experts (Qwen-MoE and Mixtral name their sizes differently)."""
+    hidden = hf.hidden_size
+    experts = getattr(hf, "num_experts", None) or getattr(hf, "num_local_experts", None)
+    if experts:
+        inter = getattr(hf, "moe_intermediate_size", None) or hf.intermediate_size
+        return experts * 3 * hidden * inter + hidden * experts
+    return 3 * hidden * getattr(hf, "intermediate_size", 4 * hidden)
 
 
 def device_budget(vllm_config, gpu_memory_gib: float | None) -> DeviceBudget:
@@ -131,7 +146,9 @@ def rows(vllm_config, cfg, kv: policy.RankKV, budgets: policy.Budgets):
 
 
 def render(vllm_config, cfg, kv, budgets, dev: DeviceBudget, link_gbps: float, link_how: str,
-           contexts) -> str:
+           contexts, model_name: str, on_gpu: bool) -> str:
+    from vllm_headinfer.capacity import describe_heads, link_wording
+
     head = ["placement", "resident", "device KV", "host KV", "pool tokens", "limited by"]
     head += [f"decode @{c // 1024}K" for c in contexts]
     table = []
@@ -152,9 +169,8 @@ def render(vllm_config, cfg, kv, budgets, dev: DeviceBudget, link_gbps: float, l
         table.append(cells)
     widths = [max(len(r[i]) for r in [head, *table]) for i in range(len(head))]
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
-    model = vllm_config.model_config
     out = [
-        f"model {model.model}: {kv.num_layers} layers x {kv.num_kv_heads} KV heads per rank "
+        f"model {model_name}: {kv.num_layers} layers x {kv.num_kv_heads} KV heads per rank "
         f"(tensor parallel {vllm_config.parallel_config.tensor_parallel_size}), "
         f"{kv.head_block_bytes * kv.head_layers // kv.block_size} KV bytes per token per rank",
         f"device KV budget per rank: {size(budgets.device_bytes)} ({dev.how})",
@@ -164,7 +180,8 @@ def render(vllm_config, cfg, kv, budgets, dev: DeviceBudget, link_gbps: float, l
         line(head),
         *(line(r) for r in table),
         "",
-        f"startup line: HEADINFER placement: {chosen.summary()}",
+        f"startup line: HEADINFER placement: {chosen.summary(link_wording(on_gpu))}",
+        f"next line:    HEADINFER heads per rank: {describe_heads(chosen, on_gpu)}",
     ]
     if not dev.exact:
         out.append(
@@ -174,30 +191,90 @@ def render(vllm_config, cfg, kv, budgets, dev: DeviceBudget, link_gbps: float, l
     return "\n".join(out)
 
 
+def planner_flags():
+    """The planner's own flags: (flag, argparse keywords), shown in plain
+    --help too (vLLM's parser lists only group names there)."""
+    from vllm_headinfer import model_shapes
+
+    return (
+        ("--model-shape", dict(
+            choices=list(model_shapes.CHECKPOINTS), default=None,
+            help="plan a shipped real checkpoint's shape instead of MODEL: "
+            + ", ".join(f"{k} ({v})" for k, v in model_shapes.CHECKPOINTS.items()))),
+        ("--gpu-memory-gib", dict(
+            type=float, default=None,
+            help="the GPU's memory in GiB, to plan a GPU from a machine without it "
+            "(unset engine flags then take CUDA's defaults)")),
+        ("--link-gbps", dict(
+            type=float, default=None,
+            help=f"host-to-GPU read rate in GB/s (default {DEFAULT_LINK_GBPS}, assumed)")),
+        ("--measure", dict(
+            action="store_true", help="measure the UVA read rate on this machine's GPU")),
+        ("--contexts", dict(
+            default=",".join(map(str, DEFAULT_CONTEXTS)),
+            help="comma-separated context lengths to predict decode times for")),
+    )
+
+
 def parse(argv: list[str]):
     from vllm.engine.arg_utils import EngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
+    from vllm_headinfer import model_shapes
+
+    flags = planner_flags()
+    listing = "\n".join(f"  {flag}: {kw['help']}" for flag, kw in flags)
     parser = FlexibleArgumentParser(
         prog="vllm-headinfer-plan",
-        description="Print the KV head placement HEADINFER picks for a model.",
+        description="Print the KV head placement HEADINFER picks for a model, "
+        "without loading weights or starting an engine.\n\nPlanner flags:\n"
+        f"{listing}\n\nIt also takes vLLM's engine flags (-tp, "
+        "--gpu-memory-utilization, --kv-cache-memory-bytes, --max-model-len, "
+        "--kv-cache-dtype, --block-size, --additional-config, ...).",
     )
-    parser.add_argument("model_tag", help="model path or name")
+    parser.add_argument("model_tag", nargs="?", default=None,
+                        help="model path or name (or use --model-shape)")
     planner = parser.add_argument_group("planner")
-    planner.add_argument("--gpu-memory-gib", type=float, default=None,
-                         help="GPU memory when planning on a machine without it")
-    planner.add_argument("--link-gbps", type=float, default=None,
-                         help=f"host-to-GPU read rate (default {DEFAULT_LINK_GBPS})")
-    planner.add_argument("--measure", action="store_true",
-                         help="measure the UVA read rate on this machine's GPU")
-    planner.add_argument("--contexts", default=",".join(map(str, DEFAULT_CONTEXTS)),
-                         help="comma-separated context lengths for decode times")
+    for flag, kw in flags:
+        planner.add_argument(flag, **kw)
     parser = EngineArgs.add_cli_args(parser)
     args = parser.parse_args(argv)
+    if (args.model_tag is None) == (args.model_shape is None):
+        parser.error("give a model path or name, or --model-shape NAME (one of: "
+                     f"{', '.join(model_shapes.CHECKPOINTS)}), not both")
+    if args.model_shape is not None:
+        args.model_tag = str(model_shapes.path(args.model_shape))
     args.model = args.model_tag
     if args.attention_backend is None:
         args.attention_backend = "HEADINFER"
+    if plans_gpu_elsewhere(args):
+        cuda_defaults(args)
     return args, EngineArgs.from_cli_args(args)
+
+
+def plans_gpu_elsewhere(args) -> bool:
+    """A GPU planned from a machine whose platform is not CUDA."""
+    from vllm.platforms import current_platform
+
+    return args.gpu_memory_gib is not None and not current_platform.is_cuda()
+
+
+def cuda_defaults(args) -> None:
+    """Engine flags left unset take what vLLM picks on CUDA, where this
+    machine's platform would pick its own (the CPU platform's blocks are 128
+    tokens, CUDA's 16)."""
+    from vllm.config import CacheConfig
+
+    if args.block_size is None:
+        args.block_size = CacheConfig.DEFAULT_BLOCK_SIZE
+
+
+def shown_name(args) -> str:
+    from vllm_headinfer import model_shapes
+
+    if args.model_shape is None:
+        return args.model_tag
+    return f"{model_shapes.CHECKPOINTS[args.model_shape]} (shape {args.model_shape}, shipped)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,7 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = HeadInferConfig.from_vllm_config(vllm_config)
     kv = model_rank_kv(vllm_config)
     dev = device_budget(vllm_config, args.gpu_memory_gib)
-    gpu = args.gpu_memory_gib is not None or dev.how != "--kv-cache-memory-bytes"
+    from vllm.platforms import current_platform
+
+    # Planning a GPU: this machine's, or one --gpu-memory-gib describes.
+    gpu = args.gpu_memory_gib is not None or current_platform.is_cuda()
     staging = cfg.staging_bytes if gpu else offload_device_bytes(cfg)
     budgets = policy.Budgets(dev.bytes, cfg.cpu_kv_bytes, staging)
     if args.measure:
@@ -223,10 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     elif args.link_gbps is not None:
         link, how = args.link_gbps, "given"
     else:
-        link, how = DEFAULT_LINK_GBPS, "H100 PCIe Gen5 UVA reads, measured"
+        link, how = DEFAULT_LINK_GBPS, ASSUMED_LINK
     contexts = [int(c) for c in args.contexts.split(",") if c]
     try:
-        print(render(vllm_config, cfg, kv, budgets, dev, link, how, contexts))
+        print(render(vllm_config, cfg, kv, budgets, dev, link, how, contexts, shown_name(args), gpu))
     except HeadInferConfigError as e:
         print(f"refused at startup: {e}", file=sys.stderr)
         return 2

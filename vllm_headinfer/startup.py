@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from typing import TYPE_CHECKING
 
 from vllm_headinfer import BACKEND_NAME
@@ -16,7 +17,9 @@ from vllm_headinfer.config import (
     HeadInferConfig,
     HeadInferConfigError,
     is_selected,
+    relabel,
     setting_error,
+    source_of,
 )
 from vllm_headinfer.host_memory import (
     DEFAULT_FREE_RAM_SHARE,
@@ -117,9 +120,47 @@ def resolve(vllm_config: VllmConfig) -> HeadInferConfig | None:
     """Validates everything at startup and pins the resolved settings.
 
     Returns None when HEADINFER is not selected. Raises HeadInferConfigError
-    naming the setting and its accepted values otherwise.
+    naming the setting, where its value came from and the accepted values
+    otherwise; left uncaught, it is printed as one line (show_refusals_alone).
     """
     raw = (vllm_config.additional_config or {}).get(CONFIG_KEY)
+    try:
+        return _resolve(vllm_config, raw)
+    except HeadInferConfigError as e:
+        show_refusals_alone()
+        key = getattr(e, "setting", (None,))[0]
+        source = key and source_of(key, raw if isinstance(raw, dict) else None)
+        if key and not str(e).startswith(source):
+            # A check after parsing, of a value the environment (or the
+            # default) gave: say so.
+            raise relabel(e, source) from None
+        raise
+
+
+def show_refusals_alone() -> None:
+    """A refusal that reaches the top of the user's process (``vllm serve``,
+    a script calling ``LLM(...)``) is printed as its message on a line of its
+    own, as the last thing printed, not under a traceback through vLLM's
+    engine-config code; anything else keeps Python's usual report.
+    ``VLLM_HEADINFER_TRACEBACK=1`` keeps the traceback for bug reports."""
+    import sys
+
+    previous = sys.excepthook
+    if getattr(previous, "headinfer", False) or os.environ.get("VLLM_HEADINFER_TRACEBACK") == "1":
+        return
+
+    def hook(kind, error, tb):
+        if issubclass(kind, HeadInferConfigError):
+            sys.stderr.flush()
+            print(f"\nHEADINFER refused to start: {error}", file=sys.stderr, flush=True)
+        else:
+            previous(kind, error, tb)
+
+    hook.headinfer = True
+    sys.excepthook = hook
+
+
+def _resolve(vllm_config: VllmConfig, raw) -> HeadInferConfig | None:
     if not is_selected(vllm_config):
         if raw:
             raise HeadInferConfigError(
