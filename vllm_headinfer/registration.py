@@ -102,8 +102,10 @@ def refuse_unsupported(reason: str) -> None:
         def create_engine_config(self, usage_context=None, headless=False):
             vllm_config = orig(self, usage_context, headless)
             from vllm_headinfer.config import HeadInferConfigError, is_selected
+            from vllm_headinfer.startup import show_refusals_alone
 
             if is_selected(vllm_config):
+                show_refusals_alone()
                 raise HeadInferConfigError(reason)
             return vllm_config
 
