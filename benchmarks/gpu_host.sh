@@ -79,7 +79,8 @@ case "$1" in
     # kernel checks, exactness against FLASH_ATTN (R = 0 and H, uneven auto
     # placement, co-attention under CUDA graphs, fp8, ngram, a second engine
     # in one process, co-attention failing loudly), vllm serve with /metrics,
-    # 128K on 32 layers with and without co-attention, the largest pool.
+    # 128K on 32 layers with and without co-attention, and (UPGRADE_CAPACITY=1)
+    # the largest pool.
     g=tests/gpu
     bash "$0" drift
     T="$g/test_cuda_exactness.py::test_small_model_tokens_identical[0] $g/test_cuda_exactness.py::test_small_model_tokens_identical[4] \
@@ -89,7 +90,7 @@ $g/test_cuda_coattention.py::test_a_second_engine_leaves_nothing_of_the_first ${
       CHECK_TIMEOUT=900 bash "$0" check
     bash "$0" serve-metrics
     SHAPES=32l COATTN_CONFIGS=R0,R0+cpuauto bash "$0" coattn
-    bash "$0" place-capacity
+    [ "${UPGRADE_CAPACITY:-0}" = 1 ] && bash "$0" place-capacity
     ;;
   serve-metrics)
     # vllm serve with HEADINFER: one completion, then /metrics.
