@@ -198,6 +198,12 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
                 self.coattention.reserve(scheduler.max_num_seqs,
                                          scheduler.max_num_batched_tokens,
                                          self.in_place_query_len, impl.num_heads, impl.head_size)
+                # Before any request: a first compile takes about a minute,
+                # which would otherwise fall inside a served step.
+                seconds = self.coattention.warm_up(kv_cache_spec.dtype,
+                                                   vllm_config.model_config.dtype)
+                logger.info("HEADINFER CPU co-attention: serving loop ready in %.1f s "
+                            "(compiled, or loaded from numba's cache)", seconds)
 
     def build(
         self,
@@ -213,6 +219,9 @@ class HeadInferMetadataBuilder(AttentionMetadataBuilder[HeadInferMetadata]):
         split_plan, num_splits = self._split_plan(plan, m)
         short_queries = m.max_query_len <= self.in_place_query_len
         host_step = None
+        if self.host_step_copies is not None:
+            # (a failure raised in any step, not only the next co-attending one)
+            self.coattention.between_steps()
         if short_queries and self.retunes:
             self._retune()
         if (short_queries and self.host_step_copies is not None

@@ -116,6 +116,27 @@ def check_cpu_attention(cfg: HeadInferConfig, is_cuda: bool) -> None:
         )
 
 
+def check_microbatching(cfg: HeadInferConfig, parallel_config, is_cuda: bool) -> None:
+    """CPU co-attention (on CUDA, unless 'off') serves the process's layer
+    calls in one order through one query and output slot, posted from one
+    thread onto one stream; dual-batch overlap or micro-batching runs the
+    micro-batches' layers from two threads on two streams."""
+    if not is_cuda or cfg.fixed_cpu_share == 0:
+        return
+    if parallel_config.enable_dbo:
+        setting = "--enable-dbo"
+    elif parallel_config.ubatch_size > 1:
+        setting = f"--ubatch-size {parallel_config.ubatch_size}"
+    else:
+        return
+    raise setting_error(
+        "cpu_attention",
+        cfg.cpu_attention,
+        f"'off' with {setting} (micro-batches run their layers at once from two threads "
+        "on two streams; CPU co-attention serves one), or drop that setting",
+    )
+
+
 def resolve(vllm_config: VllmConfig) -> HeadInferConfig | None:
     """Validates everything at startup and pins the resolved settings.
 
@@ -178,6 +199,7 @@ def _resolve(vllm_config: VllmConfig, raw) -> HeadInferConfig | None:
     from vllm.platforms import current_platform
 
     check_cpu_attention(cfg, current_platform.is_cuda())
+    check_microbatching(cfg, vllm_config.parallel_config, current_platform.is_cuda())
 
     _check_resident_counts(vllm_config, cfg)
 

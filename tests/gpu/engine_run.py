@@ -13,18 +13,39 @@ repeat a 7-token pattern, so prompt lookup finds drafts), "coattention_calls"
 engine core runs in this process), "retune" (auto co-attends every step and
 retunes its split from windows of 0.1 ms of kernel time; also reports how
 often the rates in force changed and the shapes of the shares served),
-"second_engine" (the engine is shut down, what it left in this process is
-reported, and a second engine of the same spec runs: its outputs as
-"second").
+"second_engine" (the engine is shut down and what it left in this process
+reported, then a second engine of the same spec runs and is shut down: its
+result, with what it left, as "second"), "kill_coattention_after" (CPU
+co-attention's serving thread is killed once the kernel has served this many
+decode layer calls: the result says whether generate() raised, its message,
+and how many seconds after the kill).
 """
 
 import json
 import os
 import random
 import sys
+import threading
+import time
 
 
 def main(spec: dict) -> dict:
+    """One engine's result, or with "second_engine" the first's with the
+    second's under "second"."""
+    if not spec.get("second_engine"):
+        return run(spec)[1]
+    results = []
+    for _ in range(2):
+        llm, result = run(spec)
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        result.update(left_behind())
+        results.append(result)
+    return {**results[0], "second": results[1]}
+
+
+def run(spec: dict):
+    """The engine of ``spec`` and its result."""
     from vllm import LLM, SamplingParams
 
     if spec.get("retune"):
@@ -76,6 +97,8 @@ def main(spec: dict) -> dict:
     # prompt logprobs score every prompt position on identical inputs.
     params = SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0, logprobs=2,
                             prompt_logprobs=1, ignore_eos=True)
+    if spec.get("kill_coattention_after"):
+        return llm, killed_mid_decode(llm, prompts, params, spec["kill_coattention_after"])
     outs = llm.generate(prompts, params, use_tqdm=False)
     result = []
     for prompt, o in zip(prompts, outs):
@@ -102,26 +125,56 @@ def main(spec: dict) -> dict:
         served = service._layer_list if service is not None else []
         extra["retunes"] = process_coattention.tuning.version
         extra["shares_served"] = sorted({(x.heads, x.split_keep) for x in served})
-    if spec.get("second_engine"):
-        del llm, outs
-        extra.update(left_behind())
-        extra["second"] = main({**spec, "second_engine": False})["outputs"]
-    return {"outputs": result, **extra}
+    return llm, {"outputs": result, **extra}
+
+
+def killed_mid_decode(llm, prompts, params, calls: int) -> dict:
+    """generate() with CPU co-attention's serving thread killed once the
+    kernel has served ``calls`` decode layer calls. The kill is the loop's
+    own stop word set behind the service's back: the thread returns as if
+    stopped, and the calls the GPU has published or will publish are never
+    served, which is what a dead thread leaves (the service's watchdog must
+    find it)."""
+    from vllm_headinfer.coattention.runtime import process_coattention
+    from vllm_headinfer.coattention.service import STOP
+    from vllm_headinfer.coattention.share import CALLS
+
+    killed = {}
+
+    def kill():
+        while CALLS["decode"] < calls:
+            time.sleep(1e-3)
+        process_coattention.service.control[STOP] = 1
+        killed["at"] = time.monotonic()
+
+    threading.Thread(target=kill, daemon=True).start()
+    try:
+        llm.generate(prompts, params, use_tqdm=False)
+    except Exception as error:  # (what vLLM makes of the engine's error)
+        return {"raised": True, "message": f"{type(error).__name__}: {error}",
+                "seconds_after_kill": time.monotonic() - killed.get("at", float("nan"))}
+    return {"raised": False, "killed": "at" in killed, "decode_calls": CALLS["decode"]}
 
 
 def left_behind() -> dict:
     """What an engine shut down in this process left: host pools still
-    mapped, and layers CPU co-attention's serving thread still holds."""
+    mapped, layers CPU co-attention's serving thread still holds, and the
+    process's resident memory (a pool kept would stay resident)."""
     import gc
+
+    import psutil
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
     from vllm_headinfer.coattention.runtime import process_coattention
     from vllm_headinfer.host_pool import HostKVPool
 
     gc.collect()
+    cleanup_dist_env_and_memory()
     pools = [o for o in gc.get_objects() if isinstance(o, HostKVPool) and o.tensor.numel()]
     service = process_coattention.service
     return {"pools_left": len(pools),
-            "layers_served_left": len(service.layers) if service is not None else 0}
+            "layers_served_left": len(service.layers) if service is not None else 0,
+            "rss_bytes": psutil.Process().memory_info().rss}
 
 
 if __name__ == "__main__":
@@ -132,4 +185,7 @@ if __name__ == "__main__":
     # stepping while requests still arrive, which makes batches, and the last
     # bits of bf16 outputs, depend on timing.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    print("RESULT " + json.dumps(main(json.loads(sys.argv[1]))), flush=True)
+    spec = json.loads(sys.argv[1])
+    print("RESULT " + json.dumps(main(spec)), flush=True)
+    if spec.get("kill_coattention_after"):
+        os._exit(0)  # (the engine is dead: no orderly shutdown to wait for)

@@ -68,11 +68,34 @@ def test_retuned_split_matches_flash_attn(small_model, eager):
 
 
 def test_a_second_engine_leaves_nothing_of_the_first(small_model):
-    """Two co-attending engines one after the other in one process: once the
-    first is shut down, none of its host pools stays mapped and the serving
-    thread holds none of its layers; the second serves as the first did."""
+    """Two co-attending engines one after the other in one process: once
+    each is shut down, none of its host pools stays mapped, the serving
+    thread holds none of its layers and the process's resident memory is
+    back where it was (a pool kept would stay resident: cpu_kv_gib 4); the
+    second serves as the first did."""
     got = run_engine(spec(small_model, "HEADINFER", 0, dummy=False, coattention_calls=True,
                           second_engine=True, headinfer={"cpu_attention": 2}))
-    assert got["coattention_calls"].get("decode", 0) > 0, got["coattention_calls"]
-    assert (got["pools_left"], got["layers_served_left"]) == (0, 0), got
-    assert [o["token_ids"] for o in got["second"]] == [o["token_ids"] for o in got["outputs"]]
+    second = got["second"]
+    first_calls = got["coattention_calls"].get("decode", 0)
+    assert 0 < first_calls < second["coattention_calls"].get("decode", 0), (
+        got["coattention_calls"], second["coattention_calls"])  # (the count is the process's)
+    for left in (got, second):
+        assert (left["pools_left"], left["layers_served_left"]) == (0, 0), left
+    assert second["rss_bytes"] - got["rss_bytes"] < (256 << 20), (
+        got["rss_bytes"] >> 20, second["rss_bytes"] >> 20)
+    assert [o["token_ids"] for o in second["outputs"]] == [o["token_ids"] for o in got["outputs"]]
+
+
+def test_a_killed_serving_thread_fails_the_engine_within_seconds(small_model):
+    """CPU co-attention's serving thread killed mid-decode: instead of the
+    GPU waiting without end on a word the thread will never write, the
+    service's watchdog gives the wait up after SERVE_TIMEOUT_S and the next
+    step raises, naming co-attention, which fails generate()."""
+    from vllm_headinfer.coattention.service import SERVE_TIMEOUT_S
+
+    got = run_engine(spec(small_model, "HEADINFER", 0, dummy=False, max_tokens=512,
+                          kill_coattention_after=40, headinfer={"cpu_attention": 2}))
+    print(got)
+    assert got["raised"], f"generate() finished despite the dead serving thread: {got}"
+    assert "HEADINFER CPU co-attention failed" in got["message"], got["message"]
+    assert got["seconds_after_kill"] < SERVE_TIMEOUT_S + 10, got

@@ -273,24 +273,35 @@ def test_the_report_goes_out_through_vllms_logging():
 def test_a_share_that_goes_takes_its_served_layer_with_it():
     """The serving thread does not keep a share (its engine's layer) alive:
     once the share goes, the service forgets its layers, and with them
-    their views of the host pool, and the loop ends."""
+    their views of the host pool (the pages can go), and the loop ends;
+    with nothing in flight, at once."""
     import gc
     import weakref
 
     gen = torch.Generator().manual_seed(3)
     layer = Layer(gen, 2, 1)
-    service = CoattentionService(np.zeros(FLAG_WORDS, np.int32), np.zeros(GROUP * DIM, np.int16),
+    flags = np.zeros(FLAG_WORDS, np.int32)
+    service = CoattentionService(flags, np.zeros(GROUP * DIM, np.int16),
                                  1, np.zeros(GROUP * DIM, np.float32),
                                  np.zeros(GROUP, np.float32), lambda: None, idle_cycles=1000,
                                  report_interval_s=None)
-    table = tuple(x.reshape(-1).long().numpy() for x in make_table(gen, [20], [1]))
-    service.register([served_entry(service, layer.share, layer.layer, layer.pages,
-                                   lambda layer: 1.0)], [("t", table)])
+    step = make_table(gen, [20], [1])
+    table = tuple(x.reshape(-1).long().numpy() for x in step)
+    key, served = served_entry(service, layer.share, layer.layer, layer.pages, lambda layer: 1.0)
+    service.register([(key, served)], [("t", table)])
     assert len(service.layers) == 1 and service._layer_list
-    share = weakref.ref(layer.share)
-    del layer
+    call = service.post(key, "t", 1, step[0].shape[1], 1)
+    flags[FINISHED] = flags[PUBLISHED] = call  # the "GPU" published it and read its share
+    for _ in range(3000):
+        if reached(flags[DONE], call):
+            break
+        threading.Event().wait(0.01)
+    assert reached(flags[DONE], call), "the call was not served"
+    share, pages = weakref.ref(layer.share), weakref.ref(layer.pages)
+    thread = service._thread
+    del layer, served
     gc.collect()
     assert share() is None, "the service keeps the share alive"
     assert not service.layers and not service._layer_list and not service.tables
-    service._thread.join(30)
-    assert not service._thread.is_alive(), "the loop holds the layers' pages"
+    assert service._thread is None and not thread.is_alive(), "the loop holds the layers' pages"
+    assert pages() is None, "the served layer still holds the engine's host pages"

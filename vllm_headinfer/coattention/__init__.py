@@ -3,6 +3,7 @@ a layer's offloaded KV heads in host memory while the GPU reads the others
 over the link (share.py says how a layer's heads divide).
 
 * split.py: the split policy (how many heads, how many threads), pure;
+* host_cores.py: the cores the host leaves a rank (affinity, cgroup quota);
 * share.py: a layer's share, a step's metadata on the host, this rank's split;
 * runtime.py: the process's co-attention on CUDA (slots, post and collect);
 * service.py: the serving thread that runs posted calls;

@@ -62,7 +62,9 @@ class DeviceFlags:
 
     def wait(self, index: int, value: int) -> None:
         """The current stream waits until the word at ``index`` reaches
-        ``value`` (cyclically in 32 bits)."""
+        ``value`` (cyclically in 32 bits). A wait, not an equality: a host
+        that gives up (service.GIVE_UP) sets the word past every value
+        waited for, and the stream runs on."""
         stream = torch.cuda.current_stream().cuda_stream
         self._check(self._wait(stream, self._address + 4 * index, value & 0xFFFFFFFF, _WAIT_GEQ),
                     "cuStreamWaitValue32")

@@ -21,6 +21,10 @@ the handshake):
    thread's count of which reader was last), waits for the second word,
    copies the outputs to the device and merges the split head's two parts.
 
+Should the serving thread fail (service.py: it raised, or stopped answering),
+the stream's waits pass and the model's thread raises at its next post or
+step (``between_steps``).
+
 The call numbers are arguments of the stream's write and wait, new in every
 call, so such steps do not replay from CUDA graphs: where co-attention is
 on, metadata.py keeps attention out of full graphs (piecewise graphs capture
@@ -48,6 +52,7 @@ class CudaCoattention:
         from vllm_headinfer.coattention.service import FLAG_WORDS, CoattentionService
 
         self.query_dtype = query_dtype
+        self.slot_bytes = (slot_bytes, lse_bytes)
         self.queries, self.out, self.lse = (
             torch.empty(size, dtype=dtype, pin_memory=True)
             for size, dtype in ((slot_bytes // query_dtype.itemsize, query_dtype),
@@ -87,6 +92,9 @@ def served_entry(service, share: CpuShare, layer, pages: torch.Tensor, query_sca
         if share.finalizer is not None:
             share.finalizer.detach()  # (a service of another query format, forgotten)
         share.finalizer = weakref.finalize(share, service.forget)
+        # At exit the process's threads and memory go anyway, and a drain
+        # could meet a CUDA context already torn down.
+        share.finalizer.atexit = False
     return share.key, served_layer(share, layer, pages, query_scale)
 
 
@@ -135,18 +143,48 @@ class CoattentionRuntime:
         most query tokens (``query_len``), at most ``batched_tokens``, all
         query heads (of at most 4 bytes an element), and per token a
         log-sum-exp of each query head."""
+        if self.cuda is not None and self.cuda.service.failure is not None:
+            # A new engine's builders (the one whose serving thread failed
+            # is dead, by that failure's error): this one gets its own.
+            self.cuda.service.close()
+            self.cuda = None
         tokens = min(requests * query_len, batched_tokens)
         self.slot_bytes = max(self.slot_bytes, tokens * num_heads * head_size * 4)
         self.lse_bytes = max(self.lse_bytes, tokens * num_heads * 4)
 
     def slots(self, query_dtype: torch.dtype) -> CudaCoattention:
-        """The serving thread and slots for queries of ``query_dtype`` (a
-        new format: made anew, the old loop's layers forgotten)."""
-        if self.cuda is None or self.cuda.query_dtype != query_dtype:
-            if self.cuda is not None:
-                self.cuda.service.forget()
-            self.cuda = CudaCoattention(query_dtype, self.slot_bytes, self.lse_bytes)
+        """The serving thread and slots for queries of ``query_dtype``, made
+        anew where the queries' format changed or an engine reserved larger
+        slots than they have (everything made from the slots goes with
+        them)."""
+        cuda, reserved = self.cuda, (self.slot_bytes, self.lse_bytes)
+        if (cuda is None or cuda.query_dtype != query_dtype
+                or any(want > have for want, have in zip(reserved, cuda.slot_bytes))):
+            if cuda is not None:
+                cuda.service.close()
+                # The GPU's last waits and copies read the old words and
+                # slots: they must be past before that pinned memory goes.
+                cuda.service.drain()
+            self.cuda = CudaCoattention(query_dtype, *reserved)
         return self.cuda
+
+    def between_steps(self) -> None:
+        """The serving loop's business in the model's thread between steps
+        (every step's metadata calls it): its failure raised
+        (service.CoattentionFailure), for vLLM to make an engine error of;
+        the layers of a share that went let go."""
+        if self.cuda is not None:
+            self.cuda.service.raise_failure()
+            self.cuda.service.release_forgotten()
+
+    def warm_up(self, pages_dtype: torch.dtype, query_dtype: torch.dtype) -> float:
+        """Compiles the serving loop at startup for an engine's page and
+        query formats (service.warm_up); returns the seconds it took."""
+        from vllm_headinfer.coattention.kernel import flat_pages, raw_words
+        from vllm_headinfer.coattention.service import warm_up
+
+        pages, _, _ = flat_pages(torch.zeros(1, 1, 2, 1, 1, dtype=pages_dtype))
+        return warm_up(pages, *raw_words(torch.zeros(1, dtype=query_dtype)))
 
     def post(self, share: CpuShare, query: torch.Tensor, step: HostStep) -> int:
         """Step 1 of a layer call: posts ``share``'s part of ``query`` to

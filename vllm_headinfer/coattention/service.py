@@ -39,7 +39,22 @@ and retunes auto's split by them.
 
 Layers and step-metadata tables are fixed arguments of the loop; one not
 yet among them restarts it (once per process in practice: the first call
-registers every co-attending layer of the model).
+registers every co-attending layer of the model). The loop is compiled (or
+loaded from numba's cache) before it serves: at startup (``warm_up``) and
+again, at once where the types are the same, before each start.
+
+Failing loudly: the GPU's wait has no timeout of its own, so a loop that
+raised, or a call published but not served within SERVE_TIMEOUT_S (a
+watchdog thread looks), would hang the engine with /health still answering.
+Either makes the service failed: DONE is set GIVE_UP calls past the last
+posted call, which every wait the GPU was given accepts (it compares
+cyclically, as ``reached``), so the stream runs on; and the model's thread
+raises CoattentionFailure at its next post or registration, or between
+steps (runtime.CoattentionRuntime.between_steps, which every step's
+metadata calls), which vLLM turns into an engine error that fails the
+running requests and marks the engine dead. The step in flight when it
+failed finishes with whatever the output slot held for its CPU heads; the
+next step raises.
 """
 
 from __future__ import annotations
@@ -58,6 +73,12 @@ from vllm_headinfer.coattention.split import LoopFigures
 from vllm_headinfer.coattention.kernel import run_attention, split_cut, use_threads
 
 logger = init_logger("vllm.headinfer.coattention.service")
+
+
+class CoattentionFailure(RuntimeError):
+    """The serving thread failed or stopped answering: the engine cannot go
+    on (its CPU heads' outputs are missing)."""
+
 
 # Posted calls not yet served that the ring holds (the model's thread is at
 # most a step of layers ahead of the GPU: far fewer).
@@ -84,6 +105,18 @@ IDLE_CYCLES = 100_000_000
 UNFINISHED_IDLES = 10
 # Least time between two of the log's reports (vLLM's stats interval).
 REPORT_INTERVAL_S = 10.0
+# A call the GPU published that the loop has not served after this long is
+# taken for a stuck loop: a call's kernel takes milliseconds (a 1M-token
+# layer share reads a few GB at 10+ GB/s), and no compile can fall in it
+# (the loop is compiled before it starts).
+SERVE_TIMEOUT_S = 10.0
+# How often the watchdog looks at the words (it never touches a call's path).
+WATCH_INTERVAL_S = 0.25
+# How far past the last posted call a failed service sets DONE: further than
+# any call the GPU can have been given (at most RING past the served ones),
+# and less than half the 32-bit cycle, so that every such wait reads it as
+# reached.
+GIVE_UP = 1 << 30
 
 # Columns of the layer table and of a ring entry.
 (L_HEADS, L_GROUP, L_DIM, L_BLOCK_SIZE, L_BLOCK_STRIDE, L_HEAD_STRIDE, L_CODE, L_SPLIT_KEEP,
@@ -219,15 +252,20 @@ class CoattentionService:
     queries' format ``query_code``), ``out``/``lse`` the output slots
     (float32). ``drain`` makes the GPU finish what it was given (before a
     restart: every posted call served). The log gets ``report()`` when
-    the loop goes idle, at most every ``report_interval_s`` (None: never)."""
+    the loop goes idle, at most every ``report_interval_s`` (None: never).
+    ``failure`` says why the service failed (the module docstring), None
+    while it works; ``serve_timeout_s`` is the watchdog's bound."""
 
     def __init__(self, flags: np.ndarray, queries: np.ndarray, query_code: int, out: np.ndarray,
                  lse: np.ndarray, drain: Callable[[], None], idle_cycles: int = IDLE_CYCLES,
-                 report_interval_s: float | None = REPORT_INTERVAL_S):
+                 report_interval_s: float | None = REPORT_INTERVAL_S,
+                 serve_timeout_s: float = SERVE_TIMEOUT_S):
         self.flags, self.queries, self.query_code = flags, queries, query_code
         self.out, self.lse = out, lse
         self.drain, self.idle_cycles = drain, idle_cycles
         self.report_interval_s = report_interval_s
+        self.serve_timeout_s = serve_timeout_s
+        self.failure: str | None = None
         self.control = np.zeros(CONTROL_WORDS, np.int64)
         self.ring = np.zeros((RING, 5), np.int64)
         self.posted = 0
@@ -236,6 +274,9 @@ class CoattentionService:
         self._layer_list: list[ServedLayer] = []
         self._table_list: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._thread: threading.Thread | None = None
+        self._watchdog: threading.Thread | None = None
+        self._closing = threading.Event()  # ends the watchdog
+        self._forget_pending = False  # (forget)
         self._wake = threading.Event()
         self._sleeping = False
         self._reported = np.zeros(CONTROL_WORDS, np.int64)  # the counters at the last report
@@ -247,11 +288,14 @@ class CoattentionService:
         """Adds layers and step-metadata tables (flat block table, lengths,
         query starts: int64), each under a key object, restarting the loop
         where any is new."""
+        self.raise_failure()
+        self.release_forgotten()
         new_layers = [(k, v) for k, v in layers if k not in self.layers]
         new_tables = [(k, v) for k, v in tables if k not in self.tables]
         if not new_layers and not new_tables:
             return
         self.stop()
+        self.raise_failure()  # (it failed while stop() waited for the GPU)
         for key, layer in new_layers:
             self.layers[key] = len(self._layer_list)
             self._layer_list.append(layer)
@@ -263,8 +307,10 @@ class CoattentionService:
     def post(self, layer_key, table_key, requests: int, blocks: int, tokens: int) -> int:
         """Posts one call and returns its number (the value the GPU writes
         to PUBLISHED, then waits for in DONE)."""
+        self.raise_failure()
         call = self.posted + 1
         while call - self.control[SERVED] >= RING:  # (never in practice: a step is shorter)
+            self.raise_failure()
             threading.Event().wait(1e-4)
         self.ring[call % RING] = (self.layers[layer_key], self.tables[table_key],
                                   requests, blocks, tokens)
@@ -274,54 +320,132 @@ class CoattentionService:
             self._wake.set()
         return call
 
+    def raise_failure(self) -> None:
+        """Raises CoattentionFailure where the service failed."""
+        if self.failure is not None:
+            raise CoattentionFailure(self.failure)
+
     def forget(self) -> None:
-        """Drops every layer and table (an engine's layers went away): the
-        loop ends, and with it its hold on their memory."""
-        self.control[STOP] = 1
-        self._wake.set()
+        """Drops every layer and table (an engine's layers went away), never
+        before the calls already posted are served (the GPU may wait on
+        them): the loop ends, and with it its hold on their memory. Weakref
+        finalizers call it, from whichever thread collected the layer."""
+        if threading.current_thread() in (self._thread, self._watchdog):
+            # A collection in one of the service's own threads, which cannot
+            # join themselves: another thread does it.
+            threading.Thread(target=self.forget, daemon=True,
+                             name="headinfer-coattention-forget").start()
+            return
+        if self.control[SERVED] < self.posted:
+            # Calls in flight: the collection may have run inside a layer
+            # call, between its post and its publication, in this very
+            # thread, and the loop cannot stop before serving that call. The
+            # model's thread lets go between steps (release_forgotten).
+            self._forget_pending = True
+            return
+        self.close()
+
+    def release_forgotten(self) -> None:
+        """Does a forget() left for later. The model's thread calls it
+        between steps and before registering, where every call it posted
+        has been published."""
+        if self._forget_pending:
+            self.close()
+
+    def close(self) -> None:
+        """Ends the loop once every posted call is served and lets go of
+        every layer and table: for the model's thread, where every call it
+        posted has been published."""
+        self._forget_pending = False
+        self.stop()
         self.layers.clear()
         self.tables.clear()
         self._layer_list.clear()
         self._table_list.clear()
 
     def stop(self) -> None:
-        """Ends the loop once every posted call is served (at once where
-        forget() has ended it)."""
+        """Ends the loop once every posted call the GPU published is served.
+        A call still unserved serve_timeout_s after the GPU drained was
+        never published (its layer's launch failed between the post and the
+        publication), so no wait of the GPU's follows it: it is dropped
+        rather than waited for forever."""
         if self._thread is None:
             return
-        if not self.control[STOP] and self.control[SERVED] < self.posted:
+        if self.failure is None and self.control[SERVED] < self.posted:
+            # (were the loop to fail meanwhile, the watchdog frees the GPU)
             self.drain()
-        while not self.control[STOP] and self.control[SERVED] < self.posted:
+        deadline = time.monotonic() + self.serve_timeout_s
+        while (self.failure is None and self.control[SERVED] < self.posted
+               and time.monotonic() < deadline):
             threading.Event().wait(1e-4)
         self.control[STOP] = 1
         self._wake.set()
-        self._thread.join()
-        self._thread = None
-        self.control[SERVED] = self.posted  # (after forget(): no GPU waits for the rest)
+        self._thread.join(self.serve_timeout_s)
+        if self._thread.is_alive():  # (stuck in a kernel: the loop checks STOP between calls)
+            self._fail("the serving thread did not stop")
+        self._closing.set()
+        self._watchdog.join()
+        self._thread = self._watchdog = None
+        if self.failure is not None:
+            return  # (STOP stays set: a failed service serves nothing more)
+        unpublished = self.posted - int(self.control[SERVED])
+        if unpublished:
+            logger.warning("HEADINFER CPU co-attention: %d posted layer call(s) were never "
+                           "published by the GPU; dropped", unpublished)
+        self.control[SERVED] = self.posted
         self.control[STOP] = 0
 
     def _start(self) -> None:
-        heads = max(layer.heads for layer in self._layer_list)
-        kv_scales = np.ones((len(self._layer_list), heads, 2), np.float32)
-        for i, layer in enumerate(self._layer_list):
-            kv_scales[i, : layer.heads] = layer.kv_scales
-        # One row per layer, in the L_* columns' order.
-        layer_table = np.array(
-            [[x.heads, x.group, x.dim, x.block_size, x.block_stride, x.head_stride, x.code,
-              x.split_keep, x.threads, x.gpu_heads] for x in self._layer_list], np.int64)
-        args = (
-            self.control, self.ring, self.flags, layer_table,
-            np.array([x.scale for x in self._layer_list], np.float32), kv_scales,
-            numba.typed.List([x.pages for x in self._layer_list]),
-            numba.typed.List([t[0] for t in self._table_list]),
-            numba.typed.List([t[1] for t in self._table_list]),
-            numba.typed.List([t[2] for t in self._table_list]),
-            self.query_code, self.queries, self.out, self.lse, self.idle_cycles,
-        )
+        args = serving_arguments(self.control, self.ring, self.flags, self._layer_list,
+                                 self._table_list, self.query_code, self.queries, self.out,
+                                 self.lse, self.idle_cycles)
+        # Compiled (or loaded) here, before any call is published, so that
+        # no compile counts against the watchdog's bound.
+        compile_loop(args)
         threads = max(layer.threads for layer in self._layer_list)
         self._thread = threading.Thread(target=self._run, args=(threads, args), daemon=True,
                                         name="headinfer-coattention")
+        self._closing = threading.Event()
+        self._watchdog = threading.Thread(target=self._watch, args=(self._closing,), daemon=True,
+                                          name="headinfer-coattention-watchdog")
         self._thread.start()
+        self._watchdog.start()
+
+    def _fail(self, reason: str) -> None:
+        """Makes the service failed (the module docstring): the GPU's waits
+        pass, the model's thread raises at its next post."""
+        if self.failure is not None:
+            return
+        self.failure = (f"HEADINFER CPU co-attention failed: {reason}. The CPU heads' outputs "
+                        "are missing, so the engine stops; restart it, or set "
+                        "additional_config.headinfer.cpu_attention to 'off' if this repeats")
+        logger.error("%s", self.failure)
+        self.control[STOP] = 1
+        self._give_up()
+        self._wake.set()
+
+    def _give_up(self) -> None:
+        """DONE set past every call the GPU can wait on (GIVE_UP)."""
+        self.flags[DONE] = np.int64(self.posted + GIVE_UP).astype(np.int32)
+
+    def _watch(self, closing: threading.Event) -> None:
+        """Fails the service where a call the GPU published stays unserved
+        for serve_timeout_s. It reads the words the loop and the GPU write
+        and takes no lock: the calls' path is as fast without it."""
+        interval = min(WATCH_INTERVAL_S, self.serve_timeout_s / 4)
+        stalled_at, since = -1, 0.0
+        while not closing.wait(interval):
+            served = int(self.control[SERVED])
+            if self.posted <= served or not reached(self.flags[PUBLISHED], served + 1):
+                stalled_at = -1  # (nothing the GPU waits on: the loop may sleep)
+                continue
+            now = time.monotonic()
+            if served != stalled_at:
+                stalled_at, since = served, now
+            elif now - since > self.serve_timeout_s:
+                self._fail(f"layer call {served + 1} was not served {now - since:.1f} s after the "
+                           "GPU published it (the serving thread is stuck)")
+                return
 
     def cycles_per_s(self) -> float:
         """The cycle counter's rate (constant on current x86 processors),
@@ -366,6 +490,16 @@ class CoattentionService:
         return line
 
     def _run(self, threads: int, args: tuple) -> None:
+        try:
+            self._serve_until_stopped(threads, args)
+        except BaseException as error:  # (the thread ends here: nothing else would say why)
+            logger.exception("HEADINFER CPU co-attention: the serving thread raised")
+            self._fail(f"the serving thread raised {type(error).__name__}: {error}")
+        if self.failure is not None:
+            # Again: the loop's last write of DONE may have followed _fail's.
+            self._give_up()
+
+    def _serve_until_stopped(self, threads: int, args: tuple) -> None:
         use_threads(threads)  # (numba's count is per calling thread)
         while _serve(*args) == IDLE:
             if self.report_interval_s is not None and time.monotonic() >= self._next_report:
@@ -381,3 +515,51 @@ class CoattentionService:
             if self.control[POSTED] == self.control[SERVED] and not self.control[STOP]:
                 self._wake.wait()
             self._sleeping = False
+
+
+def serving_arguments(control, ring, flags, layers: Sequence[ServedLayer],
+                      tables: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], query_code,
+                      queries, out, lse, idle_cycles) -> tuple:
+    """``_serve``'s arguments for these layers and step-metadata tables."""
+    heads = max(layer.heads for layer in layers)
+    kv_scales = np.ones((len(layers), heads, 2), np.float32)
+    for i, layer in enumerate(layers):
+        kv_scales[i, : layer.heads] = layer.kv_scales
+    # One row per layer, in the L_* columns' order.
+    layer_table = np.array(
+        [[x.heads, x.group, x.dim, x.block_size, x.block_stride, x.head_stride, x.code,
+          x.split_keep, x.threads, x.gpu_heads] for x in layers], np.int64)
+    return (
+        control, ring, flags, layer_table, np.array([x.scale for x in layers], np.float32),
+        kv_scales, numba.typed.List([x.pages for x in layers]),
+        numba.typed.List([t[0] for t in tables]), numba.typed.List([t[1] for t in tables]),
+        numba.typed.List([t[2] for t in tables]), query_code, queries, out, lse, idle_cycles,
+    )
+
+
+def compile_loop(args: tuple) -> None:
+    """Compiles ``_serve`` for these arguments' types (or loads it from
+    numba's cache; at once where it has them) without serving: with STOP
+    set it returns at its first look. The serving thread is not running."""
+    control = args[0]
+    stop = control[STOP]
+    control[STOP] = 1
+    try:
+        _serve(*args)
+    finally:
+        control[STOP] = stop
+
+
+def warm_up(pages: np.ndarray, queries: np.ndarray, query_code: int) -> float:
+    """Compiles the loop at startup for pages and queries of these arrays'
+    types (kernel.flat_pages, raw_words), before any request: with a cold
+    cache that takes about a minute, which a first request should not
+    wait. Returns the seconds it took."""
+    began = time.perf_counter()
+    layer = ServedLayer(pages, 0, 0, 1, 0, 1, 1, 1, 0, 1, 1.0, np.ones((1, 2), np.float32), 0)
+    table = tuple(np.zeros(2, np.int64) for _ in range(3))
+    compile_loop(serving_arguments(
+        np.zeros(CONTROL_WORDS, np.int64), np.zeros((RING, 5), np.int64),
+        np.zeros(FLAG_WORDS, np.int32), [layer], [table], query_code, queries,
+        np.zeros(1, np.float32), np.zeros(1, np.float32), IDLE_CYCLES))
+    return time.perf_counter() - began

@@ -23,6 +23,7 @@ docstring says why).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 from dataclasses import dataclass, field
 
@@ -30,6 +31,12 @@ import torch
 from vllm.platforms import current_platform
 from vllm.utils.math_utils import cdiv
 
+from vllm_headinfer.coattention.host_cores import (
+    cgroup_cpu_quota,
+    numa_nodes,
+    ranks_on_host,
+    usable_cores,
+)
 from vllm_headinfer.coattention.split import (
     SHARE_STEPS,
     RankSplit,
@@ -50,11 +57,33 @@ CALLS: collections.Counter = collections.Counter()
 _measured: dict[tuple, RankSplit] = {}
 
 
+def rank_cores_why(vllm_config) -> tuple[int, str]:
+    """This rank's cores: those the affinity mask and the cgroup's CPU quota
+    allow (host_cores.py), shared by the ranks of every data-parallel
+    replica on the host; and why that many, for the startup line."""
+    usable = usable_cores(len(os.sched_getaffinity(0)), cgroup_cpu_quota())
+    ranks = ranks_on_host(ranks_per_node(vllm_config),
+                          vllm_config.parallel_config.data_parallel_size_local)
+    why = usable.why + (f", shared by {ranks} ranks on this host" if ranks > 1 else "")
+    return rank_cores(usable.cores, ranks), why
+
+
 def rank_split(vllm_config, cfg: HeadInferConfig, spec) -> RankSplit:
     """This rank's co-attention for layers of ``spec``'s page format under
-    the settings ``cfg``."""
-    cores = rank_cores(len(os.sched_getaffinity(0)), ranks_per_node(vllm_config))
+    the settings ``cfg``, with why it has that many threads."""
+    cores, why = rank_cores_why(vllm_config)
     threads = cfg.cpu_attention_threads if isinstance(cfg.cpu_attention_threads, int) else None
+    why = ("set by cpu_attention_threads" if threads else
+           f"{cores} core(s) for this rank from {why}, one left to the rank's own thread")
+    nodes = numa_nodes()
+    if nodes > 1:  # (host_cores.py's docstring says why not, and what to do)
+        why += f"; {nodes} NUMA nodes: threads and pages are not bound to one"
+    return dataclasses.replace(_rank_split(vllm_config, cfg, spec, cores, threads),
+                               threads_why=why)
+
+
+def _rank_split(vllm_config, cfg: HeadInferConfig, spec, cores: int,
+                threads: int | None) -> RankSplit:
     if cfg.fixed_cpu_share is not None:
         return RankSplit(threads=threads or kernel_threads(cores), fixed=cfg.fixed_cpu_share)
     if not current_platform.is_cuda():

@@ -87,6 +87,7 @@ class RankSplit:
     cpu_rate: float = 0.0
     gpu_rate: float = 0.0
     off_reason: str | None = None
+    threads_why: str = ""  # why that many threads, for the startup line
 
     def cpu_share(self, offloaded: int) -> float:
         """The heads (in sixteenths) of a layer's ``offloaded`` heads that
@@ -193,4 +194,5 @@ def startup_line(split: RankSplit, layer_indices: Sequence[int], offloaded: Sequ
                 f"{max(offloaded)} offloaded KV heads)")
     runs = describe_runs(layer_indices, [heads_text(s) for s in shares])
     return (f"CPU threads attend {heads_text(sum(shares))}/{sum(offloaded)} offloaded KV "
-            f"head-layers per rank ({runs}), {split.threads} thread(s); {rates}")
+            f"head-layers per rank ({runs}), {split.threads} thread(s)"
+            + (f" ({split.threads_why})" if split.threads_why else "") + f"; {rates}")
