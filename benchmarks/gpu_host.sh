@@ -78,7 +78,8 @@ case "$1" in
     # device command: run in background): the version layer's tests, the
     # kernel checks, exactness against FLASH_ATTN (R = 0 and H, uneven auto
     # placement, co-attention under CUDA graphs, fp8, ngram, a second engine
-    # in one process, co-attention failing loudly), vllm serve with /metrics,
+    # in one process, co-attention failing loudly), vllm serve with /metrics and
+    # with its serving thread killed mid-decode,
     # 128K on 32 layers with and without co-attention, and (UPGRADE_CAPACITY=1)
     # the largest pool.
     g=tests/gpu
@@ -86,9 +87,12 @@ case "$1" in
     T="$g/test_cuda_exactness.py::test_small_model_tokens_identical[0] $g/test_cuda_exactness.py::test_small_model_tokens_identical[4] \
 $g/test_cuda_exactness.py::test_per_layer_counts[auto] $g/test_cuda_coattention.py::test_matches_flash_attn[cuda-graphs-R0-cpuauto] \
 $g/test_cuda_exactness.py::test_fp8_cache[0] $g/test_cuda_speculative.py::test_ngram_matches_flash_attn[0] \
-$g/test_cuda_coattention.py::test_a_second_engine_leaves_nothing_of_the_first ${UPGRADE_EXTRA_CHECKS:-}" \
+$g/test_cuda_coattention.py::test_a_second_engine_leaves_nothing_of_the_first \
+$g/test_cuda_coattention.py::test_a_killed_serving_thread_fails_the_engine_within_seconds ${UPGRADE_EXTRA_CHECKS:-}" \
       CHECK_TIMEOUT=900 bash "$0" check
     bash "$0" serve-metrics
+    timeout 400 python3 tests/gpu/serve_with_killed_coattention.py > "$out/serve_killed.log" 2>&1
+    echo "serve_with_killed_coattention exit $?" | tee -a "$out/serve_killed.log"; tail -5 "$out/serve_killed.log"
     SHAPES=32l COATTN_CONFIGS=R0,R0+cpuauto bash "$0" coattn
     [ "${UPGRADE_CAPACITY:-0}" = 1 ] && bash "$0" place-capacity
     ;;
