@@ -88,7 +88,9 @@ def served_entry(service, share: CpuShare, layer, pages: torch.Tensor, query_sca
     """``(key, ServedLayer)`` of ``share``'s layer for ``service.register``.
     The service forgets its layers when the share goes (its engine went):
     their views of the host pool go with them, and the pool can be freed."""
-    if share.finalizer is None or share.finalizer.peek()[0] != service.forget:
+    # peek() is (object, callback, args, kwargs), or None once it has run.
+    current = share.finalizer.peek() if share.finalizer is not None else None
+    if current is None or current[1] != service.forget:
         if share.finalizer is not None:
             share.finalizer.detach()  # (a service of another query format, forgotten)
         share.finalizer = weakref.finalize(share, service.forget)
