@@ -46,6 +46,16 @@ def _spy(name: str, calls: list):
 
         return create_engine_config, lambda owner: owner.create_engine_config(object())
     if name == "kv_cache_sizing":
+        from vllm_headinfer.vllm_support import kv_planning
+
+        if kv_planning().takes_groups:  # vLLM 0.33 and later
+
+            def get_kv_cache_configs(vllm_config, kv_cache_specs, available_memory,
+                                     global_kv_cache_groups):
+                calls.append(1)
+                return "spy"
+
+            return get_kv_cache_configs, lambda owner: owner.get_kv_cache_configs(None, [{}], [0], [])
 
         def get_kv_cache_configs(vllm_config, kv_cache_specs, available_memory):
             calls.append(1)
