@@ -41,6 +41,9 @@ case "$1" in
   install)
     last=$(ls -d "${STAGE:-.gpu-stage}"/c* | tail -1)
     bash "$last/install.sh" 2>&1 | tee "$out/install.log"
+    # A --target folder is no site directory: its .pth files (vLLM 0.34's
+    # CUTLASS DSL adds its path with one) are read only through this.
+    printf 'import site\nsite.addsitedir("/tmp/site")\n' > /tmp/site/sitecustomize.py
     reinstall
     { nvidia-smi; free -g; nvidia-smi topo -m; lscpu | grep -iE "numa|model name|thread|core|socket";
       echo "cgroup v2 max: $(cat /sys/fs/cgroup/memory.max 2>&1) current: $(cat /sys/fs/cgroup/memory.current 2>&1)";
