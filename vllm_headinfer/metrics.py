@@ -133,7 +133,12 @@ class HeadInferStatLogger(AggregateStatLoggerBase):
         record = self.placements.get(engine_idx)
         if record is None or scheduler_stats is None:
             return
+        # A step reads the blocks of its running requests: with none running
+        # (the blocks of finished ones may be counted in use a step longer,
+        # or kept for prefix caching) it reads nothing.
         in_use = round(scheduler_stats.kv_cache_usage * (record["num_blocks"] - 1))
+        if scheduler_stats.num_running_reqs == 0:
+            in_use = 0
         _gauge(LINK_LOAD, _LINK_DOC).labels(engine=str(engine_idx)).set(
             in_use * record["host_bytes_per_block"]
         )
