@@ -4,7 +4,7 @@
 # Usage: bash benchmarks/gpu_host.sh install|check|ray-example|bench|bench-long|bench-tp|capacity
 #                                   |place-short|place-512k|place-capacity|fp8|fp8-capacity|spec|spec-steps|serve-load|cpu-attn
 #                                   |long-tp4|x4|load-lanes|coattn|coattn-gate|coattn-auto|coattn-overhead|co-spec
-#                                   |drift|serve-metrics|upgrade
+#                                   |drift|serve-metrics|serve-killed|noise-floor|upgrade
 #        bash benchmarks/gpu_host.sh background "STAGE [STAGE...]"   (returns at once)
 #        bash benchmarks/gpu_host.sh wait SECONDS   (until the background stages end)
 # Logs and results go to $OUT (or ./gpu-out). A device command may run 10
@@ -95,10 +95,22 @@ $g/test_cuda_exactness.py::test_small_model_tokens_identical[4] \
 $g/test_cuda_coattention.py::test_a_second_engine_leaves_nothing_of_the_first ${UPGRADE_EXTRA_CHECKS:-}" \
       CHECK_TIMEOUT=900 bash "$0" check
     bash "$0" serve-metrics
-    timeout 400 python3 tests/gpu/serve_with_killed_coattention.py > "$out/serve_killed.log" 2>&1
-    echo "serve_with_killed_coattention exit $?" | tee -a "$out/serve_killed.log"; tail -5 "$out/serve_killed.log"
+    bash "$0" serve-killed
     SHAPES=32l COATTN_CONFIGS=R0,R0+cpuauto bash "$0" coattn
     [ "${UPGRADE_CAPACITY:-0}" = 1 ] && bash "$0" place-capacity
+    ;;
+  serve-killed)
+    # vllm serve with CPU co-attention's serving thread killed mid-decode.
+    reinstall
+    timeout 400 python3 tests/gpu/serve_with_killed_coattention.py > "$out/serve_killed.log" 2>&1
+    echo "serve_with_killed_coattention exit $?" | tee -a "$out/serve_killed.log"; tail -5 "$out/serve_killed.log"
+    ;;
+  noise-floor)
+    # FLASH_ATTN against itself (eager, other prefill chunks) per KV cache
+    # dtype (FLOOR_DTYPES, default auto,fp8): what exactness is judged within.
+    reinstall
+    timeout 900 python3 benchmarks/noise_floor.py --out "$out/noise_floor.json" \
+      ${FLOOR_DTYPES:+--dtypes "$FLOOR_DTYPES"} 2>&1 | grep -E "^FLASH_ATTN|Error" | tee "$out/noise_floor.log"
     ;;
   serve-metrics)
     # vllm serve with HEADINFER: one completion, then /metrics.

@@ -81,9 +81,11 @@ def _run_engine_process(spec_json: str) -> dict:
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
     # A worker's own error can lie far above the engine's final traceback.
+    # vLLM logs to stdout, a crash's tracebacks (faulthandler) go to stderr.
     errors = [line for line in proc.stderr.splitlines() if "Error:" in line]
     raise AssertionError(f"engine failed ({proc.returncode}); error lines:\n"
-                         + "\n".join(errors[-20:]) + f"\nlast output:\n{proc.stderr[-4000:]}")
+                         + "\n".join(errors[-20:]) + f"\nlast log lines:\n{proc.stdout[-3000:]}"
+                         + f"\nlast output:\n{proc.stderr[-6000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +144,27 @@ def compare(ref: dict, got: dict, near_ties: bool = False, bitwise: bool = False
                f"bit-identical {ref == got}")
     assert not bitwise or ref == got, f"not bit-identical: {summary}"
     return summary
+
+
+def differences(ref: dict, got: dict) -> dict:
+    """How far ``got`` is from ``ref``, asserting nothing (the noise floor's
+    measurement, benchmarks/noise_floor.py): prompts whose greedy tokens
+    diverge, the reference's margin between its two best tokens at each
+    divergence, and the largest logprob difference before it (prompt
+    positions included)."""
+    margins, worst = [], 0.0
+    for r, g in zip(ref["outputs"], got["outputs"]):
+        for pr, pg in zip(r["prompt_logprobs"], g["prompt_logprobs"]):
+            if pr is not None:
+                worst = max(worst, abs(pr - pg))
+        for step, (tr, tg) in enumerate(zip(r["token_ids"], g["token_ids"])):
+            if tr != tg:
+                margins.append(r["margins"][step])
+                break
+            worst = max(worst, abs(r["logprobs"][step] - g["logprobs"][step]))
+    return {"diverged": len(margins), "prompts": len(ref["outputs"]),
+            "margins_at_divergence": margins, "max_logprob_diff": worst,
+            "bit_identical": ref == got}
 
 
 def compare_each(cases: list[tuple[str, dict, dict]], near_ties: bool = False,

@@ -7,7 +7,8 @@ Usage: python engine_run.py '{"model": ..., "backend": "FLASH_ATTN"|"HEADINFER",
 "tp" (tensor_parallel_size, default 1), "pp" (pipeline_parallel_size,
 default 1), "executor" ("mp" or "ray", default
 vLLM's choice), "kv_cache_memory_bytes" (the device KV budget instead of 0.3
-of the GPU), "speculative" (a speculative_config), "kv_cache_dtype", "periodic" (prompts that
+of the GPU), "speculative" (a speculative_config), "kv_cache_dtype", "batched_tokens" (the prefill chunk, default
+512), "periodic" (prompts that
 repeat a 7-token pattern, so prompt lookup finds drafts), "coattention_calls"
 (also report the CPU co-attention kernel's layer calls by step kind; the
 engine core runs in this process), "retune" (auto co-attends every step and
@@ -21,6 +22,7 @@ decode layer calls: the result says whether generate() raised, its message,
 and how many seconds after the kill).
 """
 
+import faulthandler
 import json
 import os
 import random
@@ -72,7 +74,7 @@ def run(spec: dict):
         load_format="dummy" if spec["dummy"] else "auto",
         skip_tokenizer_init=True,
         max_model_len=4096,
-        max_num_batched_tokens=512,
+        max_num_batched_tokens=spec.get("batched_tokens", 512),
         **({"kv_cache_memory_bytes": spec["kv_cache_memory_bytes"]}
            if spec.get("kv_cache_memory_bytes") else {"gpu_memory_utilization": 0.3}),
         enforce_eager=spec.get("eager", True),
@@ -84,6 +86,10 @@ def run(spec: dict):
         seed=0,
         **kwargs,
     )
+    # A crash in native code then names the Python line of every thread
+    # (enabled here: libraries loaded with the engine install their own
+    # SIGSEGV handlers, which print no Python frames).
+    faulthandler.enable(all_threads=True)
     rng = random.Random(1)
     vocab = spec.get("vocab", 2000)
     def tokens(n: int) -> list[int]:
