@@ -11,6 +11,8 @@ the same numbers.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
 import os
 from typing import TYPE_CHECKING, Any
@@ -188,7 +190,17 @@ class HeadInferConfig:
 
     @classmethod
     def from_vllm_config(cls, vllm_config: VllmConfig) -> HeadInferConfig:
-        return cls.parse((vllm_config.additional_config or {}).get(CONFIG_KEY))
+        """An engine's settings. vLLM calls each of the plugin's hooks with
+        the engine's config, not with what an earlier hook made of it, so
+        the settings are parsed once per process and value (the settings as
+        given and the environment they fall back on) and every hook shares
+        the one frozen result."""
+        raw = (vllm_config.additional_config or {}).get(CONFIG_KEY)
+        try:
+            text = json.dumps(raw, sort_keys=True)
+        except TypeError:  # (not JSON: parse() names the value)
+            return cls.parse(raw)
+        return _parsed(text, tuple(os.environ.get(env, "") for env, _ in SETTINGS.values()))
 
     @property
     def cpu_kv_bytes(self) -> int:
@@ -349,3 +361,10 @@ def is_selected(vllm_config: VllmConfig) -> bool:
     attn = vllm_config.attention_config
     chosen = [attn.backend, *attn.backend_per_kind.values()]
     return any(b is not None and b.name == BACKEND_NAME for b in chosen)
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed(text: str, environment: tuple[str, ...]) -> HeadInferConfig:
+    """HeadInferConfig.from_vllm_config's settings, by their JSON text and
+    the environment variables they may fall back on."""
+    return HeadInferConfig.parse(json.loads(text))
