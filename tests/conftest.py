@@ -8,6 +8,7 @@ points in those processes, never imported by hand.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -88,11 +89,28 @@ WARMUP_TIMEOUT = 1800
 _warmup: subprocess.Popen | None = None
 
 
+def pytest_configure(config):
+    # pytest -n N (pytest-xdist, what .ci/run uses): each worker's engines
+    # bind vLLM's CPU threads to that worker's own cores, so that two
+    # engines never share one. (Most of an engine of these tiny models is
+    # one busy Python thread; two OpenMP teams on the same cores would each
+    # wait at every parallel region for a thread the other one holds.)
+    # Tests that bind several ranks set the variable themselves.
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is not None and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        cores = sorted(os.sched_getaffinity(0))
+        count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        mine = cores[int(worker.removeprefix("gw")) % len(cores)::count] or cores
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, mine))
+
+
 def pytest_collection_finish(session):
     items = session.items
     kernels = [i for i, item in enumerate(items) if item.get_closest_marker("kernels")]
     engines_first = kernels and any(item.get_closest_marker("engine") for item in items[: kernels[0]])
-    if engines_first and not session.config.option.collectonly and not os.environ.get(_WARMING):
+    # (Under pytest -n the other worker is the background: no warm-up.)
+    if (engines_first and not session.config.option.collectonly and not os.environ.get(_WARMING)
+            and "PYTEST_XDIST_WORKER" not in os.environ):
         _start_kernel_warmup(session.config, [items[i].nodeid for i in kernels])
 
 
@@ -367,6 +385,21 @@ def cpu_thread_binding(ranks: int) -> str:
     if len(cores) < ranks:
         pytest.skip(f"TP = {ranks} on CPU needs {ranks} cores")
     return "|".join(str(c) for c in cores[:ranks])
+
+
+@contextlib.contextmanager
+def thread_binding(ranks: int):
+    """cpu_thread_binding(ranks) in force for the engines started inside
+    the block; the binding before it (a test worker's own) after."""
+    before = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(ranks)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+        else:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = before
 
 
 def free_port() -> int:

@@ -15,7 +15,6 @@ per-layer list [3, 1] against the default backend at PP = 2.
 
 from __future__ import annotations
 
-import os
 import random
 import re
 
@@ -23,13 +22,13 @@ import pytest
 from conftest import (
     BASE_LLM,
     assert_same_outputs,
-    cpu_thread_binding,
     engine_log,
     engine_ok,
     headinfer_llm,
     placement_of,
     random_tokens,
     run_engines,
+    thread_binding,
 )
 
 PP = 2
@@ -59,11 +58,8 @@ def pp_run(tiny_models, tmp_path_factory):
              "llm": {**LLM, **headinfer_llm(COUNTS, cpu_kv_gib=0.05)}},
         ],
     }
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(PP)
-    try:
+    with thread_binding(PP):
         return run_engines(spec, tmp_path_factory.mktemp("pp"), "pp", timeout=900)
-    finally:
-        os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
 
 
 def test_each_stage_places_and_pools_its_own_layers(pp_run):

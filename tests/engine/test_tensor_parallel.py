@@ -20,7 +20,6 @@ budget that fits one rank but not the two ranks of this node together.
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
@@ -28,13 +27,13 @@ from conftest import (
     BASE_LLM,
     MODEL_SHAPES,
     assert_same_outputs,
-    cpu_thread_binding,
     engine_log,
     engine_ok,
     headinfer_llm,
     placement_of,
     random_tokens,
     run_engines,
+    thread_binding,
 )
 
 TP = 2
@@ -104,11 +103,8 @@ def tp_run(tiny_models, tmp_path_factory):
         "scenarios": _scenarios(),
         "engines": engines,
     }
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(TP)
-    try:
+    with thread_binding(TP):
         return run_engines(spec, tmp_path_factory.mktemp("tp"), "tp", timeout=1200)
-    finally:
-        os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
 
 
 @pytest.mark.parametrize("name", [n for n, (_, r) in ENGINES.items() if r is not None])
