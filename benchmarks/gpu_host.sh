@@ -90,7 +90,7 @@ case "$1" in
     T="$g/test_cuda_exactness.py::test_small_model_tokens_identical[0] $g/test_cuda_exactness.py::test_per_layer_counts[auto] \
 $g/test_cuda_coattention.py::test_matches_flash_attn[cuda-graphs-R0-cpuauto] \
 $g/test_cuda_coattention.py::test_a_killed_serving_thread_fails_the_engine_within_seconds \
-$g/test_cuda_exactness.py::test_fp8_cache[0] $g/test_cuda_speculative.py::test_ngram_matches_flash_attn[0] \
+$g/test_cuda_exactness.py::test_fp8_cache[0] $g/test_cuda_exactness.py::test_fp8_cache_with_coattention[cpu2] $g/test_cuda_speculative.py::test_ngram_matches_flash_attn[0] \
 $g/test_cuda_exactness.py::test_small_model_tokens_identical[4] \
 $g/test_cuda_coattention.py::test_a_second_engine_leaves_nothing_of_the_first ${UPGRADE_EXTRA_CHECKS:-}" \
       CHECK_TIMEOUT=900 bash "$0" check

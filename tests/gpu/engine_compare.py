@@ -26,6 +26,10 @@ SMALL_KV_HEADS = 4
 # (0.0625 for a logit of 8-16), so the tolerance grows with the logprob.
 BF16_LOGPROB_ATOL, BF16_LOGPROB_RTOL = 0.1, 0.02
 NEAR_TIE = 0.1
+# FLASH_ATTN with an fp8 cache against itself, both under CUDA graphs, other
+# prefill chunkings (benchmarks/RESULTS.md, run 22): divergences at reference
+# margins up to 0.25, logprobs up to 1.11 apart before them.
+FP8_FLOOR = {"near_tie": 0.25, "atol": 1.11}
 
 
 def gpu_count() -> int:
@@ -54,7 +58,9 @@ def uneven_budget(head_layers: int) -> int:
     return (STAGING_MIB << 20) + 257 * (8 * head_layers + 4) * 1024
 
 
-def close(a: float, b: float) -> bool:
+def close(a: float, b: float, floor: dict | None = None) -> bool:
+    if floor is not None:
+        return abs(a - b) <= floor["atol"]
     return abs(a - b) <= BF16_LOGPROB_ATOL + BF16_LOGPROB_RTOL * abs(a)
 
 
@@ -111,7 +117,8 @@ def spec(model: str, backend: str, resident: int | None, dummy: bool, **extra) -
             "prompt_lens": PROMPT_LENS, "max_tokens": 24, **extra}
 
 
-def compare(ref: dict, got: dict, near_ties: bool = False, bitwise: bool = False) -> str:
+def compare(ref: dict, got: dict, near_ties: bool = False, bitwise: bool = False,
+            floor: dict | None = None) -> str:
     """Greedy tokens must be identical. With ``near_ties`` (configurations
     whose attention splits KV differently from the reference's, e.g. eager
     attention against captured graphs), only where the reference's choice is
@@ -121,24 +128,27 @@ def compare(ref: dict, got: dict, near_ties: bool = False, bitwise: bool = False
     identical tokens and of every prompt position (same inputs for both) must
     be within tolerance. With ``bitwise``, configurations whose every call
     splits KV as FLASH_ATTN's one call does must give bit-identical outputs.
+    With ``floor`` (FP8_FLOOR) near-ties and tolerance are FLASH_ATTN's own
+    run-to-run noise for that cache format instead of bf16 rounding.
     Returns a summary: near-tie divergences, the largest logprob difference,
     and whether the outputs are bit-identical."""
+    near_tie = floor["near_tie"] if floor is not None else NEAR_TIE
     assert len(ref["outputs"]) == len(got["outputs"]) == len(PROMPT_LENS)
     ties, worst = 0, 0.0
     for r, g in zip(ref["outputs"], got["outputs"]):
         for pr, pg in zip(r["prompt_logprobs"], g["prompt_logprobs"]):
             if pr is not None:
-                assert close(pr, pg), (pr, pg)
+                assert close(pr, pg, floor), (pr, pg)
                 worst = max(worst, abs(pr - pg))
         for step, (tr, tg) in enumerate(zip(r["token_ids"], g["token_ids"])):
             if tr != tg:
-                assert near_ties and r["margins"][step] < NEAR_TIE, (
+                assert near_ties and r["margins"][step] < near_tie, (
                     f"step {step}: token {tg} instead of {tr}, reference margin "
                     f"{r['margins'][step]:.3f}"
                 )
                 ties += 1
                 break
-            assert close(r["logprobs"][step], g["logprobs"][step])
+            assert close(r["logprobs"][step], g["logprobs"][step], floor)
             worst = max(worst, abs(r["logprobs"][step] - g["logprobs"][step]))
     summary = (f"near-tie divergences {ties}, max logprob diff {worst:.3g}, "
                f"bit-identical {ref == got}")

@@ -15,6 +15,7 @@ pytestmark = [
 ]
 
 from engine_compare import (  # noqa: E402
+    FP8_FLOOR,
     SMALL_KV_HEADS,
     STAGING_MIB,
     compare,
@@ -77,6 +78,23 @@ def test_fp8_cache(small_model, resident):
     ref = run_engine(spec(small_model, "FLASH_ATTN", None, **common))
     got = run_engine(spec(small_model, "HEADINFER", resident, **common))
     print(f"fp8 R={resident}: {compare(ref, got, near_ties=True)}")
+
+
+@pytest.mark.parametrize("cpu", [2, "auto"], ids=["cpu2", "cpuauto"])
+def test_fp8_cache_with_coattention(small_model, cpu):
+    """An fp8 cache with CPU co-attention (R = 0), against FLASH_ATTN's fp8
+    cache, both with CUDA graphs: the kernel keeps the softmax weights in
+    float32 where FA3 rounds them to e4m3 (docs/coattention.md), so the
+    outputs must stay within FLASH_ATTN fp8's own noise (FP8_FLOOR)."""
+    common = dict(dummy=False, eager=False, kv_cache_dtype="fp8")
+    ref = run_engine(spec(small_model, "FLASH_ATTN", None, **common))
+    got = dict(run_engine(spec(small_model, "HEADINFER", 0, coattention_calls=True,
+                               headinfer={"cpu_attention": cpu}, **common)))
+    calls = got.pop("coattention_calls")
+    print(f"fp8 R=0 cpu_attention={cpu}: kernel calls {calls}, "
+          f"{compare(ref, got, near_ties=True, floor=FP8_FLOOR)}")
+    if cpu != "auto":
+        assert calls.get("decode", 0) > 0, f"the CPU kernel never ran: {calls}"
 
 
 def test_8b_shape_logprobs(shaped_model):
