@@ -89,19 +89,25 @@ WARMUP_TIMEOUT = 1800
 _warmup: subprocess.Popen | None = None
 
 
+# The cores this run may use, before a test worker takes its share of them.
+ALL_CORES = sorted(os.sched_getaffinity(0))
+
+
 def pytest_configure(config):
-    # pytest -n N (pytest-xdist, what .ci/run uses): each worker's engines
-    # bind vLLM's CPU threads to that worker's own cores, so that two
-    # engines never share one. (Most of an engine of these tiny models is
-    # one busy Python thread; two OpenMP teams on the same cores would each
-    # wait at every parallel region for a thread the other one holds.)
-    # Tests that bind several ranks set the variable themselves.
+    # pytest -n N (pytest-xdist, what .ci/run uses): each worker and what it
+    # starts (engines, servers, compiles) keep to the worker's own share of
+    # the cores, and its engines bind vLLM's CPU threads to them. Two
+    # engines on one core would each wait at every OpenMP region for a
+    # thread the other one holds, several times slower than one after the
+    # other. A multi-rank engine binds its ranks to cores of their own
+    # (cpu_thread_binding).
     worker = os.environ.get("PYTEST_XDIST_WORKER")
-    if worker is not None and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-        cores = sorted(os.sched_getaffinity(0))
-        count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-        mine = cores[int(worker.removeprefix("gw")) % len(cores)::count] or cores
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, mine))
+    if worker is None:
+        return
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    mine = ALL_CORES[int(worker.removeprefix("gw")) % len(ALL_CORES)::count] or ALL_CORES
+    os.sched_setaffinity(0, mine)
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, mine)))
 
 
 def pytest_collection_finish(session):
@@ -381,7 +387,7 @@ def cpu_thread_binding(ranks: int) -> str:
     """VLLM_CPU_OMP_THREADS_BIND with one core per tensor-parallel worker:
     vLLM's automatic binding wants a NUMA node per rank, which a small
     machine does not have."""
-    cores = sorted(os.sched_getaffinity(0))
+    cores = ALL_CORES
     if len(cores) < ranks:
         pytest.skip(f"TP = {ranks} on CPU needs {ranks} cores")
     return "|".join(str(c) for c in cores[:ranks])
