@@ -110,6 +110,13 @@ def pytest_configure(config):
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, mine)))
 
 
+def on_all_cores() -> None:
+    """A child's affinity widened to every core of the run (a server's API
+    process, engine core and worker hand requests to each other, which one
+    core would serialise)."""
+    os.sched_setaffinity(0, ALL_CORES)
+
+
 def pytest_collection_finish(session):
     items = session.items
     kernels = [i for i, item in enumerate(items) if item.get_closest_marker("kernels")]

@@ -19,7 +19,7 @@ import time
 
 import pytest
 import requests
-from conftest import LOGPROB_TOL, REPO, cpu_thread_binding, free_port, placement_of
+from conftest import LOGPROB_TOL, REPO, cpu_thread_binding, free_port, on_all_cores, placement_of
 
 STARTUP_TIMEOUT = 300
 HEADINFER_CONFIG = {"headinfer": {"resident_kv_heads": 1, "cpu_kv_gib": 0.05}}
@@ -59,6 +59,7 @@ def _start(model: str, log_path, extra: list[str], env: dict[str, str]):
     proc = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         cwd=str(REPO), start_new_session=True, env={**os.environ, **env},
+        preexec_fn=on_all_cores,
     )
     return {"proc": proc, "port": port, "log": log, "log_path": log_path}
 
