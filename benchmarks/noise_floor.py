@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "gpu"))
-from engine_compare import SMALL_KV_HEADS, differences, run_engine, spec  # noqa: E402
+from engine_compare import build_small_model, differences, run_engine, spec  # noqa: E402
 
 VARIANTS = {"eager": {"eager": True}, "chunk 256": {"batched_tokens": 256},
             "chunk 2048": {"batched_tokens": 2048}}
@@ -30,11 +30,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--dtypes", default="auto,fp8")
     args = parser.parse_args()
-    from vllm_headinfer.tiny_model import build_tiny_model
-
-    model = str(build_tiny_model(
-        Path(tempfile.mkdtemp()) / "llama", "llama", num_layers=4, num_heads=8,
-        num_kv_heads=SMALL_KV_HEADS, head_dim=128, vocab_size=2048, dtype="bfloat16"))
+    model = build_small_model(Path(tempfile.mkdtemp()))
     results = {}
     for dtype in args.dtypes.split(","):
         common = dict(dummy=False, kv_cache_dtype=dtype)

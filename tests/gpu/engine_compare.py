@@ -94,14 +94,19 @@ def _run_engine_process(spec_json: str) -> dict:
                          + f"\nlast output:\n{proc.stderr[-6000:]}")
 
 
-@pytest.fixture(scope="module")
-def small_model(tmp_path_factory):
+def build_small_model(directory: Path) -> str:
+    """The small real-weight model of these checks, written under ``directory``."""
     from vllm_headinfer.tiny_model import build_tiny_model
 
     return str(build_tiny_model(
-        tmp_path_factory.mktemp("small") / "llama", "llama", num_layers=4, num_heads=8,
+        directory / "llama", "llama", num_layers=4, num_heads=8,
         num_kv_heads=SMALL_KV_HEADS, head_dim=128, vocab_size=2048, dtype="bfloat16",
     ))
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    return build_small_model(tmp_path_factory.mktemp("small"))
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +120,23 @@ def shaped_model(tmp_path_factory):
 def spec(model: str, backend: str, resident: int | None, dummy: bool, **extra) -> dict:
     return {"model": model, "backend": backend, "resident": resident, "dummy": dummy,
             "prompt_lens": PROMPT_LENS, "max_tokens": 24, **extra}
+
+
+def _aligned(ref: dict, got: dict):
+    """Per prompt of two runs: the pairs of logprobs on identical inputs
+    (every prompt position, then the generated tokens before the first that
+    differs) and that divergence, None or ``(step, reference token, token,
+    reference margin)``."""
+    for r, g in zip(ref["outputs"], got["outputs"]):
+        pairs = [(pr, pg) for pr, pg in zip(r["prompt_logprobs"], g["prompt_logprobs"])
+                 if pr is not None]
+        divergence = None
+        for step, (tr, tg) in enumerate(zip(r["token_ids"], g["token_ids"])):
+            if tr != tg:
+                divergence = (step, tr, tg, r["margins"][step])
+                break
+            pairs.append((r["logprobs"][step], g["logprobs"][step]))
+        yield pairs, divergence
 
 
 def compare(ref: dict, got: dict, near_ties: bool = False, bitwise: bool = False,
@@ -135,21 +157,16 @@ def compare(ref: dict, got: dict, near_ties: bool = False, bitwise: bool = False
     near_tie = floor["near_tie"] if floor is not None else NEAR_TIE
     assert len(ref["outputs"]) == len(got["outputs"]) == len(PROMPT_LENS)
     ties, worst = 0, 0.0
-    for r, g in zip(ref["outputs"], got["outputs"]):
-        for pr, pg in zip(r["prompt_logprobs"], g["prompt_logprobs"]):
-            if pr is not None:
-                assert close(pr, pg, floor), (pr, pg)
-                worst = max(worst, abs(pr - pg))
-        for step, (tr, tg) in enumerate(zip(r["token_ids"], g["token_ids"])):
-            if tr != tg:
-                assert near_ties and r["margins"][step] < near_tie, (
-                    f"step {step}: token {tg} instead of {tr}, reference margin "
-                    f"{r['margins'][step]:.3f}"
-                )
-                ties += 1
-                break
-            assert close(r["logprobs"][step], g["logprobs"][step], floor)
-            worst = max(worst, abs(r["logprobs"][step] - g["logprobs"][step]))
+    for pairs, divergence in _aligned(ref, got):
+        for a, b in pairs:
+            assert close(a, b, floor), (a, b)
+            worst = max(worst, abs(a - b))
+        if divergence is not None:
+            step, tr, tg, margin = divergence
+            assert near_ties and margin < near_tie, (
+                f"step {step}: token {tg} instead of {tr}, reference margin {margin:.3f}"
+            )
+            ties += 1
     summary = (f"near-tie divergences {ties}, max logprob diff {worst:.3g}, "
                f"bit-identical {ref == got}")
     assert not bitwise or ref == got, f"not bit-identical: {summary}"
@@ -163,15 +180,10 @@ def differences(ref: dict, got: dict) -> dict:
     divergence, and the largest logprob difference before it (prompt
     positions included)."""
     margins, worst = [], 0.0
-    for r, g in zip(ref["outputs"], got["outputs"]):
-        for pr, pg in zip(r["prompt_logprobs"], g["prompt_logprobs"]):
-            if pr is not None:
-                worst = max(worst, abs(pr - pg))
-        for step, (tr, tg) in enumerate(zip(r["token_ids"], g["token_ids"])):
-            if tr != tg:
-                margins.append(r["margins"][step])
-                break
-            worst = max(worst, abs(r["logprobs"][step] - g["logprobs"][step]))
+    for pairs, divergence in _aligned(ref, got):
+        worst = max([worst, *(abs(a - b) for a, b in pairs)])
+        if divergence is not None:
+            margins.append(divergence[3])
     return {"diverged": len(margins), "prompts": len(ref["outputs"]),
             "margins_at_divergence": margins, "max_logprob_diff": worst,
             "bit_identical": ref == got}
