@@ -4,8 +4,8 @@
 # Usage: bash benchmarks/gpu_host.sh install|check|ray-example|bench|bench-long|bench-tp|capacity
 #                                   |place-short|place-512k|place-capacity|fp8|fp8-capacity|spec|spec-steps|serve-load|cpu-attn
 #                                   |long-tp4|x4|load-lanes|coattn|coattn-gate|coattn-auto|coattn-overhead|co-spec
-#                                   |drift|serve-metrics|serve-killed|noise-floor|upgrade
-#        bash benchmarks/gpu_host.sh background "STAGE [STAGE...]"   (returns at once)
+#                                   |drift|serve-metrics|serve-killed|noise-floor|upgrade|switch-stack
+#        bash benchmarks/gpu_host.sh background "STAGE [VAR=VALUE] [STAGE...]"   (returns at once)
 #        bash benchmarks/gpu_host.sh wait SECONDS   (until the background stages end)
 # Logs and results go to $OUT (or ./gpu-out). A device command may run 10
 # minutes; "background" runs longer stage lists into /tmp/gpu-out while
@@ -24,6 +24,10 @@ reinstall() {  # the project as it is now, next to the vLLM stack (once per sour
       rm -rf build; echo "$sum" > /tmp/site/.headinfer-src
     fi ) 9>/tmp/headinfer-reinstall.lock
 }
+read_pth_files() {  # a --target folder is no site directory: its .pth files
+  # (vLLM 0.34's CUTLASS DSL adds its path with one) are read only through this
+  printf 'import site\nsite.addsitedir("/tmp/site")\n' > /tmp/site/sitecustomize.py
+}
 lane() {  # lane GPUS NAME STAGE [VAR=VALUE...]: a stage on some GPUs, in the background
   local gpus=$1 name=$2 stage=$3; shift 3; mkdir -p "$out/$name"
   env CUDA_VISIBLE_DEVICES="$gpus" OUT="$out/$name" "$@" bash "$0" "$stage" > "$out/$name/lane.log" 2>&1 &
@@ -41,9 +45,7 @@ case "$1" in
   install)
     last=$(ls -d "${STAGE:-.gpu-stage}"/c* | tail -1)
     bash "$last/install.sh" 2>&1 | tee "$out/install.log"
-    # A --target folder is no site directory: its .pth files (vLLM 0.34's
-    # CUTLASS DSL adds its path with one) are read only through this.
-    printf 'import site\nsite.addsitedir("/tmp/site")\n' > /tmp/site/sitecustomize.py
+    read_pth_files
     reinstall
     { nvidia-smi; free -g; nvidia-smi topo -m; lscpu | grep -iE "numa|model name|thread|core|socket";
       echo "cgroup v2 max: $(cat /sys/fs/cgroup/memory.max 2>&1) current: $(cat /sys/fs/cgroup/memory.current 2>&1)";
@@ -63,8 +65,20 @@ case "$1" in
       timeout 240 "$cs" --tool racecheck python3 tests/gpu/test_kernels.py > "$out/racecheck.log" 2>&1
       echo "racecheck exit $?" | tee -a "$out/racecheck.log"; tail -5 "$out/racecheck.log"
     fi
-    timeout "${CHECK_TIMEOUT:-540}" python3 -m pytest -q -s -rA -p no:cacheprovider ${T:-tests/gpu} \
+    t="${T:-tests/gpu}"
+    timeout "${CHECK_TIMEOUT:-540}" python3 -m pytest -q -s -rA -p no:cacheprovider ${t//,/ } \
       ${K:+-k "$K"} 2>&1 | tee "$out/pytest_gpu.log" | tail -40
+    ;;
+  switch-stack)
+    # A second vLLM stack in the same lease, so that two versions are timed on
+    # one host: its parts (and its install.sh) were copied into /tmp/stage2; the
+    # installed stack moves to /tmp/site-first and the second one is installed
+    # into an empty /tmp/site.
+    rm -rf /tmp/site-first && mv /tmp/site /tmp/site-first
+    rm -rf /tmp/stage && mv /tmp/stage2 /tmp/stage
+    bash /tmp/stage/install.sh 2>&1 | tee "$out/install-second.log"
+    read_pth_files
+    reinstall
     ;;
   drift)
     # The version layer's and the patches' tests on this vLLM, and the
@@ -129,8 +143,10 @@ $g/test_cuda_coattention.py::test_a_second_engine_leaves_nothing_of_the_first ${
     fi
     rm -rf /tmp/gpu-out; mkdir -p /tmp/gpu-out; touch /tmp/gpu-out/RUNNING
     # A new session: the device host ends a command's other processes.
-    setsid bash -c 'for stage in $2; do OUT=/tmp/gpu-out bash "$1" "$stage"; done \
-      > /tmp/gpu-out/background.log 2>&1; touch /tmp/gpu-out/DONE' _ "$0" "$2" \
+    # A VAR=value word sets VAR for the stages after it (T takes commas for spaces).
+    setsid bash -c 'for stage in $2; do
+        case "$stage" in *=*) export "$stage" ;; *) echo "== $(date +%T) $stage"; OUT=/tmp/gpu-out bash "$1" "$stage" ;; esac
+      done > /tmp/gpu-out/background.log 2>&1; touch /tmp/gpu-out/DONE' _ "$0" "$2" \
       </dev/null >/dev/null 2>&1 &
     echo "background: $2 (as $(id -un))"
     ;;
@@ -325,6 +341,8 @@ $g/test_cuda_coattention.py::test_a_second_engine_leaves_nothing_of_the_first ${
     # measured split; 128K on 32 layers, 256K on 8 layers, 512K on 4 layers
     # (SHAPES: some of "32l 8l 4l"; COATTN_CONFIGS: other configurations).
     reinstall
+    # How much of host memory is on huge pages and how fragmented the rest is.
+    { date +%T; grep -E "MemFree|AnonHugePages|^Shmem:" /proc/meminfo; cat /proc/buddyinfo; } >> "$out/host_memory_state.txt"
     declare -A shape_of=([32l]="131072 240" [8l]="262144 270" [4l]="524288 280")
     for name in ${SHAPES:-32l 8l 4l}; do  # in the order given
       read -r context limit <<< "${shape_of[$name]}"

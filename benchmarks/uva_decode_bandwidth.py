@@ -8,7 +8,10 @@ Compared, each as GB/s of K/V read per second of attention:
 * host page layout: K and V interleaved per token ([B, H, N, 2D], the pool's
   layout) vs K and V planes per block and head ([B, H, 2, N, D]);
 * pinning: cudaHostRegister on a plain allocation (what the pool does), with
-  and without transparent huge pages (madvise), vs PyTorch's pinned allocator.
+  and without transparent huge pages (madvise), vs PyTorch's pinned allocator;
+* the split plan: FA3's own heuristic (eager decode) vs the plan vLLM's
+  builder makes under full CUDA graphs (scheduler metadata with at most 32
+  splits), which the engine's decode graphs replay.
 
 Usage (GPU host with CUDA vLLM): python benchmarks/uva_decode_bandwidth.py
 """
@@ -61,7 +64,19 @@ def views(buf: torch.Tensor, layers: int, layout: str):
     return out
 
 
-def measure(kv, fa_version: int) -> float:
+def graph_plan(seqused_k: torch.Tensor, cu_seqlens_q: torch.Tensor, max_splits: int = 32) -> dict:
+    """The split plan FlashAttentionMetadataBuilder hands a full-graph decode
+    (``flash_attn_max_num_splits_for_cuda_graph`` defaults to 32)."""
+    from vllm.v1.attention.backends.fa_utils import get_scheduler_metadata
+
+    plan = get_scheduler_metadata(
+        batch_size=1, max_seqlen_q=1, max_seqlen_k=TOKENS, num_heads_q=QH, num_heads_kv=HEADS,
+        headdim=D, cache_seqlens=seqused_k, qkv_dtype=torch.bfloat16, cu_seqlens_q=cu_seqlens_q,
+        page_size=BLOCK, causal=True, window_size=(-1, -1), num_splits=max_splits)
+    return dict(scheduler_metadata=plan, num_splits=max_splits)
+
+
+def measure(kv, fa_version: int, graph_split_plan: bool = False, in_cuda_graph: bool = False) -> float:
     from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
 
     blocks = TOKENS // BLOCK
@@ -72,14 +87,27 @@ def measure(kv, fa_version: int) -> float:
                 max_seqlen_q=1, seqused_k=torch.tensor([TOKENS], dtype=torch.int32, device="cuda"),
                 max_seqlen_k=TOKENS, softmax_scale=D**-0.5, causal=True, block_table=table,
                 fa_version=fa_version)
+    if graph_split_plan:
+        args.update(graph_plan(args["seqused_k"], args["cu_seqlens_q"]))
+    reps = 32
+
+    def step() -> None:
+        for i in range(reps):
+            k, v = kv[i % len(kv)]
+            flash_attn_varlen_func(q=q, k=k, v=v, out=out, **args)
+
     for k, v in kv[:2]:
         flash_attn_varlen_func(q=q, k=k, v=v, out=out, **args)
+    run = step
+    if in_cuda_graph:  # the calls replayed as one graph, as the engine's decode step is
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        run = graph.replay
+        run()
     torch.cuda.synchronize()
     t = time.perf_counter()
-    reps = 32
-    for i in range(reps):
-        k, v = kv[i % len(kv)]
-        flash_attn_varlen_func(q=q, k=k, v=v, out=out, **args)
+    run()
     torch.cuda.synchronize()
     return reps * LAYER_BYTES / (time.perf_counter() - t) / 1e9
 
@@ -97,6 +125,8 @@ def main() -> None:
             results[f"{how}/{layout}/1-layer"] = measure(kv[:1], fa)
             if layers > 1:
                 results[f"{how}/{layout}/32-layers"] = measure(kv, fa)
+                results[f"{how}/{layout}/32-layers/graph-split-plan"] = measure(kv, fa, True)
+                results[f"{how}/{layout}/32-layers/graph-split-plan/replayed"] = measure(kv, fa, True, True)
             print(json.dumps(results), flush=True)
         torch.cuda.cudart().cudaHostUnregister(buf.data_ptr()) if how != "pin_memory" else None
         del buf

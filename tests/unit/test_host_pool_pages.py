@@ -1,0 +1,40 @@
+"""The host pool's huge-page share, which its startup line reports and warns
+about (the GPU reads 4 KiB host pages about 25% slower over the link)."""
+
+from __future__ import annotations
+
+import mmap
+
+import pytest
+import torch
+
+from vllm_headinfer.host_pool import _prefault, huge_page_mapping, huge_page_share
+
+NBYTES = 64 << 20
+
+
+def _thp_mode() -> str:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _faulted(mapping: mmap.mmap) -> torch.Tensor:
+    tensor = torch.frombuffer(mapping, dtype=torch.uint8)
+    _prefault(tensor.data_ptr(), NBYTES)
+    return tensor
+
+
+def test_small_pages_count_as_none():
+    mapping = mmap.mmap(-1, NBYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    mapping.madvise(mmap.MADV_NOHUGEPAGE)
+    tensor = _faulted(mapping)
+    assert huge_page_share(tensor.data_ptr(), NBYTES) == 0.0
+
+
+@pytest.mark.skipif("[never]" in _thp_mode() or not _thp_mode(), reason="THP is off here")
+def test_the_pool_mapping_is_on_huge_pages():
+    tensor = _faulted(huge_page_mapping(NBYTES))
+    assert huge_page_share(tensor.data_ptr(), NBYTES) > 0.9
