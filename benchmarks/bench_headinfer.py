@@ -112,6 +112,7 @@ def worker(spec: dict) -> dict:
         distributed_executor_backend=spec.get("executor"),
         seed=0,
         kv_cache_dtype=spec.get("kv_cache_dtype", "auto"),
+        **({"block_size": spec["block_size"]} if spec.get("block_size") else {}),
         **({"compilation_config": {"cudagraph_mode": spec["cudagraph_mode"]}}
            if spec.get("cudagraph_mode") else {}),
         **kwargs,
@@ -275,6 +276,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=600)
     ap.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
     ap.add_argument("--executor", default=None, help="distributed executor: mp (default) or ray")
+    ap.add_argument("--block-size", type=int, default=0, help="KV block size (0: vLLM's default)")
     ap.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's bf16) or fp8")
     args = ap.parse_args()
     if args.steady_tokens > args.decode_tokens:
@@ -293,7 +295,8 @@ def main() -> None:
     report = {"h2d_gbs": h2d, "layers": args.layers, "chunk": args.chunk, "tp": args.tp,
               "kv_cache_dtype": args.kv_cache_dtype,
               "executor": args.executor, "rows": [], "capacity": [], "runs": {}}
-    parallel = {"tp": args.tp, "executor": args.executor, "kv_cache_dtype": args.kv_cache_dtype}
+    parallel = {"tp": args.tp, "executor": args.executor, "kv_cache_dtype": args.kv_cache_dtype,
+                "block_size": args.block_size}
     print(f"pinned H2D: {h2d:.1f} GB/s", flush=True)
     for cfg in args.configs.split(",") if contexts else []:
         spec = {"config": cfg, "model": str(model), "layers": args.layers, "contexts": contexts,

@@ -43,8 +43,11 @@ accepted_gib() {  # per-rank cpu_kv_gib startup accepts now for $1 ranks, times 
 }
 case "$1" in
   install)
-    last=$(ls -d "${STAGE:-.gpu-stage}"/c* | tail -1)
-    bash "$last/install.sh" 2>&1 | tee "$out/install.log"
+    # install.sh comes with the last part (carried only by its own command:
+    # copy it into /tmp/stage with that part).
+    script=$(ls -d "${STAGE:-.gpu-stage}"/c* 2>/dev/null | tail -1)/install.sh
+    [ -f "$script" ] || script=/tmp/stage/install.sh
+    bash "$script" 2>&1 | tee "$out/install.log"
     read_pth_files
     reinstall
     { nvidia-smi; free -g; nvidia-smi topo -m; lscpu | grep -iE "numa|model name|thread|core|socket";
@@ -73,12 +76,17 @@ case "$1" in
     # A second vLLM stack in the same lease, so that two versions are timed on
     # one host: its parts (and its install.sh) were copied into /tmp/stage2; the
     # installed stack moves to /tmp/site-first and the second one is installed
-    # into an empty /tmp/site.
-    rm -rf /tmp/site-first && mv /tmp/site /tmp/site-first
-    rm -rf /tmp/stage && mv /tmp/stage2 /tmp/stage
-    bash /tmp/stage/install.sh 2>&1 | tee "$out/install-second.log"
-    read_pth_files
+    # into an empty /tmp/site. Once both are installed, each call swaps them.
+    if [ -d /tmp/stage2 ]; then
+      rm -rf /tmp/site-first && mv /tmp/site /tmp/site-first
+      rm -rf /tmp/stage && mv /tmp/stage2 /tmp/stage
+      bash /tmp/stage/install.sh 2>&1 | tee "$out/install-second.log"
+      read_pth_files
+    else
+      mv /tmp/site /tmp/site-swap && mv /tmp/site-first /tmp/site && mv /tmp/site-swap /tmp/site-first
+    fi
     reinstall
+    python3 -c "import vllm; print('vllm', vllm.__version__)" | tee -a "$out/stacks.txt"
     ;;
   drift)
     # The version layer's and the patches' tests on this vLLM, and the
@@ -346,10 +354,10 @@ $g/test_cuda_coattention.py::test_a_second_engine_leaves_nothing_of_the_first ${
     declare -A shape_of=([32l]="131072 240" [8l]="262144 270" [4l]="524288 280")
     for name in ${SHAPES:-32l 8l 4l}; do  # in the order given
       read -r context limit <<< "${shape_of[$name]}"
-      timeout 570 python3 benchmarks/bench_headinfer.py --out "$out/coattn_$name.json" \
+      timeout 570 python3 benchmarks/bench_headinfer.py --out "$out/coattn_$name${COATTN_TAG:-}.json" \
         --layers "${name%l}" --contexts "$context" --configs "${COATTN_CONFIGS:-R0,R0+cpuauto}" \
         --decode-tokens "${COATTN_DECODE:-40}" --steady-tokens "${COATTN_STEADY:-16}" \
-        --timeout "$limit" ${CG:+--cudagraph-mode $CG} 2>&1 | tail -30
+        --timeout "$limit" ${CG:+--cudagraph-mode $CG} ${BLOCK_SIZE:+--block-size $BLOCK_SIZE} 2>&1 | tail -30
     done
     grep -h "HEADINFER CPU co-attention" "$out"/coattn_*.log | sort | uniq -c | tee "$out/coattn_split.txt"
     ;;

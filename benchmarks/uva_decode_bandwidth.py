@@ -1,6 +1,6 @@
 """Where decode over UVA loses link bandwidth: flash attention decode reading
 pinned host KV in place, one query token, 8 KV heads x 128, 32 query heads,
-131,072 tokens per layer in 16-token blocks of random order.
+131,072 tokens per layer in 16-token blocks (and 64, vLLM 0.34's default) of random order.
 
 Compared, each as GB/s of K/V read per second of attention:
 * working set: the same 512 MiB layer read 32 times, vs 32 different layers
@@ -25,7 +25,7 @@ import time
 
 import torch
 
-TOKENS, BLOCK, HEADS, D, QH = 131072, 16, 8, 128, 32
+TOKENS, HEADS, D, QH = 131072, 8, 128, 32
 LAYER_BYTES = TOKENS * HEADS * 2 * D * 2
 
 
@@ -45,26 +45,26 @@ def host_buffer(nbytes: int, how: str) -> torch.Tensor:
     return t
 
 
-def views(buf: torch.Tensor, layers: int, layout: str):
+def views(buf: torch.Tensor, layers: int, layout: str, block: int = 16):
     """Per layer K and V device views [blocks, N, H, D] of a host buffer."""
     from vllm.utils.torch_utils import get_accelerator_view_from_cpu_tensor
 
     dev = get_accelerator_view_from_cpu_tensor(buf.view(torch.bfloat16))
-    blocks = TOKENS // BLOCK
+    blocks = TOKENS // block
     out = []
     for layer in range(layers):
         part = dev[layer * LAYER_BYTES // 2 : (layer + 1) * LAYER_BYTES // 2]
         if layout == "interleaved":
-            pages = part.view(blocks, HEADS, BLOCK, 2 * D).transpose(1, 2)
+            pages = part.view(blocks, HEADS, block, 2 * D).transpose(1, 2)
             k, v = pages[..., :D], pages[..., D:]
         else:
-            pages = part.view(blocks, HEADS, 2, BLOCK, D)
+            pages = part.view(blocks, HEADS, 2, block, D)
             k, v = pages[:, :, 0].transpose(1, 2), pages[:, :, 1].transpose(1, 2)
         out.append((k, v))
     return out
 
 
-def graph_plan(seqused_k: torch.Tensor, cu_seqlens_q: torch.Tensor, max_splits: int = 32) -> dict:
+def graph_plan(seqused_k: torch.Tensor, cu_seqlens_q: torch.Tensor, block: int, max_splits: int = 32) -> dict:
     """The split plan FlashAttentionMetadataBuilder hands a full-graph decode
     (``flash_attn_max_num_splits_for_cuda_graph`` defaults to 32)."""
     from vllm.v1.attention.backends.fa_utils import get_scheduler_metadata
@@ -72,14 +72,15 @@ def graph_plan(seqused_k: torch.Tensor, cu_seqlens_q: torch.Tensor, max_splits: 
     plan = get_scheduler_metadata(
         batch_size=1, max_seqlen_q=1, max_seqlen_k=TOKENS, num_heads_q=QH, num_heads_kv=HEADS,
         headdim=D, cache_seqlens=seqused_k, qkv_dtype=torch.bfloat16, cu_seqlens_q=cu_seqlens_q,
-        page_size=BLOCK, causal=True, window_size=(-1, -1), num_splits=max_splits)
+        page_size=block, causal=True, window_size=(-1, -1), num_splits=max_splits)
     return dict(scheduler_metadata=plan, num_splits=max_splits)
 
 
-def measure(kv, fa_version: int, graph_split_plan: bool = False, in_cuda_graph: bool = False) -> float:
+def measure(kv, fa_version: int, graph_split_plan: bool = False, in_cuda_graph: bool = False,
+            block: int = 16) -> float:
     from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
 
-    blocks = TOKENS // BLOCK
+    blocks = TOKENS // block
     table = torch.randperm(blocks, device="cuda", dtype=torch.int32).view(1, -1)
     q = torch.randn(1, QH, D, dtype=torch.bfloat16, device="cuda")
     out = torch.empty_like(q)
@@ -88,7 +89,7 @@ def measure(kv, fa_version: int, graph_split_plan: bool = False, in_cuda_graph: 
                 max_seqlen_k=TOKENS, softmax_scale=D**-0.5, causal=True, block_table=table,
                 fa_version=fa_version)
     if graph_split_plan:
-        args.update(graph_plan(args["seqused_k"], args["cu_seqlens_q"]))
+        args.update(graph_plan(args["seqused_k"], args["cu_seqlens_q"], block))
     reps = 32
 
     def step() -> None:
@@ -127,6 +128,12 @@ def main() -> None:
                 results[f"{how}/{layout}/32-layers"] = measure(kv, fa)
                 results[f"{how}/{layout}/32-layers/graph-split-plan"] = measure(kv, fa, True)
                 results[f"{how}/{layout}/32-layers/graph-split-plan/replayed"] = measure(kv, fa, True, True)
+                if how == "register+thp" and layout == "planes":
+                    # vLLM 0.34's default block is 64 tokens (0.32's: 16)
+                    kv64 = views(buf, layers, layout, 64)
+                    results[f"{how}/{layout}/32-layers/block64"] = measure(kv64, fa, block=64)
+                    results[f"{how}/{layout}/32-layers/block64/graph-split-plan/replayed"] = measure(
+                        kv64, fa, True, True, block=64)
             print(json.dumps(results), flush=True)
         torch.cuda.cudart().cudaHostUnregister(buf.data_ptr()) if how != "pin_memory" else None
         del buf

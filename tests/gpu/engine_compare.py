@@ -26,10 +26,12 @@ SMALL_KV_HEADS = 4
 # (0.0625 for a logit of 8-16), so the tolerance grows with the logprob.
 BF16_LOGPROB_ATOL, BF16_LOGPROB_RTOL = 0.1, 0.02
 NEAR_TIE = 0.1
-# FLASH_ATTN with an fp8 cache against itself, both under CUDA graphs, other
-# prefill chunkings (benchmarks/RESULTS.md, run 22): divergences at reference
-# margins up to 0.25, logprobs up to 1.11 apart before them.
-FP8_FLOOR = {"near_tie": 0.25, "atol": 1.11}
+# FLASH_ATTN with an fp8 cache against itself over the comparisons bf16's
+# NEAR_TIE was measured over: eager against CUDA graphs and other prefill
+# chunkings (benchmarks/RESULTS.md, run 22): divergences at reference margins
+# up to 0.44, logprobs up to 2.83 apart before them (other chunkings alone:
+# 0.25 and 1.11).
+FP8_FLOOR = {"near_tie": 0.45, "atol": 2.84}
 
 
 def gpu_count() -> int:
