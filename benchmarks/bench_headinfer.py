@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 from vllm_headinfer import model_shapes
+from vllm_headinfer.plan import measure_link_gbps
 
 # The shape timed: gradientai/Llama-3-8B-Instruct-Gradient-1048k's config
 # (shipped in vllm_headinfer/model_shapes), with positions raised to 4M so
@@ -210,7 +211,7 @@ def run_config(spec: dict, log: Path, timeout: int) -> dict:
     return parsed
 
 
-def summarise(spec: dict, res: dict, h2d_gbs: float) -> list[dict]:
+def summarise(spec: dict, res: dict, h2d_gbs: float, read_gbs: float) -> list[dict]:
     rows = []
     layers, cfg, tp = spec["layers"], spec["config"], spec.get("tp", 1)
     per_token = res.get("link_bytes_per_token", 0)  # one rank, from the placement line
@@ -226,6 +227,7 @@ def summarise(spec: dict, res: dict, h2d_gbs: float) -> list[dict]:
             "config": cfg, "layers": layers, "tp": tp, **row,
             "offloaded_bytes_per_step": step_bytes,
             "link_gbs": gbs, "link_share_of_h2d": gbs / (h2d_gbs * tp) if gbs else None,
+            "link_share_of_kernel_reads": gbs / (read_gbs * tp) if gbs else None,
             "device_kv_gib": device_kv, "host_kv_gib": res.get("host_kv_gib"),
             "gpu_mem_used_mib": res.get("gpu_mem_used_mib"),
             "kv_capacity_tokens": res.get("kv_capacity_tokens"),
@@ -292,12 +294,15 @@ def main() -> None:
     model = write_model(Path(args.model_dir), args.layers)
     contexts = [int(c) for c in args.contexts.split(",") if c]
     h2d = measure_h2d_gbs()
-    report = {"h2d_gbs": h2d, "layers": args.layers, "chunk": args.chunk, "tp": args.tp,
+    # The link's limit for decode: the rate kernels read pinned host memory
+    # at, which differs from the copy rate by host (benchmarks/RESULTS.md, run 23).
+    read = measure_link_gbps()
+    report = {"h2d_gbs": h2d, "kernel_read_gbs": read, "layers": args.layers, "chunk": args.chunk, "tp": args.tp,
               "kv_cache_dtype": args.kv_cache_dtype,
               "executor": args.executor, "rows": [], "capacity": [], "runs": {}}
     parallel = {"tp": args.tp, "executor": args.executor, "kv_cache_dtype": args.kv_cache_dtype,
                 "block_size": args.block_size}
-    print(f"pinned H2D: {h2d:.1f} GB/s", flush=True)
+    print(f"pinned H2D: {h2d:.1f} GB/s; kernels reading pinned host memory: {read:.1f} GB/s", flush=True)
     for cfg in args.configs.split(",") if contexts else []:
         spec = {"config": cfg, "model": str(model), "layers": args.layers, "contexts": contexts,
                 "max_model_len": args.max_model_len or max(contexts) + args.decode_tokens + 64,
@@ -307,7 +312,7 @@ def main() -> None:
                 "cudagraph_mode": args.cudagraph_mode, **parallel}
         res = run_config(spec, log, args.timeout)
         report["runs"][cfg] = {k: v for k, v in res.items() if k != "rows"}
-        report["rows"] += summarise(spec, res, h2d)
+        report["rows"] += summarise(spec, res, h2d, read)
         out_path.write_text(json.dumps(report, indent=1))
         print(cfg, json.dumps(report["runs"][cfg])[:400], flush=True)
     if args.capacity_util:
@@ -325,7 +330,8 @@ def main() -> None:
 
 def print_table(report: dict) -> None:
     print(f"\nlayers={report['layers']} chunk={report['chunk']} tp={report['tp']} "
-          f"pinned H2D {report['h2d_gbs']:.1f} GB/s per GPU")
+          f"pinned H2D {report['h2d_gbs']:.1f} GB/s per GPU, kernel reads of host memory "
+          f"{report['kernel_read_gbs']:.1f} GB/s")
     print(f"{'config':<11}{'context':>9}{'prefill tok/s':>15}{'decode s/tok':>14}{'link GB/s':>11}{'of H2D':>8}{'dev KV GiB':>11}{'host KV GiB':>12}")
     for r in report["rows"]:
         gbs = f"{r['link_gbs']:.1f}" if r["link_gbs"] else "-"
