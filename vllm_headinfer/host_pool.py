@@ -90,7 +90,8 @@ def huge_page_share(address: int, nbytes: int) -> float:
 
 
 # Below this share of huge pages the link reads of a decode step are
-# measurably slower (37-41 GB/s against 51 GB/s on a 55 GB/s link).
+# measurably slower (4 KiB against 2 MiB pages: 37-41 against 51 GB/s on one
+# H100 host, 17 against 32 on another; benchmarks/RESULTS.md, runs 2 and 23).
 HUGE_PAGE_SHARE_EXPECTED = 0.9
 
 
@@ -179,7 +180,7 @@ class HostKVPool:
             logger.warning(
                 "HEADINFER host pool: only %.0f%% of it is on transparent huge pages "
                 "(/sys/kernel/mm/transparent_hugepage/enabled: %s); the GPU reads "
-                "offloaded KV about 25%% slower through 4 KiB pages. Set it to "
+                "offloaded KV through 4 KiB pages 25-47%% slower. Set it to "
                 "'madvise' or 'always', or start with more free (unfragmented) memory.",
                 100 * self.huge_page_share,
                 _thp_mode(),

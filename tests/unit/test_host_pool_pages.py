@@ -1,5 +1,5 @@
 """The host pool's huge-page share, which its startup line reports and warns
-about (the GPU reads 4 KiB host pages about 25% slower over the link)."""
+about (the GPU reads 4 KiB host pages 25-47% slower over the link)."""
 
 from __future__ import annotations
 
