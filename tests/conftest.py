@@ -68,48 +68,12 @@ def random_tokens(rng: random.Random, n: int) -> list[int]:
     return [rng.randrange(3, 420) for _ in range(n)]
 
 
-# Under pytest -n with --dist loadfile a worker that runs out of work takes
-# the next file in line (xdist's own reordering, by the number of tests in a
-# file, would start the slowest files last). So the files that keep one
-# worker longest start first, slowest first (seconds of one worker in a
-# two-worker .ci/run, 2026-12-07: 389, 337, 247, 212, 140, 123, 98); the
-# files whose engines run two ranks, one per core, start last, when the other
-# worker has only short files left (beside another engine they ran several
-# times slower: each rank's OpenMP team waits for a core the other holds);
-# the unit layer fills in at the end.
-SLOWEST_FIRST = (
-    "kernels/test_cpu_coattention.py",
-    "engine/test_equivalence.py",
-    "engine/test_speculative.py",
-    "engine/test_cpu_coattention_engine.py",
-    "server/test_server_faults.py",
-    "engine/test_capacity.py",
-    "engine/test_auto_placement.py",
-)
-TWO_RANKS_LAST = (
-    "server/test_openai_server.py",
-    "engine/test_tensor_parallel.py",
-    "engine/test_pipeline_parallel.py",
-)
-
-
-def _start_order(item) -> tuple[int, int]:
-    path = Path(item.path).relative_to(TESTS).as_posix()
-    if path in SLOWEST_FIRST:
-        return 0, SLOWEST_FIRST.index(path)
-    if path in TWO_RANKS_LAST:
-        return 2, TWO_RANKS_LAST.index(path)
-    return (3 if path.startswith("unit/") else 1), 0
-
-
 def pytest_collection_modifyitems(config, items):
     for item in items:
         layer = Path(item.path).relative_to(TESTS).parts[0]
         if layer not in LAYERS:
             raise pytest.UsageError(f"{item.path}: tests live in one of tests/{{{','.join(LAYERS)}}}/")
         item.add_marker(layer)
-    if "PYTEST_XDIST_WORKER" in os.environ:  # (a serial run warms the kernels up instead)
-        items.sort(key=_start_order)  # stable: each file's own order stays
 
 
 # Numba compiles each of the kernels' signatures on first use, minutes of
@@ -137,8 +101,6 @@ def pytest_configure(config):
     # thread the other one holds, several times slower than one after the
     # other. A multi-rank engine binds its ranks to cores of their own
     # (cpu_thread_binding).
-    if hasattr(config.option, "loadscopereorder"):
-        config.option.loadscopereorder = False  # _start_order's instead
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if worker is None:
         return
