@@ -115,7 +115,8 @@ def _prefault(address: int, nbytes: int) -> None:
         list(pool.map(zero, starts))
 
 
-def _thp_mode() -> str:
+def thp_mode() -> str:
+    """The kernel's THP setting, its choice in brackets ("always [madvise] never")."""
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
             return f.read().strip()
@@ -167,23 +168,23 @@ class HostKVPool:
         self.device_view: torch.Tensor | None = None
         if pin:
             self._register()
-        self.huge_page_share = huge_page_share(self.tensor.data_ptr(), self.nbytes)
+        on_huge_pages = huge_page_share(self.tensor.data_ptr(), self.nbytes)
         logger.info(
             "HEADINFER host pool: %.3f GiB for %d layers ready%s in %.1f s, %.0f%% on huge pages",
             self.nbytes / (1 << 30),
             len(layer_names),
             " and pinned" if pin else "",
             time.monotonic() - started,
-            100 * self.huge_page_share,
+            100 * on_huge_pages,
         )
-        if pin and self.huge_page_share < HUGE_PAGE_SHARE_EXPECTED:
+        if pin and on_huge_pages < HUGE_PAGE_SHARE_EXPECTED:
             logger.warning(
                 "HEADINFER host pool: only %.0f%% of it is on transparent huge pages "
                 "(/sys/kernel/mm/transparent_hugepage/enabled: %s); the GPU reads "
                 "offloaded KV through 4 KiB pages 25-47%% slower. Set it to "
                 "'madvise' or 'always', or start with more free (unfragmented) memory.",
-                100 * self.huge_page_share,
-                _thp_mode(),
+                100 * on_huge_pages,
+                thp_mode(),
             )
 
     def _register(self) -> None:

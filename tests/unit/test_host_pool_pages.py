@@ -8,17 +8,9 @@ import mmap
 import pytest
 import torch
 
-from vllm_headinfer.host_pool import _prefault, huge_page_mapping, huge_page_share
+from vllm_headinfer.host_pool import _prefault, huge_page_mapping, huge_page_share, thp_mode
 
 NBYTES = 64 << 20
-
-
-def _thp_mode() -> str:
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            return f.read()
-    except OSError:
-        return ""
 
 
 def _faulted(mapping: mmap.mmap) -> torch.Tensor:
@@ -34,7 +26,7 @@ def test_small_pages_count_as_none():
     assert huge_page_share(tensor.data_ptr(), NBYTES) == 0.0
 
 
-@pytest.mark.skipif("[never]" in _thp_mode() or not _thp_mode(), reason="THP is off here")
+@pytest.mark.skipif(thp_mode() == "unknown" or "[never]" in thp_mode(), reason="THP is off here")
 def test_the_pool_mapping_is_on_huge_pages():
     tensor = _faulted(huge_page_mapping(NBYTES))
     assert huge_page_share(tensor.data_ptr(), NBYTES) > 0.9
