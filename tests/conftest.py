@@ -1,18 +1,22 @@
 """Shared helpers: tiny models, the engine-runner subprocess, result comparison.
 
-vLLM engines never run in the pytest process: ``run_engines`` starts
-``tests/engine_runner.py`` with a JSON spec (several engines and scenarios per
-start) and returns its parsed JSON result. The plugin is loaded by vLLM's entry
-points in those processes, never imported by hand.
+vLLM engines never run in the pytest process: ``run_engines`` runs
+``tests/engine_runner.py`` on a JSON spec (several engines and scenarios per
+run) in a process of its own, forked from a runner that has imported vLLM
+(``--serve``) where the test left the environment as it was, and returns its
+parsed JSON result. The plugin is loaded by vLLM's entry points in those
+processes, never imported by hand.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
 import random
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -101,13 +105,14 @@ def pytest_configure(config):
     # thread the other one holds, several times slower than one after the
     # other. A multi-rank engine binds its ranks to cores of their own
     # (cpu_thread_binding).
+    global _session_env
     worker = os.environ.get("PYTEST_XDIST_WORKER")
-    if worker is None:
-        return
-    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    mine = ALL_CORES[int(worker.removeprefix("gw")) % len(ALL_CORES)::count] or ALL_CORES
-    os.sched_setaffinity(0, mine)
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, mine)))
+    if worker is not None:
+        count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        mine = ALL_CORES[int(worker.removeprefix("gw")) % len(ALL_CORES)::count] or ALL_CORES
+        os.sched_setaffinity(0, mine)
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, mine)))
+    _session_env = _runner_env()
 
 
 def on_all_cores() -> None:
@@ -176,11 +181,15 @@ class RunnerError(AssertionError):
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
+    _kill_pid_group(proc.pid)
+    proc.wait()
+
+
+def _kill_pid_group(pid: int) -> None:
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    proc.wait()
 
 
 # Results of default-backend engines run in-process, by reference_key: a
@@ -245,39 +254,123 @@ def _run_runner(spec: dict, workdir: Path, name: str, timeout: float) -> tuple[d
     spec_path = workdir / f"{name}.json"
     log_path = workdir / f"{name}.log"
     spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ)
-    env.setdefault("VLLM_LOGGING_LEVEL", "INFO")
+    env = _runner_env()
     t0 = time.monotonic()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, str(RUNNER), str(spec_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=str(REPO),
-            env=env,
-            start_new_session=True,
-        )
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            raise RunnerError(
-                f"engine runner {name} exceeded {timeout} s; log {log_path}:\n"
-                + _tail(log_path)
-            ) from None
-        finally:
-            # Engine-core/worker processes outlive a crashed runner otherwise.
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    fork_server = _runner_fork_server(env)
+    if fork_server is not None:
+        rc = fork_server.run(spec_path, log_path, env, timeout)
+    else:
+        rc = _run_fresh(spec_path, log_path, env, timeout)
     output = log_path.read_text(errors="replace")
     lines = [ln for ln in output.splitlines() if ln.startswith(RESULT_MARK)]
+    if rc is None:
+        raise RunnerError(f"engine runner {name} exceeded {timeout} s; log {log_path}:\n"
+                          + _tail(log_path))
     if rc != 0 or not lines:
         raise RunnerError(f"engine runner {name} failed (rc={rc}); log {log_path}:\n" + _tail(log_path))
     print(f"engine runner {name}: {time.monotonic() - t0:.1f} s")
     return json.loads(lines[-1][len(RESULT_MARK) :]), output
+
+
+def _runner_env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("VLLM_LOGGING_LEVEL", "INFO")
+    return env
+
+
+# Variables that differ between tests without a test setting them: pytest's
+# own, and what importing vLLM sets in the pytest process (a runner that
+# imports it sets the same).
+_VARYING = ("PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR")
+
+
+def _fixed(env: dict) -> dict:
+    return {k: v for k, v in env.items() if k not in _VARYING}
+
+
+def _run_fresh(spec_path: Path, log_path: Path, env: dict, timeout: float) -> int | None:
+    """The runner as a new process; its exit code, None past ``timeout``."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, str(RUNNER), str(spec_path)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=str(REPO), env=env, start_new_session=True,
+        )  # fmt: skip
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        finally:
+            # Engine-core/worker processes outlive a crashed runner otherwise.
+            _kill_group(proc)
+
+
+class _RunnerForkServer:
+    """``engine_runner.py --serve``, a fork server: one process per test
+    worker that has imported vLLM and forks a child per spec, so a spec's
+    run starts with vLLM imported (its own process all the same: a crash or hang takes only
+    the child, which runs in the environment given). Used where that
+    environment is the session's (_fixed): a variable a test set may change
+    what importing vLLM does."""
+
+    def __init__(self, env: dict) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(RUNNER), "--serve"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            cwd=str(REPO), env=env, start_new_session=True, bufsize=0,
+        )  # fmt: skip
+
+    def run(self, spec_path: Path, log_path: Path, env: dict, timeout: float) -> int | None:
+        """The spec's exit code, as a runner of its own would give it;
+        None where it ran past ``timeout`` (its process group is killed)."""
+        self.proc.stdin.write((json.dumps([str(spec_path), str(log_path), env]) + "\n").encode())
+        try:  # (the first spec waits for the server's own imports)
+            pid = int(self._answer("started", time.monotonic() + 300))
+        except TimeoutError:
+            self.close()
+            raise RunnerError("the engine runners' fork server did not fork in 300 s") from None
+        end = time.monotonic() + timeout
+        try:
+            return int(self._answer("exited", end))
+        except TimeoutError:
+            _kill_pid_group(pid)
+            self._answer("exited", time.monotonic() + 60)
+            return None
+        finally:
+            _kill_pid_group(pid)  # what the child started and left
+
+    def _answer(self, word: str, end: float) -> str:
+        line = b""
+        while not line.endswith(b"\n"):
+            remaining = end - time.monotonic()
+            if remaining <= 0 or not select.select([self.proc.stdout], [], [], remaining)[0]:
+                raise TimeoutError(word)
+            chunk = self.proc.stdout.read(1)
+            if not chunk:
+                raise RunnerError(f"the engine runners' fork server ended (rc={self.proc.wait()})")
+            line += chunk
+        got, _, value = line.decode().strip().partition(" ")
+        assert got == word, line
+        return value
+
+    def close(self) -> None:
+        _kill_group(self.proc)
+
+
+_fork_server: _RunnerForkServer | None = None
+# The runners' environment as the session began (pytest_configure): specs
+# run under another one (a test changed a variable) get a runner of their own.
+_session_env: dict | None = None
+
+
+def _runner_fork_server(env: dict) -> _RunnerForkServer | None:
+    global _fork_server
+    if _fixed(env) != _fixed(_session_env):
+        return None
+    if _fork_server is None:
+        _fork_server = _RunnerForkServer(env)
+        atexit.register(_fork_server.close)
+    return _fork_server if _fork_server.proc.poll() is None else None
 
 
 def _tail(path: Path, n: int = 80) -> str:

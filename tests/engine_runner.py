@@ -4,6 +4,16 @@ Usage: ``python tests/engine_runner.py SPEC.json``. The tests start this script
 in a subprocess so that every engine lives outside the pytest process and a
 crash or hang cannot take the test session with it.
 
+``python tests/engine_runner.py --serve`` imports vLLM once and then, for each
+line ``["SPEC.json", "LOG", ENV]`` on its stdin, forks a child that runs the
+spec as the command above would, in the environment ENV, its output in LOG, in
+a process group of its own; it answers ``started PID`` and, once the child
+ended, ``exited RC``. Importing vLLM takes most of a CPU runner's start (about
+8 s of a core), so the tests keep one such fork server per worker
+(conftest.py). It never imports numba: vLLM 0.32's CPU platform cannot start
+an engine in a process that has (see vllm_headinfer/coattention/__init__.py),
+and every child would inherit it.
+
 Spec::
 
     {
@@ -44,7 +54,9 @@ The last stdout line is ``HEADINFER_RESULT <json>``.
 
 from __future__ import annotations
 
+import atexit
 import gc
+import importlib
 import json
 import logging
 import os
@@ -279,5 +291,55 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def serve() -> None:
+    # What every child would import first.
+    for module in ("vllm", "vllm.entrypoints.llm", "vllm.sampling_params", "vllm.engine.arg_utils"):
+        importlib.import_module(module)
+
+    assert "numba" not in sys.modules, "importing vLLM loaded numba"
+    for line in sys.stdin:
+        spec_path, log_path, env = json.loads(line)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            _run_child(spec_path, log_path, env)
+        print(f"started {pid}", flush=True)
+        _, status = os.waitpid(pid, 0)
+        print(f"exited {os.waitstatus_to_exitcode(status)}", flush=True)
+
+
+def _run_child(spec_path: str, log_path: str, env: dict) -> None:
+    """The forked child: the spec run as ``main`` would in a new process,
+    then the exit a new process would make (atexit handlers run)."""
+    rc = 1
+    try:
+        os.setsid()
+        log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(log)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        os.environ.clear()
+        os.environ.update(env)
+        rc = main([__file__, spec_path])
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else int(e.code is not None)
+    except BaseException:  # noqa: BLE001 - reported as a new process would
+        traceback.print_exc()
+    finally:
+        try:
+            atexit._run_exitfuncs()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    if sys.argv[1:] == ["--serve"]:
+        serve()
+    else:
+        sys.exit(main(sys.argv))
