@@ -156,6 +156,30 @@ def pytest_runtest_setup(item):
             _kill_group(_warmup)  # the tests compile what it had not
 
 
+@contextlib.contextmanager
+def _environment_kept():
+    before = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(before)
+
+
+# Each test module and each test leave os.environ as they found it. vLLM's
+# CPU platform sets variables for its workers (LD_PRELOAD,
+# VLLM_WORKER_MULTIPROC_METHOD, ...) wherever a test builds an engine config
+# in the pytest process; the runners of later tests would inherit them.
+@pytest.fixture(autouse=True, scope="module")
+def _module_environment_kept():
+    with _environment_kept():
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _test_environment_kept():
+    with _environment_kept():
+        yield
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("models")
@@ -278,14 +302,8 @@ def _runner_env() -> dict:
     return env
 
 
-# Variables that differ between tests without a test setting them: pytest's
-# own, and what importing vLLM sets in the pytest process (a runner that
-# imports it sets the same).
-_VARYING = ("PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR")
-
-
-def _fixed(env: dict) -> dict:
-    return {k: v for k, v in env.items() if k not in _VARYING}
+def _differing(env: dict, other: dict, ignored: set[str]) -> set[str]:
+    return {k for k in env.keys() | other.keys() if env.get(k) != other.get(k)} - ignored
 
 
 def _run_fresh(spec_path: Path, log_path: Path, env: dict, timeout: float) -> int | None:
@@ -308,27 +326,38 @@ def _run_fresh(spec_path: Path, log_path: Path, env: dict, timeout: float) -> in
 class _RunnerForkServer:
     """``engine_runner.py --serve``, a fork server: one process per test
     worker that has imported vLLM and forks a child per spec, so a spec's
-    run starts with vLLM imported (its own process all the same: a crash or hang takes only
-    the child, which runs in the environment given). Used where that
-    environment is the session's (_fixed): a variable a test set may change
+    run starts with vLLM imported (its own process all the same: a crash or
+    hang takes only the child, which runs in the environment given). Used
+    where that environment is the session's but for what importing vLLM
+    sets (and pytest's own variable): a variable a test set may change
     what importing vLLM does."""
 
     def __init__(self, env: dict) -> None:
+        self.env = env
         self.proc = subprocess.Popen(
             [sys.executable, str(RUNNER), "--serve"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             cwd=str(REPO), env=env, start_new_session=True, bufsize=0,
         )  # fmt: skip
+        try:
+            imported = json.loads(self._answer("ready", time.monotonic() + 300))
+        except TimeoutError:
+            self.close()
+            raise RunnerError("the engine runners' fork server did not import vLLM in 300 s") from None
+        self.ignored = _differing(imported, env, set()) | {"PYTEST_CURRENT_TEST"}
+
+    def serves(self, env: dict) -> bool:
+        return self.proc.poll() is None and not _differing(env, self.env, self.ignored)
 
     def run(self, spec_path: Path, log_path: Path, env: dict, timeout: float) -> int | None:
         """The spec's exit code, as a runner of its own would give it;
         None where it ran past ``timeout`` (its process group is killed)."""
         self.proc.stdin.write((json.dumps([str(spec_path), str(log_path), env]) + "\n").encode())
-        try:  # (the first spec waits for the server's own imports)
-            pid = int(self._answer("started", time.monotonic() + 300))
+        try:
+            pid = int(self._answer("started", time.monotonic() + 60))
         except TimeoutError:
             self.close()
-            raise RunnerError("the engine runners' fork server did not fork in 300 s") from None
+            raise RunnerError("the engine runners' fork server did not fork in 60 s") from None
         end = time.monotonic() + timeout
         try:
             return int(self._answer("exited", end))
@@ -365,12 +394,10 @@ _session_env: dict | None = None
 
 def _runner_fork_server(env: dict) -> _RunnerForkServer | None:
     global _fork_server
-    if _fixed(env) != _fixed(_session_env):
-        return None
     if _fork_server is None:
-        _fork_server = _RunnerForkServer(env)
+        _fork_server = _RunnerForkServer(_session_env)
         atexit.register(_fork_server.close)
-    return _fork_server if _fork_server.proc.poll() is None else None
+    return _fork_server if _fork_server.serves(env) else None
 
 
 def _tail(path: Path, n: int = 80) -> str:
@@ -491,21 +518,6 @@ def cpu_thread_binding(ranks: int) -> str:
     if len(cores) < ranks:
         pytest.skip(f"TP = {ranks} on CPU needs {ranks} cores")
     return "|".join(str(c) for c in cores[:ranks])
-
-
-@contextlib.contextmanager
-def thread_binding(ranks: int):
-    """cpu_thread_binding(ranks) in force for the engines started inside
-    the block; the binding before it (a test worker's own) after."""
-    before = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(ranks)
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
-        else:
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = before
 
 
 def free_port() -> int:

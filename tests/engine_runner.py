@@ -5,7 +5,8 @@ in a subprocess so that every engine lives outside the pytest process and a
 crash or hang cannot take the test session with it.
 
 ``python tests/engine_runner.py --serve`` imports vLLM once and then, for each
-line ``["SPEC.json", "LOG", ENV]`` on its stdin, forks a child that runs the
+line ``["SPEC.json", "LOG", ENV]`` on its stdin (once it said ``ready`` and
+its environment after the imports), forks a child that runs the
 spec as the command above would, in the environment ENV, its output in LOG, in
 a process group of its own; it answers ``started PID`` and, once the child
 ended, ``exited RC``. Importing vLLM takes most of a CPU runner's start (about
@@ -297,6 +298,7 @@ def serve() -> None:
         importlib.import_module(module)
 
     assert "numba" not in sys.modules, "importing vLLM loaded numba"
+    print("ready " + json.dumps(dict(os.environ)), flush=True)
     for line in sys.stdin:
         spec_path, log_path, env = json.loads(line)
         sys.stdout.flush()

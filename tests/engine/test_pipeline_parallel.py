@@ -22,13 +22,13 @@ import pytest
 from conftest import (
     BASE_LLM,
     assert_same_outputs,
+    cpu_thread_binding,
     engine_log,
     engine_ok,
     headinfer_llm,
     placement_of,
     random_tokens,
     run_engines,
-    thread_binding,
 )
 
 PP = 2
@@ -48,18 +48,19 @@ def pp_run(tiny_models, tmp_path_factory):
     rng = random.Random(11)
     requests = [{"prompt_token_ids": random_tokens(rng, n), "max_tokens": m}
                 for n, m in [(5, 8), (90, 6), (300, 4)]]
+    binding = {"VLLM_CPU_OMP_THREADS_BIND": cpu_thread_binding(PP)}
     spec = {
         "inprocess": False,
         "paths": {"llama-mha": tiny_models("llama-mha")},
         "scenarios": {"mixed": {"rounds": [requests]}},
         "engines": [
-            {"name": "default", "model": "llama-mha", "llm": LLM, "scenarios": ["mixed"]},
-            {"name": "headinfer", "model": "llama-mha", "scenarios": ["mixed"],
+            {"name": "default", "model": "llama-mha", "llm": LLM, "env": binding,
+             "scenarios": ["mixed"]},
+            {"name": "headinfer", "model": "llama-mha", "scenarios": ["mixed"], "env": binding,
              "llm": {**LLM, **headinfer_llm(COUNTS, cpu_kv_gib=0.05)}},
         ],
     }
-    with thread_binding(PP):
-        return run_engines(spec, tmp_path_factory.mktemp("pp"), "pp", timeout=900)
+    return run_engines(spec, tmp_path_factory.mktemp("pp"), "pp", timeout=900)
 
 
 def test_each_stage_places_and_pools_its_own_layers(pp_run):

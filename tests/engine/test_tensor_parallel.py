@@ -27,13 +27,13 @@ from conftest import (
     BASE_LLM,
     MODEL_SHAPES,
     assert_same_outputs,
+    cpu_thread_binding,
     engine_log,
     engine_ok,
     headinfer_llm,
     placement_of,
     random_tokens,
     run_engines,
-    thread_binding,
 )
 
 TP = 2
@@ -84,27 +84,29 @@ def _refusal_budget() -> float:
 
 @pytest.fixture(scope="module")
 def tp_run(tiny_models, tmp_path_factory):
+    binding = {"VLLM_CPU_OMP_THREADS_BIND": cpu_thread_binding(TP)}
     engines = []
     for name, (shape, resident) in ENGINES.items():
         llm = dict(LLM)
         if resident is not None:
             llm.update(headinfer_llm(resident, cpu_kv_gib=CPU_KV_GIB))
-        engines.append({"name": name, "model": shape, "llm": llm,
+        engines.append({"name": name, "model": shape, "llm": llm, "env": binding,
                         "scenarios": ["mixed", "prefix"]})
     refusals = {
         "refuse-resident": headinfer_llm(3, cpu_kv_gib=CPU_KV_GIB),
         "refuse-node-ram": headinfer_llm(0, cpu_kv_gib=_refusal_budget()),
     }
-    engines += [{"name": name, "model": "llama-mha", "llm": {**LLM, **kw}}
+    engines += [{"name": name, "model": "llama-mha", "llm": {**LLM, **kw}, "env": binding}
                 for name, kw in refusals.items()]
     spec = {
-        "inprocess": False,
+        # The engine core in the runner; the two workers in processes of
+        # their own (vLLM's mp executor).
+        "inprocess": True,
         "paths": {key: tiny_models(key) for key in ("llama-gqa", "llama-mha")},
         "scenarios": _scenarios(),
         "engines": engines,
     }
-    with thread_binding(TP):
-        return run_engines(spec, tmp_path_factory.mktemp("tp"), "tp", timeout=1200)
+    return run_engines(spec, tmp_path_factory.mktemp("tp"), "tp", timeout=1200)
 
 
 @pytest.mark.parametrize("name", [n for n, (_, r) in ENGINES.items() if r is not None])
