@@ -209,11 +209,12 @@ $g/test_cuda_coattention.py::test_a_second_engine_leaves_nothing_of_the_first ${
   place-capacity)
     # The largest pool at gpu_memory_utilization 0.9 and cpu_kv_gib 90 with
     # --max-model-len auto, then an engine with max_model_len 1,048,576 that
-    # generates.
+    # generates (CAPACITY_ONLY=1: the largest pool alone; CAPACITY_TAG: a
+    # suffix for the result file, one per vLLM stack).
     reinstall
-    timeout 290 python3 benchmarks/bench_headinfer.py --out "$out/place_capacity.json" --layers 32 \
+    timeout 290 python3 benchmarks/bench_headinfer.py --out "$out/place_capacity${CAPACITY_TAG:-}.json" --layers 32 \
       --contexts "" --configs auto --capacity-util 0.9 --capacity-cpu-kv-gib 90 --timeout 280 2>&1 | tail -3
-    timeout 300 python3 benchmarks/bench_headinfer.py --out "$out/place_1m.json" --layers 32 \
+    [ "${CAPACITY_ONLY:-0}" = 1 ] || timeout 300 python3 benchmarks/bench_headinfer.py --out "$out/place_1m.json" --layers 32 \
       --contexts 4096 --max-model-len 1048576 --configs auto --cpu-kv-gib 90 --eager \
       --decode-tokens 8 --timeout 290 2>&1 | tail -6
     ;;
