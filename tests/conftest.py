@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import fcntl
 import json
 import os
 import random
@@ -147,32 +146,7 @@ def _start_kernel_warmup(config, nodeids: list[str]) -> None:
     config.add_cleanup(lambda: _kill_group(_warmup))
 
 
-# .ci/run compiles the kernel's signatures while it installs the rest,
-# holding an exclusive lock on this file until they are in numba's cache: a
-# kernel test, or an engine that co-attends, waits for it rather than
-# compile the same signature beside it on the other core.
-_KERNEL_LOCK = "HEADINFER_TESTS_KERNEL_LOCK"
-
-
-def wait_for_kernel_warmup() -> None:
-    path = os.environ.get(_KERNEL_LOCK)
-    if not path or os.environ.get(_WARMING):
-        return
-    with open(path, "a") as lock:
-        deadline = time.monotonic() + WARMUP_TIMEOUT
-        while True:  # (past the deadline, the tests compile what it had not)
-            try:
-                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    return
-                time.sleep(1)
-
-
 def pytest_runtest_setup(item):
-    if item.get_closest_marker("kernels"):
-        wait_for_kernel_warmup()
     # Its results are the session's own to report: the background run only
     # fills the cache, so a failure there shows here.
     if _warmup is not None and item.get_closest_marker("kernels"):
@@ -287,8 +261,6 @@ def run_engines(spec: dict, workdir: Path, name: str, timeout: float = 600) -> t
         print(f"engine runner {name}: default-backend results of {sorted(known)} from earlier runs")
     results, output = {"engines": {}}, ""
     if to_run:
-        if '"cpu_attention"' in json.dumps(to_run):
-            wait_for_kernel_warmup()
         results, output = _run_runner({**spec, "engines": to_run}, workdir, name, timeout)
         for engine in to_run:
             key, res = keys[engine["name"]], results["engines"][engine["name"]]
