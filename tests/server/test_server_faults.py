@@ -159,8 +159,10 @@ def test_sigterm_ends_the_server_and_frees_its_pool(tiny_models, tmp_path_factor
         # engine core) is left: judged by its process group, since the
         # machine's free memory moves with the engines of the test beside it.
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and _alive_in_group(s["proc"].pid):
+        left = _alive_in_group(s["proc"].pid)
+        while left and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert not _alive_in_group(s["proc"].pid), _alive_in_group(s["proc"].pid)
+            left = _alive_in_group(s["proc"].pid)
+        assert not left, left
     finally:
         _stop(s)
