@@ -192,8 +192,7 @@ def render(vllm_config, cfg, kv, budgets, dev: DeviceBudget, link_gbps: float, l
 
 
 def planner_flags():
-    """The planner's own flags: (flag, argparse keywords), shown in plain
-    --help too (vLLM's parser lists only group names there)."""
+    """The planner's own flags: (flag, argparse keywords)."""
     from vllm_headinfer import model_shapes
 
     return (
@@ -216,27 +215,48 @@ def planner_flags():
     )
 
 
+PROG = "vllm-headinfer-plan"
+DESCRIPTION = ("Print the KV head placement HEADINFER picks for a model, "
+               "without loading weights or starting an engine.")
+ENGINE_FLAGS = ("It also takes vLLM's engine flags (-tp, --gpu-memory-utilization, "
+                "--kv-cache-memory-bytes, --max-model-len, --kv-cache-dtype, "
+                "--block-size, --additional-config, ...)")
+
+
+def add_planner_arguments(parser) -> None:
+    parser.add_argument("model_tag", nargs="?", default=None,
+                        help="model path or name (or use --model-shape)")
+    planner = parser.add_argument_group("planner")
+    for flag, kw in planner_flags():
+        planner.add_argument(flag, **kw)
+
+
+def print_plain_help() -> None:
+    """Plain ``--help`` without importing vLLM (about 10 s of imports, and
+    its parser would list every engine flag in the usage line): the
+    planner's flags, and where vLLM's engine flags are described."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=DESCRIPTION,
+        usage=f"{PROG} (MODEL | --model-shape NAME) [planner flags] [vLLM engine flags]",
+        epilog=f"{ENGINE_FLAGS}; --help=GROUP or --help=FLAG describes them as "
+        "`vllm serve` does (e.g. --help=CacheConfig, --help=max-model-len).")
+    add_planner_arguments(parser)
+    parser.print_help()
+
+
 def parse(argv: list[str]):
+    if "-h" in argv or "--help" in argv:
+        print_plain_help()
+        sys.exit(0)
     from vllm.engine.arg_utils import EngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     from vllm_headinfer import model_shapes
 
-    flags = planner_flags()
-    listing = "\n".join(f"  {flag}: {kw['help']}" for flag, kw in flags)
-    parser = FlexibleArgumentParser(
-        prog="vllm-headinfer-plan",
-        description="Print the KV head placement HEADINFER picks for a model, "
-        "without loading weights or starting an engine.\n\nPlanner flags:\n"
-        f"{listing}\n\nIt also takes vLLM's engine flags (-tp, "
-        "--gpu-memory-utilization, --kv-cache-memory-bytes, --max-model-len, "
-        "--kv-cache-dtype, --block-size, --additional-config, ...).",
-    )
-    parser.add_argument("model_tag", nargs="?", default=None,
-                        help="model path or name (or use --model-shape)")
-    planner = parser.add_argument_group("planner")
-    for flag, kw in flags:
-        planner.add_argument(flag, **kw)
+    parser = FlexibleArgumentParser(prog=PROG, description=f"{DESCRIPTION} {ENGINE_FLAGS}.")
+    add_planner_arguments(parser)
     parser = EngineArgs.add_cli_args(parser)
     args = parser.parse_args(argv)
     if (args.model_tag is None) == (args.model_shape is None):

@@ -146,11 +146,23 @@ def test_planner_plans_a_gpu_from_this_machine_with_cuda_defaults():
     assert "over the link" in line and "heads 0-" in text
 
 
-def test_planner_help_shows_its_own_flags():
+def test_planner_help_shows_its_own_flags_without_importing_vllm():
+    """Plain --help answers at once: vLLM's engine flags are named and
+    pointed to (--help=GROUP), not imported and listed."""
     out = plan("--help")
     assert out.returncode == 0
-    for flag in ("--model-shape", "--gpu-memory-gib", "--link-gbps", "--measure", "--contexts"):
+    for flag in ("--model-shape", "--gpu-memory-gib", "--link-gbps", "--measure", "--contexts",
+                 "--help=GROUP", "--max-model-len"):
         assert flag in out.stdout, flag
+    probe = ("import sys\nfrom vllm_headinfer import plan\ntry:\n    plan.main(['--help'])\n"
+             "except SystemExit:\n    print('imported vllm:', 'vllm' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines()[-1] == "imported vllm: False"
+
+
+def test_planner_help_for_an_engine_flag_is_vllms():
+    out = plan("--help=max-model-len")
+    assert out.returncode == 0 and "--max-model-len" in out.stdout
 
 
 def test_checks_after_parsing_name_the_source_too(monkeypatch):
