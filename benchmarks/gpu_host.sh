@@ -69,8 +69,9 @@ case "$1" in
       echo "racecheck exit $?" | tee -a "$out/racecheck.log"; tail -5 "$out/racecheck.log"
     fi
     t="${T:-tests/gpu}"
-    # --durations: each test's setup and call times, to see where a slow one's went.
-    timeout "${CHECK_TIMEOUT:-540}" python3 -m pytest -q -s -rA --durations=0 -p no:cacheprovider ${t//,/ } \
+    # --durations: each test's setup and call times, to see where a slow one's
+    # went; SIGINT at the limit lets pytest print them and what passed so far.
+    timeout -s INT -k 30 "${CHECK_TIMEOUT:-540}" python3 -m pytest -q -s -rA --durations=0 -p no:cacheprovider ${t//,/ } \
       ${K:+-k "$K"} 2>&1 | tee "$out/pytest_gpu.log" | tail -40
     ;;
   switch-stack)
