@@ -51,6 +51,7 @@ LLAMA3_8B = {
 }
 KV_BYTES_PER_TOKEN_LAYER_HEAD = 2 * 128 * 2  # K and V, head_dim 128, bf16 (fp8: half)
 GIB = 1 << 30
+FIRST_TOKENS = 16  # decode tokens after prefill timed as "first tokens"
 
 
 def write_model(root: Path, layers: int) -> Path:
@@ -143,7 +144,11 @@ def worker(spec: dict) -> dict:
         row = {"context": ctx, "prefill_s": prefill, "prefill_tok_s": ctx / prefill,
                "decode_s_per_token": decode, "generated": n_out}
         if steady:
-            # The last tokens alone: what a split retuned in the first steps gives.
+            # The first tokens after prefill (what a user waits for while the
+            # split is measured and retuned) and the last ones alone (what it
+            # settled on).
+            first = min(FIRST_TOKENS, len(token_times) - 1)
+            row["decode_s_per_token_first"] = (token_times[first] - token_times[0]) / first
             row["decode_s_per_token_steady"] = (token_times[-1] - token_times[-1 - steady]) / steady
             row["token_intervals_s"] = [round(b - a, 5) for a, b in zip(token_times, token_times[1:])]
         result["rows"].append(row)
@@ -211,7 +216,13 @@ def run_config(spec: dict, log: Path, timeout: int) -> dict:
     return parsed
 
 
-def summarise(spec: dict, res: dict, h2d_gbs: float, read_gbs: float) -> list[dict]:
+def summarise(spec: dict, res: dict, h2d_gbs: float, read_gbs: float,
+              host_memory_gbs: float | None = None) -> list[dict]:
+    """Per context: the measured figures and the two physical limits of a
+    decode step, measured in the same run: the offloaded bytes over the rate
+    the GPU's kernels read host memory at (the link), and over the rate
+    host memory gives both of its readers at once (what CPU co-attention
+    can at best reach; one GPU's run only)."""
     rows = []
     layers, cfg, tp = spec["layers"], spec["config"], spec.get("tp", 1)
     per_token = res.get("link_bytes_per_token", 0)  # one rank, from the placement line
@@ -228,6 +239,9 @@ def summarise(spec: dict, res: dict, h2d_gbs: float, read_gbs: float) -> list[di
             "offloaded_bytes_per_step": step_bytes,
             "link_gbs": gbs, "link_share_of_h2d": gbs / (h2d_gbs * tp) if gbs else None,
             "link_share_of_kernel_reads": gbs / (read_gbs * tp) if gbs else None,
+            "link_limit_s_per_token": step_bytes / (read_gbs * tp * 1e9) if offloaded else None,
+            "host_memory_limit_s_per_token":
+                step_bytes / (host_memory_gbs * 1e9) if offloaded and host_memory_gbs and tp == 1 else None,
             "device_kv_gib": device_kv, "host_kv_gib": res.get("host_kv_gib"),
             "gpu_mem_used_mib": res.get("gpu_mem_used_mib"),
             "kv_capacity_tokens": res.get("kv_capacity_tokens"),
@@ -252,6 +266,25 @@ def measure_h2d_gbs() -> float:
     del src, dst
     torch.cuda.empty_cache()
     return gbs
+
+
+def measure_both_readers(kv_cache_dtype: str) -> dict:
+    """GB/s of host memory read by both of its readers at once, as CPU
+    co-attention's startup probe measures them (the kernel on all cores but
+    one, flash attention over UVA; pages of the run's KV format): their sum
+    is the host-memory limit of a decode step."""
+    import torch
+
+    from vllm_headinfer.coattention.probe import measure_rates
+    from vllm_headinfer.coattention.split import kernel_threads
+    from vllm_headinfer.kv_quant import fp8_dtype
+
+    fp8 = fp8_dtype(kv_cache_dtype)
+    threads = kernel_threads(len(os.sched_getaffinity(0)))
+    cpu, gpu = measure_rates(threads, torch.uint8 if fp8 else torch.bfloat16, fp8, 128, 16)
+    torch.cuda.empty_cache()
+    return {"host_memory_gbs": (cpu + gpu) / 1e9, "host_memory_cpu_gbs": cpu / 1e9,
+            "host_memory_gpu_gbs": gpu / 1e9, "host_memory_threads": threads}
 
 
 def main() -> None:
@@ -280,6 +313,9 @@ def main() -> None:
     ap.add_argument("--executor", default=None, help="distributed executor: mp (default) or ray")
     ap.add_argument("--block-size", type=int, default=0, help="KV block size (0: vLLM's default)")
     ap.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's bf16) or fp8")
+    ap.add_argument("--both-readers", action="store_true",
+                    help="also measure host memory read by the CPU kernel and the GPU at once "
+                    "(the host-memory limit of a decode step)")
     args = ap.parse_args()
     if args.steady_tokens > args.decode_tokens:
         ap.error("--steady-tokens must not exceed --decode-tokens")
@@ -303,6 +339,11 @@ def main() -> None:
     parallel = {"tp": args.tp, "executor": args.executor, "kv_cache_dtype": args.kv_cache_dtype,
                 "block_size": args.block_size}
     print(f"pinned H2D: {h2d:.1f} GB/s; kernels reading pinned host memory: {read:.1f} GB/s", flush=True)
+    if args.both_readers:
+        report.update(measure_both_readers(args.kv_cache_dtype))
+        print(f"host memory, both readers at once: {report['host_memory_gbs']:.1f} GB/s "
+              f"(CPU {report['host_memory_cpu_gbs']:.1f} with {report['host_memory_threads']} threads, "
+              f"GPU {report['host_memory_gpu_gbs']:.1f})", flush=True)
     for cfg in args.configs.split(",") if contexts else []:
         spec = {"config": cfg, "model": str(model), "layers": args.layers, "contexts": contexts,
                 "max_model_len": args.max_model_len or max(contexts) + args.decode_tokens + 64,
@@ -312,7 +353,7 @@ def main() -> None:
                 "cudagraph_mode": args.cudagraph_mode, **parallel}
         res = run_config(spec, log, args.timeout)
         report["runs"][cfg] = {k: v for k, v in res.items() if k != "rows"}
-        report["rows"] += summarise(spec, res, h2d, read)
+        report["rows"] += summarise(spec, res, h2d, read, report.get("host_memory_gbs"))
         out_path.write_text(json.dumps(report, indent=1))
         print(cfg, json.dumps(report["runs"][cfg])[:400], flush=True)
     if args.capacity_util:
@@ -341,7 +382,12 @@ def print_table(report: dict) -> None:
         print(f"{r['config']:<11}{r['context']:>9}{r['prefill_tok_s']:>15.0f}{r['decode_s_per_token']:>14.4f}"
               f"{gbs:>11}{share:>8}{r['device_kv_gib'] or 0:>11.2f}{r['host_kv_gib'] or 0:>12.2f}")
         if r.get("decode_s_per_token_steady"):
-            print(f"  last tokens alone: {r['decode_s_per_token_steady']:.4f} s/token")
+            print(f"  first {FIRST_TOKENS} tokens {r['decode_s_per_token_first']:.4f} s/token, "
+                  f"last tokens alone {r['decode_s_per_token_steady']:.4f} s/token")
+        if r.get("link_limit_s_per_token"):
+            memory = r.get("host_memory_limit_s_per_token")
+            print(f"  limits: link {r['link_limit_s_per_token']:.4f} s/token"
+                  + (f", host memory (both readers) {memory:.4f} s/token" if memory else ""))
     for c in report["capacity"]:
         print(f"capacity {c['config']}: max_model_len={c.get('engine_max_model_len')} kv_capacity_tokens={c.get('kv_capacity_tokens')} ok={c['ok']}")
 

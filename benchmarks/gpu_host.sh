@@ -4,7 +4,7 @@
 # Usage: bash benchmarks/gpu_host.sh install|check|ray-example|bench|bench-long|bench-tp|capacity
 #                                   |place-short|place-512k|place-capacity|fp8|fp8-capacity|spec|spec-steps|serve-load|cpu-attn
 #                                   |long-tp4|x4|load-lanes|coattn|coattn-gate|coattn-auto|coattn-overhead|co-spec
-#                                   |drift|serve-metrics|serve-killed|noise-floor|upgrade|switch-stack
+#                                   |drift|serve-metrics|serve-killed|noise-floor|upgrade|switch-stack|perf-table
 #        bash benchmarks/gpu_host.sh background "STAGE [VAR=VALUE] [STAGE...]"   (returns at once)
 #        bash benchmarks/gpu_host.sh wait SECONDS   (until the background stages end)
 # Logs and results go to $OUT (or ./gpu-out). A device command may run 10
@@ -363,6 +363,27 @@ $g/test_cuda_coattention.py::test_a_second_engine_leaves_nothing_of_the_first ${
         --timeout "$limit" ${CG:+--cudagraph-mode $CG} ${BLOCK_SIZE:+--block-size $BLOCK_SIZE} 2>&1 | tail -30
     done
     grep -h "HEADINFER CPU co-attention" "$out"/coattn_*.log | sort | uniq -c | tee "$out/coattn_split.txt"
+    ;;
+  perf-table)
+    # One decode table with both physical limits measured in the same run
+    # (docs/performance.md): 128K on 32 layers, FLASH_ATTN, every head
+    # offloaded over the link alone (R0) and with co-attention auto, in bf16
+    # and fp8; then ngram (k = 7) at R0 on the edit workload. First 16 decode
+    # tokens after prefill and the last 16 alone; PERF_PARTS: some of
+    # "bf16 fp8 spec" (about 8, 7 and 6 minutes).
+    reinstall
+    parts=" ${PERF_PARTS:-bf16 fp8 spec} "
+    timed=(--layers 32 --contexts 131072 --configs FLASH_ATTN,R0,R0+cpuauto --decode-tokens 40
+           --steady-tokens 16 --both-readers --timeout 270)
+    [[ $parts == *" bf16 "* ]] && timeout 900 python3 benchmarks/bench_headinfer.py \
+      --out "$out/perf_bf16.json" "${timed[@]}" 2>&1 | tail -16
+    [[ $parts == *" fp8 "* ]] && timeout 900 python3 benchmarks/bench_headinfer.py \
+      --out "$out/perf_fp8.json" --kv-cache-dtype fp8 "${timed[@]}" 2>&1 | tail -16
+    [[ $parts == *" spec "* ]] && timeout 700 python3 benchmarks/bench_speculative.py \
+      --out "$out/perf_spec.json" --configs R0,R0+ngram7 --decode-tokens 96 --timeout 330 2>&1 | tail -8
+    reports=$(ls "$out"/perf_bf16.json "$out"/perf_fp8.json 2>/dev/null)
+    [ -n "$reports" ] && python3 benchmarks/perf_table.py $reports \
+      $([ -f "$out/perf_spec.json" ] && echo --spec "$out/perf_spec.json") | tee "$out/perf_table.md"
     ;;
   coattn-gate)
     # The per-step gate and what piecewise graphs cost, every head offloaded,
