@@ -246,8 +246,13 @@ def print_plain_help() -> None:
     parser.print_help()
 
 
+def wants_plain_help(argv: list[str]) -> bool:
+    """Plain -h/--help; --help=GROUP (or =FLAG) is vLLM's parser's."""
+    return "-h" in argv or "--help" in argv
+
+
 def parse(argv: list[str]):
-    if "-h" in argv or "--help" in argv:
+    if wants_plain_help(argv):
         print_plain_help()
         sys.exit(0)
     from vllm.engine.arg_utils import EngineArgs

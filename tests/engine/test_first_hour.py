@@ -160,9 +160,11 @@ def test_planner_help_shows_its_own_flags_without_importing_vllm():
     assert out.stdout.splitlines()[-1] == "imported vllm: False"
 
 
-def test_planner_help_for_an_engine_flag_is_vllms():
-    out = plan("--help=max-model-len")
-    assert out.returncode == 0 and "--max-model-len" in out.stdout
+def test_planner_help_for_a_group_or_flag_is_left_to_vllms_parser():
+    from vllm_headinfer.plan import wants_plain_help
+
+    assert wants_plain_help(["--help"]) and wants_plain_help(["--model-shape", "x", "-h"])
+    assert not wants_plain_help(["--help=CacheConfig"]) and not wants_plain_help(["--help=max-model-len"])
 
 
 def test_checks_after_parsing_name_the_source_too(monkeypatch):
