@@ -9,6 +9,7 @@ host memory), and small ones where exhaustive checks are cheap.
 from __future__ import annotations
 
 import itertools
+import random
 
 import pytest
 
@@ -94,6 +95,24 @@ def test_auto_is_the_best_of_all_counts_on_a_small_model():
                 sum(c) for c in every if policy.blocks_held(kv, c, budgets)[0] >= target_blocks
             )
             assert p.resident_head_layers == most
+
+
+def test_max_pool_keeps_the_most_resident_heads_among_equal_pools():
+    """Among equal largest pools, the most resident head-layers: the least link traffic."""
+    rng = random.Random(0)
+    ties = 0
+    for _ in range(200):
+        layers, heads = rng.randint(1, 4), rng.randint(1, 3)
+        kv = policy.RankKV(tuple(range(layers)), heads, 16, rng.choice([1000, 3000]),
+                           rng.choice([10, 500]))
+        budgets = policy.Budgets(rng.randint(1_000, 200_000), rng.randint(0, 200_000),
+                                 rng.choice([0, 5_000]))
+        p = policy.auto(kv, budgets, None)
+        every = itertools.product(range(heads + 1), repeat=layers)
+        equal = {sum(c) for c in every if policy.blocks_held(kv, c, budgets)[0] == p.num_blocks}
+        assert p.resident_head_layers == max(equal), (kv, budgets, p.counts)
+        ties += len(equal) > 1
+    assert ties > 10  # the configurations do have equal pools to choose from
 
 
 def test_uniform_only_keeps_every_head_resident():
