@@ -44,6 +44,13 @@ def test_counts_in_runs():
     assert policy.Placement(one, (2,), 10, "device").describe_counts() == "2 in layer 4"
 
 
+def test_runs_never_join_layers_that_are_not_adjacent():
+    """Other attention kinds sit between HEADINFER layers: a run spans adjacent indices only."""
+    assert policy.layer_runs((1, 3, 5), (2, 2, 2)) == [(2, 1, 1), (2, 3, 3), (2, 5, 5)]
+    assert policy.describe_runs((1, 3, 5), (2, 2, 2)) == "2 in layer 1, 2 in 3, 2 in 5"
+    assert policy.describe_runs((1, 2, 4, 5), (2, 2, 2, 2)) == "2 in layers 1-2, 2 in 4-5"
+
+
 def test_max_pool_reaches_both_budgets_within_two_percent():
     p = policy.auto(LLAMA8B, H100, None)
     per_token = LLAMA8B.head_layers * LLAMA8B.head_block_bytes / LLAMA8B.block_size
