@@ -57,6 +57,13 @@ def test_examples():
     assert balanced_cpu_share(0, 60e9, 48e9) == 0
 
 
+def test_a_gpu_that_reads_nothing_leaves_every_head_to_the_cpu():
+    """A GPU rate of 0 (it reads nothing over the link): the CPU attends every offloaded head."""
+    assert balanced_cpu_share(4, 60e9, 0) == 4
+    assert balanced_cpu_share(1, 60e9, 0.0) == 1
+    assert balanced_cpu_share(4, 0.0, 0.0) == 0  # neither reads: nothing to give the CPU
+
+
 def test_totals_follow_the_rates_share():
     split = RankSplit(cpu_rate=60e9, gpu_rate=48e9)
     shares = split.layer_shares([8] * 16 + [7] * 16 + [1] * 4)

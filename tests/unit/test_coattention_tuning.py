@@ -48,6 +48,12 @@ def test_a_gpu_last_in_most_calls_is_timed_in_those():
     assert tuned.cpu_share(8) == 3.875
 
 
+def test_a_tie_in_calls_times_the_gpu_in_those_it_was_last():
+    """Last in as many calls as the CPU, the GPU's own timing is a measurement, not only a floor."""
+    tuned = engine_rates(PROBE, figures(cpu_last=(6, 0.5, 20.0), gpu_last=(6, 1.0, 45.0)))
+    assert tuned.gpu_rate == pytest.approx(45e9)  # not the probe's 51 GB/s kept over a floor
+
+
 def test_no_kernel_time_changes_nothing():
     assert engine_rates(PROBE, figures(kernel_s=0.0, kernel_gb=0.0)) is PROBE
 

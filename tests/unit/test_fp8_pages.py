@@ -46,14 +46,18 @@ def test_quantize_saturates_and_round_trips(dtype):
 
 
 def test_per_head_scales_apply_to_their_heads():
+    """The same K under heads 1 and 2's scales (4 and 1/4) gives hand-computed e4m3 bytes."""
     layer = _Layer([1.0, 4.0, 0.25], [2.0, 1.0, 8.0])
     part = Fp8Scales.of(layer, "fp8", slice(1, 3))
     assert part.k.tolist() == [4.0, 0.25] and part.v.tolist() == [1.0, 8.0]
     assert Fp8Scales.of(layer, "auto", slice(0, 3)) is None
-    x = torch.randn(5, 2, 8)  # [tokens, heads, D]
+    x = torch.tensor([[[1.0, -6.0, 3000.0], [1.0, -6.0, 0.3]]])  # [tokens, heads, D]
     q = quantize(x, part.k, E4M3, 1)
-    expected = torch.stack([_reference_roundtrip(x[:, h], part.k[h], E4M3) for h in range(2)], 1)
-    torch.testing.assert_close(dequantize(q, part.k, E4M3, 1, torch.float64), expected)
+    # x / 4: 0.25 = 2^-2, -1.5, 750 saturated to 448 = 1.75 * 2^8; x / (1/4): 4 = 2^2,
+    # -24 = -1.5 * 2^4, 1.2 rounded to 1.25 (three mantissa bits); exponent bias 7.
+    assert q.tolist() == [[[0x28, 0xBC, 0x7E], [0x48, 0xDC, 0x3A]]]
+    back = dequantize(q, part.k, E4M3, 1, torch.float64)
+    assert back.tolist() == [[[1.0, -6.0, 1792.0], [1.0, -6.0, 0.3125]]]
 
 
 @pytest.mark.parametrize("per_head", [False, True])
@@ -73,12 +77,21 @@ def test_fp8_pages_written_and_attended_like_the_reference(per_head):
     out = torch.zeros(q.shape[0], hq, d)
     paged_attention(q, k_cache, v_cache, table, qsl, sl, d**-0.5, out, fp8)
 
-    def roundtrip(x, scale):
-        return torch.stack([_reference_roundtrip(x[:, h], scale.reshape(-1)[h % scale.numel()], E4M3)
-                            for h in range(hk)], 1)
+    # The reference takes the scales from the test's own numbers, not from fp8.
+    k_scales, v_scales = (torch.tensor(x, dtype=torch.float64).expand(hk) for x in scales)
 
-    ref = naive_attention(q, [roundtrip(k, fp8.k) for k in ks], [roundtrip(v, fp8.v) for v in vs],
-                          q_lens, seq_lens, d**-0.5)
+    def roundtrip(x, scale):
+        return torch.stack([_reference_roundtrip(x[:, h], scale[h], E4M3) for h in range(hk)], 1)
+
+    # The pages hold the bytes of K / scale and V / scale, head by head.
+    for r, seq_len in enumerate(seq_lens):
+        for t in range(seq_len):
+            page, offset = int(table[r, t // block]), t % block
+            for cache, x, scale in ((k_cache, ks[r], k_scales), (v_cache, vs[r], v_scales)):
+                expect = (x[t] / scale[:, None].float()).to(E4M3).view(torch.uint8)
+                assert cache[page, :, offset].equal(expect), (r, t)
+    ref = naive_attention(q, [roundtrip(k, k_scales) for k in ks],
+                          [roundtrip(v, v_scales) for v in vs], q_lens, seq_lens, d**-0.5)
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-5)
     # Not the float32 result: the cache really holds fp8.
     exact = naive_attention(q, ks, vs, q_lens, seq_lens, d**-0.5)

@@ -9,6 +9,7 @@ host memory), and small ones where exhaustive checks are cheap.
 from __future__ import annotations
 
 import itertools
+import random
 
 import pytest
 
@@ -41,6 +42,13 @@ def test_counts_in_runs():
     assert p.describe_counts() == "7 in layers 0-11, 6 in 12-31"
     one = policy.RankKV((4,), 2, 16, 8192, 32)
     assert policy.Placement(one, (2,), 10, "device").describe_counts() == "2 in layer 4"
+
+
+def test_runs_never_join_layers_that_are_not_adjacent():
+    """Other attention kinds sit between HEADINFER layers: a run spans adjacent indices only."""
+    assert policy.layer_runs((1, 3, 5), (2, 2, 2)) == [(2, 1, 1), (2, 3, 3), (2, 5, 5)]
+    assert policy.describe_runs((1, 3, 5), (2, 2, 2)) == "2 in layer 1, 2 in 3, 2 in 5"
+    assert policy.describe_runs((1, 2, 4, 5), (2, 2, 2, 2)) == "2 in layers 1-2, 2 in 4-5"
 
 
 def test_max_pool_reaches_both_budgets_within_two_percent():
@@ -94,6 +102,24 @@ def test_auto_is_the_best_of_all_counts_on_a_small_model():
                 sum(c) for c in every if policy.blocks_held(kv, c, budgets)[0] >= target_blocks
             )
             assert p.resident_head_layers == most
+
+
+def test_max_pool_keeps_the_most_resident_heads_among_equal_pools():
+    """Among equal largest pools, the most resident head-layers: the least link traffic."""
+    rng = random.Random(0)
+    ties = 0
+    for _ in range(200):
+        layers, heads = rng.randint(1, 4), rng.randint(1, 3)
+        kv = policy.RankKV(tuple(range(layers)), heads, 16, rng.choice([1000, 3000]),
+                           rng.choice([10, 500]))
+        budgets = policy.Budgets(rng.randint(1_000, 200_000), rng.randint(0, 200_000),
+                                 rng.choice([0, 5_000]))
+        p = policy.auto(kv, budgets, None)
+        every = itertools.product(range(heads + 1), repeat=layers)
+        equal = {sum(c) for c in every if policy.blocks_held(kv, c, budgets)[0] == p.num_blocks}
+        assert p.resident_head_layers == max(equal), (kv, budgets, p.counts)
+        ties += len(equal) > 1
+    assert ties > 10  # the configurations do have equal pools to choose from
 
 
 def test_uniform_only_keeps_every_head_resident():

@@ -156,8 +156,8 @@ class LoopFigures:
 
 def engine_rates(split: RankSplit, figures: LoopFigures) -> RankSplit:
     """Auto's split with the rates the engine's own calls show: the
-    kernel's, as it read; the GPU's, where it finished last in most calls,
-    its bytes over its time in those, else no less than the rate it
+    kernel's, as it read; the GPU's, where it finished last in at least half
+    the calls, its bytes over its time in those, else no less than the rate it
     already had (it waited for the CPU: its bytes over the kernel's time are
     only a floor). The startup probe reads apart from the engine, and in
     engines of run 18 the kernel read 41-43 GB/s where the probe had
