@@ -275,14 +275,15 @@ def measure_both_readers(kv_cache_dtype: str) -> dict:
     is the host-memory limit of a decode step."""
     import torch
 
+    from vllm_headinfer.coattention.host_cores import cgroup_cpu_quota, usable_cores
     from vllm_headinfer.coattention.probe import measure_rates
     from vllm_headinfer.coattention.split import kernel_threads
     from vllm_headinfer.kv_quant import fp8_dtype
 
     fp8 = fp8_dtype(kv_cache_dtype)
-    threads = kernel_threads(len(os.sched_getaffinity(0)))
+    # The threads a one-rank engine's auto gives its kernel (affinity and cgroup quota).
+    threads = kernel_threads(usable_cores(len(os.sched_getaffinity(0)), cgroup_cpu_quota()).cores)
     cpu, gpu = measure_rates(threads, torch.uint8 if fp8 else torch.bfloat16, fp8, 128, 16)
-    torch.cuda.empty_cache()
     return {"host_memory_gbs": (cpu + gpu) / 1e9, "host_memory_cpu_gbs": cpu / 1e9,
             "host_memory_gpu_gbs": gpu / 1e9, "host_memory_threads": threads}
 

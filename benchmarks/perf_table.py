@@ -37,9 +37,9 @@ def share(limit: float | None, measured: float | None) -> str:
     return f"{limit / measured:.0%}"
 
 
-def name_of(row: dict, kv_cache_dtype: str) -> str:
-    dtype = "fp8" if kv_cache_dtype != "auto" else "bf16"
-    return f"{row['config']} ({dtype})"
+def dtype_of(report: dict) -> str:
+    """The KV cache's dtype a report was timed with (the model's is bf16)."""
+    return "fp8" if report.get("kv_cache_dtype", "auto") != "auto" else "bf16"
 
 
 def decode_rows(report: dict) -> list[list[str]]:
@@ -47,7 +47,7 @@ def decode_rows(report: dict) -> list[list[str]]:
     for row in report["rows"]:
         first, steady = row.get("decode_s_per_token_first"), row.get("decode_s_per_token_steady")
         link, memory = row.get("link_limit_s_per_token"), row.get("host_memory_limit_s_per_token")
-        out.append([name_of(row, report.get("kv_cache_dtype", "auto")), f"{row['context'] // 1024}K",
+        out.append([f"{row['config']} ({dtype_of(report)})", f"{row['context'] // 1024}K",
                     seconds(first), seconds(steady), seconds(link), seconds(memory),
                     share(memory, first), share(memory, steady)])
     return out
@@ -61,12 +61,13 @@ def speculative_rows(spec: dict, limits: dict) -> list[list[str]]:
         if "step_s" not in run:
             continue
         per_token = 1 / run["decode_tok_s"]
-        step_bytes = (run.get("kv_read_gbs") or 0) * 1e9 * run["step_s"]
+        # One read of the offloaded bytes per step, shared by the tokens it gave.
+        token_bytes = (run.get("kv_read_gbs") or 0) * 1e9 * run["step_s"] / run["tokens_per_step"]
         link = memory = None
-        if step_bytes:
-            link = step_bytes / (limits["kernel_read_gbs"] * 1e9) / run["tokens_per_step"]
+        if token_bytes:
+            link = token_bytes / (limits["kernel_read_gbs"] * 1e9)
             if limits.get("host_memory_gbs"):
-                memory = step_bytes / (limits["host_memory_gbs"] * 1e9) / run["tokens_per_step"]
+                memory = token_bytes / (limits["host_memory_gbs"] * 1e9)
         accept = run.get("mean_acceptance_length")
         label = f"{name} (bf16, speculative run{f', acceptance {accept:.2f}' if accept else ''})"
         out.append([label, f"{spec['context'] // 1024}K", "-", seconds(per_token), seconds(link),
@@ -86,8 +87,7 @@ def rates(report: dict) -> str:
 
 
 def render(reports: list[dict], spec: dict | None = None) -> str:
-    lines = [f"* {'fp8' if r.get('kv_cache_dtype', 'auto') != 'auto' else 'bf16'} run's {rates(r)}"
-             for r in reports]
+    lines = [f"* {dtype_of(r)} run's {rates(r)}" for r in reports]
     lines += [
         "",
         "| configuration | context | first tokens | steady state | link limit | host-memory limit "
